@@ -376,6 +376,7 @@ def stop_token_ids(eod_id: int) -> list[int]:
 
 class QWenPreTrainedModel(PreTrainedModel):
     config: QWenConfig
+    config_class = QWenConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["QWenBlock", "VisualAttentionBlock"]
@@ -640,15 +641,27 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     # The model card's API (a thin layer over the runtime; see runtime.py) -----------------------------------
-    def chat(self, tokenizer: Any, query: str, history: list | None = None, system: str = "You are a helpful assistant.",
-             **generation_kwargs: Any) -> tuple[str, list]:
-        """Answer ``query`` (which may name images as ``<img>path</img>``) given ``history``; returns (response, history)."""
+    def chat(
+        self,
+        tokenizer: Any,
+        query: str,
+        history: list | None = None,
+        system: str = "You are a helpful assistant.",
+        **generation_kwargs: Any,
+    ) -> tuple[str, list]:
+        """Answer ``query`` (images named as ``<img>path</img>``) after ``history``; returns (response, history)."""
         from .runtime import model_card_chat
 
         return model_card_chat(self, tokenizer, query, history, system, generation_kwargs)
 
-    def chat_stream(self, tokenizer: Any, query: str, history: list | None = None,
-                    system: str = "You are a helpful assistant.", **generation_kwargs: Any):
+    def chat_stream(
+        self,
+        tokenizer: Any,
+        query: str,
+        history: list | None = None,
+        system: str = "You are a helpful assistant.",
+        **generation_kwargs: Any,
+    ):
         """Yield the growing response to ``query``, as the reference's ``chat_stream`` does."""
         from .runtime import model_card_chat_stream
 

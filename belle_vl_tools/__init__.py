@@ -1,0 +1,117 @@
+"""belle-vl-tools: Belle-VL (Qwen-VL architecture) on current transformers, as a chat model and as agent tools.
+
+Importing the package registers the model's classes with transformers' Auto classes when torch and transformers
+are installed, so ``AutoConfig``, ``AutoModelForCausalLM``, ``AutoTokenizer`` and ``AutoProcessor`` load
+published checkpoints without ``trust_remote_code``. The light parts (images, errors, the backend interface)
+import without torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .backend import Backend, ChatResult, LocateResult, StreamChunk, Usage, VisionTasks
+from .errors import (
+    BelleVLError,
+    CheckpointError,
+    ContextLengthError,
+    ImageAccessDeniedError,
+    ImageDecodeError,
+    ImageError,
+    ImageFetchError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    InvalidImageDataError,
+    PromptError,
+    UnsupportedImageError,
+)
+from .images import ImagePolicy, load_image
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BelleVL": "runtime",
+    "QWenConfig": "configuration_qwen_vl",
+    "QWenLMHeadModel": "modeling_qwen_vl",
+    "QWenModel": "modeling_qwen_vl",
+    "QWenTokenizer": "tokenization_qwen_vl",
+    "QWenVLProcessor": "processing_qwen_vl",
+    "QWenVLImageProcessor": "processing_qwen_vl",
+    "Box": "grounding",
+    "draw_boxes": "grounding",
+    "parse_boxes": "grounding",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_auto_classes() -> bool:
+    """Register config, causal LM, tokenizer and processor with transformers' Auto classes (idempotent).
+
+    Returns False when torch or transformers is not installed.
+    """
+    try:
+        import torch  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+    except ImportError:
+        return False
+    from .configuration_qwen_vl import QWenConfig
+    from .modeling_qwen_vl import QWenLMHeadModel
+    from .processing_qwen_vl import QWenVLProcessor
+    from .tokenization_qwen_vl import QWenTokenizer
+
+    AutoConfig.register("qwen", QWenConfig, exist_ok=True)
+    AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
+    AutoTokenizer.register(QWenConfig, tokenizer_class=QWenTokenizer, exist_ok=True)
+    AutoProcessor.register(QWenConfig, QWenVLProcessor, exist_ok=True)
+    return True
+
+
+register_auto_classes()
+
+if TYPE_CHECKING:
+    from .configuration_qwen_vl import QWenConfig
+    from .grounding import Box, draw_boxes, parse_boxes
+    from .modeling_qwen_vl import QWenLMHeadModel, QWenModel
+    from .processing_qwen_vl import QWenVLImageProcessor, QWenVLProcessor
+    from .runtime import BelleVL
+    from .tokenization_qwen_vl import QWenTokenizer
+
+__all__ = [
+    "Backend",
+    "BelleVL",
+    "BelleVLError",
+    "Box",
+    "ChatResult",
+    "CheckpointError",
+    "ContextLengthError",
+    "ImageAccessDeniedError",
+    "ImageDecodeError",
+    "ImageError",
+    "ImageFetchError",
+    "ImageNotFoundError",
+    "ImagePolicy",
+    "ImageTooLargeError",
+    "InvalidImageDataError",
+    "LocateResult",
+    "PromptError",
+    "QWenConfig",
+    "QWenLMHeadModel",
+    "QWenModel",
+    "QWenTokenizer",
+    "QWenVLImageProcessor",
+    "QWenVLProcessor",
+    "StreamChunk",
+    "UnsupportedImageError",
+    "Usage",
+    "VisionTasks",
+    "draw_boxes",
+    "load_image",
+    "parse_boxes",
+    "register_auto_classes",
+]

