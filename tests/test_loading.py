@@ -143,3 +143,33 @@ def test_missing_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
         BelleVL.from_pretrained(tmp_path / "empty")
+
+
+def test_lora_fine_tuning_with_peft(tiny_dir):
+    peft = pytest.importorskip("peft")
+    model = QWenLMHeadModel.from_pretrained(tiny_dir)
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["c_attn", "w1", "w2"], r=4))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.randint(0, 1000, (1, 10))
+    loss = lora(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_light_modules_import_without_torch_or_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'tiktoken', 'safetensors'):\n"
+        "    sys.modules[name] = None\n"
+        "import belle_vl_tools\n"
+        "from belle_vl_tools import ImagePolicy, load_image, BelleVLError, ChatResult, Backend\n"
+        "from belle_vl_tools import backend, images, errors, prompts, grounding\n"
+        "assert belle_vl_tools.register_auto_classes() is False\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
