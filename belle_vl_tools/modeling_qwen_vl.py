@@ -32,6 +32,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen_vl import NUM_IMAGE_QUERIES, QWenConfig
 
+#: transformers renamed the cache argument and output field from ``past_key_values`` to ``cache`` (5.24); the model
+#: accepts both and answers in the installed version's name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_output(cls: type, cache: Cache | None, **fields: Any) -> Any:
+    return cls(**fields, **{CACHE_FIELD: cache})
+
 # ---------------------------------------------------------------------------------------------------------------
 # Language model
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,7 +388,7 @@ class QWenPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["QWenBlock", "VisualAttentionBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -493,7 +501,8 @@ class QWenModel(QWenPreTrainedModel):
             )
         # Positions of images inside a cached prefix are not in `input_ids`: the ones present are the last ones.
         flat = flat[flat.shape[0] - num_positions :]
-        return inputs_embeds.masked_scatter(pad_mask.unsqueeze(-1), flat.to(inputs_embeds.dtype))
+        flat = flat.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(pad_mask.unsqueeze(-1), flat)
 
     def _ntk_alphas(
         self, batch: int, total_len: int, attention_mask: torch.Tensor | None, past_key_values: Cache | None
@@ -524,6 +533,9 @@ class QWenModel(QWenPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        if past_key_values is None:
+            past_key_values = kwargs.pop("cache", None)
+        kwargs.pop("cache", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
@@ -553,19 +565,14 @@ class QWenModel(QWenPreTrainedModel):
             seq_len = self.config.seq_length
             logn = torch.where(pos1 > seq_len, pos1.log() / math.log(seq_len), torch.ones_like(pos1)).float()
 
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # positional: the cache parameter's name differs between transformers versions
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = self.drop(inputs_embeds)
         for block in self.h:
             hidden_states = block(hidden_states, rotary, logn, mask, past_key_values, **kwargs)
         hidden_states = self.ln_f(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        return _cache_output(
+            BaseModelOutputWithPast, past_key_values if use_cache else None, last_hidden_state=hidden_states
         )
 
 
@@ -618,6 +625,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits (and the loss when ``labels`` are given; -100 marks positions to ignore)."""
+        if past_key_values is None:
+            past_key_values = kwargs.pop("cache", None)
+        kwargs.pop("cache", None)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -638,7 +648,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return _cache_output(CausalLMOutputWithPast, getattr(outputs, CACHE_FIELD), loss=loss, logits=logits)
 
     # The model card's API (a thin layer over the runtime; see runtime.py) -----------------------------------
     def chat(

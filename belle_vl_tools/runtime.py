@@ -20,7 +20,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -33,7 +33,7 @@ from .backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
 from .configuration_qwen_vl import NUM_IMAGE_QUERIES
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .images import ImagePolicy
-from .modeling_qwen_vl import QWenLMHeadModel, ntk_alpha, stop_token_ids
+from .modeling_qwen_vl import CACHE_FIELD, QWenLMHeadModel, ntk_alpha, stop_token_ids
 from .processing_qwen_vl import DEFAULT_SYSTEM, ChatInputs, QWenVLImageProcessor, QWenVLProcessor
 from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
 
@@ -435,7 +435,9 @@ class BelleVL(VisionTasks):
     ) -> tuple[torch.Tensor, int]:
         """Run ``generate`` for a batch; returns the generated ids [batch, new] and the prompt width."""
         cancel = cancel or threading.Event()
-        batch = self.processor.collate(items, return_tensors="pt")
+        # ids and mask only: the images enter as (cached) features from _image_features, so collate must not
+        # preprocess their pixels again
+        batch = self.processor.collate([replace(it, images=[]) for it in items], return_tensors="pt")
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         prompt_len = input_ids.shape[1]
@@ -467,7 +469,7 @@ class BelleVL(VisionTasks):
         if features is not None:
             kwargs["image_features"] = features.to(self.device)
         if past is not None:
-            kwargs["past_key_values"] = past
+            kwargs[CACHE_FIELD] = past
         if streamer is not None:
             kwargs["streamer"] = streamer
         if settings.seed is not None:
@@ -475,8 +477,8 @@ class BelleVL(VisionTasks):
         with torch.inference_mode():
             out = self.model.generate(**kwargs)
         sequences = out.sequences
-        if single and out.past_key_values is not None:
-            cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD, None)
+        if single and cache is not None:
             length = cache.get_seq_length()
             full = sequences[0, :length].tolist()
             if getattr(cache, "qwen_ntk_alphas", None) is None:
