@@ -1,0 +1,529 @@
+"""Synthetic pictures with questions and answers, for training and checking the tiny demo model.
+
+Every picture is a white square with one to four flat shapes (circle, square, triangle) in distinct cells of a
+3 x 3 grid, each in its own color and size, and sometimes a short printed word in a free cell. Because the scene
+is known exactly, every answer is exact: the color of a shape, its kind, the number of shapes, where a shape is,
+the printed word, and the box of a shape on the 0-1000 grid of :mod:`belle_vl_tools.grounding`.
+
+Pictures are drawn at ``DEFAULT_SIZE`` (112) pixels: the demo model's vision tower reads 112 x 112 inputs with
+14-pixel patches (an 8 x 8 patch grid), the smallest size at which a three-letter word is still legible
+(capitals about 12 pixels tall, a word about as wide as a grid cell) while the vision tower stays cheap to train
+on a CPU. The picture size equals the model's input size, so the processor's resize leaves the pixels as drawn.
+
+The prompts are exactly those of :mod:`belle_vl_tools.prompts` (describe, read-text, locate, yes/no), so the
+model learns the wording the tools send. Everything is seeded: ``generate_samples(n, seed)`` returns the same
+pictures and texts on every run. Only PIL, numpy and the standard library are used here (no torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from belle_vl_tools.grounding import format_box, to_grid
+from belle_vl_tools.prompts import (
+    LANGUAGES,
+    PROMPT_TEMPLATES,
+    describe_prompt,
+    locate_prompt,
+    read_text_prompt,
+    yes_no_prompt,
+)
+
+__all__ = [
+    "COLORS",
+    "DEFAULT_SIZE",
+    "KINDS",
+    "MME_SUBTASKS",
+    "POSITIONS",
+    "SHAPES",
+    "WORDS",
+    "Scene",
+    "build_demo_vocab",
+    "Shape",
+    "corpus_texts",
+    "generate_mme_set",
+    "generate_samples",
+    "make_sample",
+    "random_scene",
+    "render",
+    "sample_texts",
+    "shape_mask",
+]
+
+DEFAULT_SIZE = 112
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (0, 0, 0)
+
+#: name -> (RGB, Chinese name). Hues far apart, none black or white (the text and background colors).
+COLORS: dict[str, tuple[tuple[int, int, int], str]] = {
+    "red": ((220, 30, 30), "红色"),
+    "green": ((30, 160, 50), "绿色"),
+    "blue": ((30, 70, 220), "蓝色"),
+    "yellow": ((245, 210, 0), "黄色"),
+    "purple": ((140, 40, 170), "紫色"),
+    "orange": ((250, 130, 0), "橙色"),
+}
+#: name -> Chinese name.
+SHAPES: dict[str, str] = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+#: grid cell (row, column) -> (English phrase, Chinese phrase) for where a shape is.
+POSITIONS: dict[tuple[int, int], tuple[str, str]] = {
+    (0, 0): ("at the top left", "左上方"),
+    (0, 1): ("at the top", "上方"),
+    (0, 2): ("at the top right", "右上方"),
+    (1, 0): ("on the left", "左侧"),
+    (1, 1): ("in the center", "中间"),
+    (1, 2): ("on the right", "右侧"),
+    (2, 0): ("at the bottom left", "左下方"),
+    (2, 1): ("at the bottom", "下方"),
+    (2, 2): ("at the bottom right", "右下方"),
+}
+#: Printed words: three upper-case letters, so a word fits in one grid cell at the demo's picture size.
+WORDS: tuple[str, ...] = (
+    "CAT", "DOG", "SUN", "SKY", "BUS", "MAP", "PEN", "BOX", "CUP", "KEY", "HAT", "EGG",
+    "BED", "CAR", "TOY", "JAM", "OWL", "FOX", "ICE", "INK", "LOG", "NET", "TEA", "ZOO",
+)  # fmt: skip
+#: Sample kinds, in the order of the default mix.
+KINDS: tuple[str, ...] = (
+    "color", "shape", "count", "position", "describe_brief", "describe_detailed", "read_text", "locate", "yes_no",
+)  # fmt: skip
+#: Relative frequency of each kind in :func:`generate_samples` (short answers are the bulk of the demo's skills).
+KIND_WEIGHTS: dict[str, float] = {
+    "color": 3, "shape": 3, "count": 2, "position": 2, "describe_brief": 1.5, "describe_detailed": 1,
+    "read_text": 1.5, "locate": 2, "yes_no": 4,
+}  # fmt: skip
+#: MME perception subtasks :func:`generate_mme_set` writes (MME's own folder names).
+MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "position", "color", "OCR")
+
+_ZH_DIGITS = "零一二三四五六七八九"
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # circle, square, triangle
+    color: str  # a key of COLORS
+    cell: tuple[int, int]  # (row, column) in the 3 x 3 grid
+    box: tuple[int, int, int, int]  # drawn extent in pixels: x1, y1 inclusive, x2, y2 exclusive
+
+    def phrase(self, language: str = "en") -> str:
+        if language == "zh":
+            return COLORS[self.color][1] + SHAPES[self.kind]
+        return f"the {self.color} {self.kind}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    size: int
+    shapes: tuple[Shape, ...]
+    word: str | None = None
+    word_cell: tuple[int, int] | None = None
+    word_box: tuple[int, int, int, int] | None = field(default=None, compare=False)
+
+    def unique_kind(self, kind: str) -> bool:
+        return sum(s.kind == kind for s in self.shapes) == 1
+
+    def unique_color(self, color: str) -> bool:
+        return sum(s.color == color for s in self.shapes) == 1
+
+
+# --- scenes and pictures -------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> Any:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _word_box(word: str, cell: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """Where ``word`` is drawn (its top-left anchor and extent) when centered in ``cell``."""
+    step = size / 3
+    font = _font(max(8, round(size * 0.15)))
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), word, font=font)
+    cx, cy = (cell[1] + 0.5) * step, (cell[0] + 0.5) * step
+    x = min(max(1, round(cx - (right - left) / 2)), size - 1 - (right - left))
+    y = min(max(1, round(cy - (bottom - top) / 2)), size - 1 - (bottom - top))
+    return x, y, x + (right - left), y + (bottom - top)
+
+
+def random_scene(rng: random.Random, size: int = DEFAULT_SIZE, word: bool | None = None, n: int | None = None) -> Scene:
+    """A random scene: ``n`` (default 1-4) shapes with distinct (color, kind) pairs in distinct cells, and a
+    printed word in a free cell with probability 0.4 (``word=True``/``False`` forces it)."""
+    n = n if n is not None else rng.randint(1, 4)
+    cells = rng.sample(sorted(POSITIONS), n + 1)
+    pairs = rng.sample([(c, k) for c in COLORS for k in SHAPES], n)
+    step = size / 3
+    shapes = []
+    for (color, kind), cell in zip(pairs, cells[:n], strict=True):
+        side = round(step * rng.uniform(0.5, 0.85))
+        slack = int(step) - side - 2
+        x0 = round(cell[1] * step) + 1 + rng.randint(0, max(0, slack))
+        y0 = round(cell[0] * step) + 1 + rng.randint(0, max(0, slack))
+        shapes.append(Shape(kind, color, cell, (x0, y0, x0 + side, y0 + side)))
+    has_word = rng.random() < 0.4 if word is None else word
+    if not has_word:
+        return Scene(size, tuple(shapes))
+    text = rng.choice(WORDS)
+    return Scene(size, tuple(shapes), text, cells[n], _word_box(text, cells[n], size))
+
+
+def render(scene: Scene) -> Image.Image:
+    """The picture of ``scene`` (RGB, no antialiasing, so every shape pixel has its exact color)."""
+    image = Image.new("RGB", (scene.size, scene.size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape in scene.shapes:
+        x1, y1, x2, y2 = shape.box
+        fill = COLORS[shape.color][0]
+        if shape.kind == "circle":
+            draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        else:
+            draw.polygon([((x1 + x2 - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
+    if scene.word is not None and scene.word_box is not None:
+        font = _font(max(8, round(scene.size * 0.15)))
+        left, top, _r, _b = draw.textbbox((0, 0), scene.word, font=font)
+        draw.text((scene.word_box[0] - left, scene.word_box[1] - top), scene.word, fill=TEXT_COLOR, font=font)
+    return image
+
+
+# --- texts ---------------------------------------------------------------------------------------------------------
+def _zh_count(n: int) -> str:
+    """The Chinese numeral used before a measure word (两 for two, as in 两个)."""
+    return "两" if n == 2 else _ZH_DIGITS[n] if 0 <= n < 10 else str(n)
+
+
+def _en_count(n: int) -> str:
+    return ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")[n]
+
+
+def _list_en(items: Sequence[str]) -> str:
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _a(color: str) -> str:
+    return "an" if color[0] in "aeiou" else "a"
+
+
+def _describe(scene: Scene, detail: str, language: str) -> str:
+    shapes = sorted(scene.shapes, key=lambda s: s.cell)
+    n = len(shapes)
+    if language == "zh":
+        if detail == "brief":
+            items = "、".join(f"一个{s.phrase('zh')}" for s in shapes)
+            text = f"白色背景上有{items}。"
+            return text + (f'图中写着"{scene.word}"。' if scene.word else "")
+        items = "；".join(f"{POSITIONS[s.cell][1]}是一个{s.phrase('zh')}" for s in shapes)
+        text = f"这张图的背景是白色的，上面有{_zh_count(n)}个图形：{items}。"
+        if scene.word and scene.word_cell:
+            text += f'{POSITIONS[scene.word_cell][1]}用黑色写着单词"{scene.word}"。'
+        return text
+    if detail == "brief":
+        items = _list_en([f"{_a(s.color)} {s.color} {s.kind}" for s in shapes])
+        text = f"{items[0].upper()}{items[1:]} on a white background."
+        return text + (f' The word "{scene.word}" is written on it.' if scene.word else "")
+    noun = "shape" if n == 1 else "shapes"
+    items = _list_en([f"{_a(s.color)} {s.color} {s.kind} {POSITIONS[s.cell][0]}" for s in shapes])
+    text = f"The picture shows {_en_count(n)} {noun} on a white background: {items}."
+    if scene.word and scene.word_cell:
+        text += f' The word "{scene.word}" is written in black {POSITIONS[scene.word_cell][0]}.'
+    return text
+
+
+def _yes_no(scene: Scene, rng: random.Random, answer: bool, subtask: str, language: str) -> tuple[str, str]:
+    """An MME-style yes/no question about ``scene`` whose true answer is ``answer``: (prompt, "Yes"/"No")."""
+    zh = language == "zh"
+    present = {(s.color, s.kind) for s in scene.shapes}
+    if subtask == "existence":
+        if answer:
+            color, kind = rng.choice(sorted(present))
+        else:
+            color, kind = rng.choice(sorted({(c, k) for c in COLORS for k in SHAPES} - present))
+        q = (
+            f"图中有{COLORS[color][1]}{SHAPES[kind]}吗？"
+            if zh
+            else f"Is there {_a(color)} {color} {kind} in the image?"
+        )
+    elif subtask == "count":
+        n = len(scene.shapes)
+        m = n if answer else rng.choice([k for k in range(1, 6) if k != n])
+        q = f"图中一共有{_zh_count(m)}个图形吗？" if zh else f"Are there {_en_count(m)} shapes in the image?"
+        if not zh and m == 1:
+            q = "Is there one shape in the image?"
+    elif subtask == "position":
+        shape = rng.choice([s for s in scene.shapes if s.cell != (1, 1)] or list(scene.shapes))
+        if shape.cell == (1, 1):  # only a centered shape: ask about a corner instead
+            true_side, false_side = "center", rng.choice(["left", "right", "top", "bottom"])
+        else:
+            axis = rng.choice([a for a in (0, 1) if shape.cell[a] != 1])
+            sides = ("top", "center", "bottom") if axis == 0 else ("left", "center", "right")
+            true_side = sides[shape.cell[axis]]
+            false_side = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}[true_side]
+        side = true_side if answer else false_side
+        zh_side = {"top": "上方", "bottom": "下方", "left": "左侧", "right": "右侧", "center": "中间"}[side]
+        if zh:
+            q = f"{shape.phrase('zh')}在图的{zh_side}吗？"
+        elif side == "center":
+            q = f"Is the {shape.color} {shape.kind} in the center of the image?"
+        elif side in ("top", "bottom"):
+            q = f"Is the {shape.color} {shape.kind} in the {side} part of the image?"
+        else:
+            q = f"Is the {shape.color} {shape.kind} on the {side} side of the image?"
+    elif subtask == "color":
+        kinds = [k for k in SHAPES if scene.unique_kind(k)]
+        if not kinds:
+            raise ValueError("a color question needs a scene with a shape of a unique kind")
+        kind = rng.choice(kinds)
+        true_color = next(s.color for s in scene.shapes if s.kind == kind)
+        color = true_color if answer else rng.choice([c for c in COLORS if c != true_color])
+        q = f"图中的{SHAPES[kind]}是{COLORS[color][1]}的吗？" if zh else f"Is the {kind} in the image {color}?"
+    elif subtask == "OCR":
+        if scene.word is None:
+            raise ValueError("an OCR question needs a scene with a printed word")
+        word = scene.word if answer else rng.choice([w for w in WORDS if w != scene.word])
+        q = f'图中写的单词是"{word}"吗？' if zh else f'Is the word in the image "{word}"?'
+    else:
+        raise ValueError(f"unknown yes/no subtask {subtask!r}")
+    reply = ("是" if answer else "否") if zh else ("Yes" if answer else "No")
+    return yes_no_prompt(q, language), reply
+
+
+def sample_texts(scene: Scene, kind: str, language: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) of one sample ``kind`` about ``scene`` in ``language`` ("en" or "zh")."""
+    zh = language == "zh"
+    if kind == "color":
+        shape = rng.choice([s for s in scene.shapes if scene.unique_kind(s.kind)])  # see _answerable
+        if zh:
+            return f"图中的{SHAPES[shape.kind]}是什么颜色的？", f"{SHAPES[shape.kind]}是{COLORS[shape.color][1]}的。"
+        return f"What color is the {shape.kind}?", f"The {shape.kind} is {shape.color}."
+    if kind == "shape":
+        shape = rng.choice([s for s in scene.shapes if scene.unique_color(s.color)])  # see _answerable
+        if zh:
+            return f"{COLORS[shape.color][1]}的图形是什么形状？", f"它是{SHAPES[shape.kind]}。"
+        return f"What shape is the {shape.color} object?", f"It is a {shape.kind}."
+    if kind == "count":
+        n = len(scene.shapes)
+        if zh:
+            return "图中有几个图形？", f"图中有{_zh_count(n)}个图形。"
+        return (
+            "How many shapes are there in the image?",
+            f"There {'is' if n == 1 else 'are'} {_en_count(n)} shape{'' if n == 1 else 's'}.",
+        )
+    if kind == "position":
+        shape = rng.choice(scene.shapes)
+        if zh:
+            return f"{shape.phrase('zh')}在哪里？", f"{shape.phrase('zh')}在图的{POSITIONS[shape.cell][1]}。"
+        return (
+            f"Where is the {shape.color} {shape.kind}?",
+            f"The {shape.color} {shape.kind} is {POSITIONS[shape.cell][0]}.",
+        )
+    if kind in ("describe_brief", "describe_detailed"):
+        detail = kind.split("_")[1]
+        return describe_prompt(detail, language), _describe(scene, detail, language)  # type: ignore[arg-type]
+    if kind == "read_text":
+        if scene.word is None:
+            return read_text_prompt(language), ("图中没有文字。" if zh else "There is no text in this image.")  # type: ignore[arg-type]
+        return read_text_prompt(language), scene.word  # type: ignore[arg-type]
+    if kind == "locate":
+        shape = rng.choice(scene.shapes)
+        phrase = shape.phrase(language)
+        grid = to_grid(shape.box, scene.size, scene.size)
+        return locate_prompt(phrase, language), format_box(phrase, grid)  # type: ignore[arg-type]
+    if kind == "yes_no":
+        subtasks = [t for t in MME_SUBTASKS if t != "OCR" or scene.word is not None]
+        return _yes_no(scene, rng, rng.random() < 0.5, rng.choice(subtasks), language)
+    raise ValueError(f"unknown sample kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def _messages(image: Any, question: str, answer: str | None) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def _sample_rng(seed: int, index: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + index)
+
+
+def _choose_kind(rng: random.Random, kinds: Sequence[str] | None) -> str:
+    names = list(kinds) if kinds else list(KINDS)
+    return rng.choices(names, weights=[KIND_WEIGHTS.get(k, 1.0) for k in names])[0]
+
+
+def _answerable(scene: Scene, kind: str) -> bool:
+    """Whether a question of ``kind`` can name a shape of ``scene`` unambiguously (by kind for color
+    questions, by color for shape questions; yes/no questions may ask either)."""
+    unique_kind = any(scene.unique_kind(s.kind) for s in scene.shapes)
+    unique_color = any(scene.unique_color(s.color) for s in scene.shapes)
+    if kind == "color":
+        return unique_kind
+    if kind == "shape":
+        return unique_color
+    if kind == "yes_no":
+        return unique_kind and unique_color
+    return True
+
+
+def make_sample(
+    seed: int,
+    index: int,
+    *,
+    size: int = DEFAULT_SIZE,
+    kinds: Sequence[str] | None = None,
+    with_image: bool = True,
+) -> dict[str, Any]:
+    """Sample ``index`` of the stream of ``seed``: ``{"image", "messages", "kind", "language", "question",
+    "answer", "scene"}``. ``messages`` is a user message (image part + text) and the assistant's answer, in the
+    chat format the processor takes. With ``with_image=False`` no picture is drawn (``image`` is None)."""
+    rng = _sample_rng(seed, index)
+    kind = _choose_kind(rng, kinds)
+    language = rng.choice(LANGUAGES)
+    word = True if kind == "read_text" and rng.random() < 0.8 else None
+    scene = random_scene(rng, size, word=word)
+    while not _answerable(scene, kind):  # no shape the question could name without ambiguity: draw again
+        scene = random_scene(rng, size, word=word)
+    question, answer = sample_texts(scene, kind, language, rng)
+    image = render(scene) if with_image else None
+    return {
+        "image": image,
+        "messages": _messages(image, question, answer),
+        "kind": kind,
+        "language": language,
+        "question": question,
+        "answer": answer,
+        "scene": scene,
+    }
+
+
+def generate_samples(
+    n: int, seed: int = 0, *, start: int = 0, size: int = DEFAULT_SIZE, kinds: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """``n`` samples (see :func:`make_sample`), indexes ``start .. start + n - 1`` of the stream of ``seed``."""
+    return [make_sample(seed, i, size=size, kinds=kinds) for i in range(start, start + n)]
+
+
+# --- vocabulary corpus ---------------------------------------------------------------------------------------------
+#: Text the chat layout writes around every conversation (see :mod:`belle_vl_tools.processing_qwen_vl`).
+CHAT_TEXTS: tuple[str, ...] = ("system", "user", "assistant", "\n", "You are a helpful assistant.", "Picture 1: ")
+
+
+def corpus_texts(n: int = 20000, seed: int = 12345) -> Iterator[str]:
+    """Every text the demo data can put through the tokenizer: the chat layout's fixed text, every prompt
+    template of :mod:`belle_vl_tools.prompts`, and questions and answers of ``n`` samples (no pictures drawn),
+    the question as the processor writes it after the picture (``"\\n" + question``)."""
+    yield from CHAT_TEXTS
+    for by_language in PROMPT_TEMPLATES.values():
+        yield from by_language.values()
+    for i in range(n):
+        sample = make_sample(seed, i, with_image=False)
+        yield "\n" + sample["question"]
+        yield sample["answer"]
+
+
+# --- MME-format evaluation set -------------------------------------------------------------------------------------
+def generate_mme_set(
+    folder: str | Path, seed: int = 0, images_per_subtask: int = 30, *, size: int = DEFAULT_SIZE
+) -> dict[str, Path]:
+    """Write an MME-format yes/no set: for each subtask (existence, count, position, color, OCR) a folder
+    ``folder/<subtask>/`` with PNG pictures and ``<subtask>.txt``, whose lines are
+    ``image_name<TAB>question<TAB>ground_truth``, two per picture on consecutive lines (one "Yes", one "No",
+    in random order), each question ending " Please answer yes or no.". Returns ``{subtask: txt path}``."""
+    root = Path(folder)
+    written: dict[str, Path] = {}
+    for t, subtask in enumerate(MME_SUBTASKS):
+        sub = root / subtask
+        sub.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(images_per_subtask):
+            rng = _sample_rng(seed, 1_000_000 * (t + 1) + i)
+            scene = random_scene(rng, size, word=subtask == "OCR")
+            while subtask == "color" and not _answerable(scene, "color"):
+                scene = random_scene(rng, size, word=False)
+            name = f"{subtask.lower()}_{i:04d}.png"
+            render(scene).save(sub / name)
+            order = [True, False] if rng.random() < 0.5 else [False, True]
+            for answer in order:
+                question, reply = _yes_no(scene, rng, answer, subtask, "en")
+                lines.append(f"{name}\t{question}\t{reply}")
+        path = sub / f"{subtask}.txt"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written[subtask] = path
+    return written
+
+
+def shape_mask(image: Image.Image, color: str) -> np.ndarray:
+    """Boolean mask of the pixels of ``image`` drawn in ``color`` (a key of :data:`COLORS`)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return np.all(pixels == np.asarray(COLORS[color][0], dtype=np.int16), axis=-1)
+
+
+# --- demo vocabulary -----------------------------------------------------------------------------------------------
+def _bpe_merges(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """Every token byte-pair merging builds on the way from the single bytes of ``token`` to ``token``
+    (lowest rank first, leftmost on ties, as tiktoken merges), ``token`` included."""
+    parts = [bytes([b]) for b in token]
+    made: list[bytes] = []
+    while len(parts) > 1:
+        best, best_rank = -1, None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best_rank is None or rank < best_rank):
+                best, best_rank = i, rank
+        if best < 0:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        made.append(parts[best])
+    if parts != [token]:
+        raise ValueError(f"byte-pair merging does not reach the token {token!r}")
+    return made
+
+
+def build_demo_vocab(
+    out_file: str | Path,
+    texts: Sequence[str] | Iterator[str] | None = None,
+    full_vocab_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write a small ``qwen.tiktoken`` (same format: ``base64(token) rank`` per line) for the demo model.
+
+    It holds the 256 single bytes, every token the full Qwen vocabulary uses to encode ``texts`` (default:
+    :func:`corpus_texts`; grounding tags are special, as in the chat layout), and every intermediate token on the
+    byte-pair path of each of them, so merging still reaches them. Tokens keep the order of their original ranks
+    and are renumbered from 0, so the special tokens follow the last rank. Returns ``{"path", "ranks",
+    "used_tokens", "old_ranks"}`` (``old_ranks``: the original rank of each new rank, in order).
+
+    The tokenizer module (and with it transformers) is imported only here.
+    """
+    import base64
+
+    from belle_vl_tools.tokenization_qwen_vl import QWenTokenizer, load_tiktoken_ranks, qwen_vocab_file
+
+    full_file = Path(full_vocab_file) if full_vocab_file is not None else qwen_vocab_file()
+    ranks = load_tiktoken_ranks(full_file)
+    tokenizer = QWenTokenizer(vocab_file=full_file)
+    n_ranks = len(ranks)
+    by_rank = {rank: token for token, rank in ranks.items()}
+    used: set[int] = set()
+    for text in texts if texts is not None else corpus_texts():
+        used.update(i for i in tokenizer.encode_text(text) if i < n_ranks)
+    keep: set[bytes] = {bytes([b]) for b in range(256)}
+    for rank in used:
+        keep.update(_bpe_merges(by_rank[rank], ranks))
+    old_ranks = sorted(ranks[token] for token in keep)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="ascii") as f:
+        for new, old in enumerate(old_ranks):
+            f.write(f"{base64.b64encode(by_rank[old]).decode('ascii')} {new}\n")
+    return {"path": out, "ranks": len(old_ranks), "used_tokens": len(used), "old_ranks": old_ranks}
