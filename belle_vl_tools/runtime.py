@@ -54,8 +54,14 @@ class _Settings:
 
 
 def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settings:
-    """Defaults from generation_config.json, overridden by explicit arguments; validated."""
+    """Defaults from generation_config.json (or a ``generation_config`` argument), overridden by explicit
+    arguments; validated."""
     kwargs = dict(kwargs)
+    override = kwargs.pop("generation_config", None)
+    if override is not None:
+        if not isinstance(override, GenerationConfig):
+            raise PromptError("generation_config must be a transformers GenerationConfig.")
+        base = override
     stop = kwargs.pop("stop", None) or []
     if isinstance(stop, str):
         stop = [stop]
@@ -284,8 +290,10 @@ class BelleVL(VisionTasks):
         image_policy: ImagePolicy | None = None,
         vision_cache_size: int = 64,
         prefix_cache_size: int = 2,
+        max_context_tokens: int = 32768,
     ) -> None:
         self.model = model.eval()
+        self.max_context_tokens = max_context_tokens
         self.processor = processor
         if image_policy is not None:
             processor.image_policy = image_policy
@@ -313,6 +321,7 @@ class BelleVL(VisionTasks):
         image_policy: ImagePolicy | None = None,
         vision_cache_size: int = 64,
         prefix_cache_size: int = 2,
+        max_context_tokens: int = 32768,
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run).
@@ -344,6 +353,7 @@ class BelleVL(VisionTasks):
             image_policy=image_policy,
             vision_cache_size=vision_cache_size,
             prefix_cache_size=prefix_cache_size,
+            max_context_tokens=max_context_tokens,
         )
 
     @property
@@ -399,11 +409,11 @@ class BelleVL(VisionTasks):
         return torch.stack([found[d] for d, _ in wanted])
 
     def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and n_prompt + max_new_tokens > limit * 4:
+        if n_prompt + max_new_tokens > self.max_context_tokens:
             raise ContextLengthError(
-                f"The prompt has {n_prompt} tokens; with max_new_tokens={max_new_tokens} it exceeds what this model "
-                "can attend to. Shorten the conversation or lower max_window_size."
+                f"The prompt has {n_prompt} tokens and max_new_tokens is {max_new_tokens}: more than this runtime's "
+                f"max_context_tokens ({self.max_context_tokens}). Shorten the conversation, lower max_new_tokens or "
+                "the processor's max_window_size, or raise max_context_tokens."
             )
 
     def _take_prefix(self, ids: list[int], spans: list[tuple[int, str]], alphas: list[float]) -> tuple[Any, int]:
@@ -659,16 +669,31 @@ def _history_messages(history: list | None, query: str, system: str) -> list[Mes
     return messages
 
 
+def _model_card_generation(tokenizer: QWenTokenizer, generation: dict[str, Any]) -> dict[str, Any]:
+    """The reference chat's extra arguments: ``stop_words_ids`` (lists of ids) become stop strings."""
+    generation = dict(generation)
+    generation.pop("append_history", None)
+    stop_ids = generation.pop("stop_words_ids", None) or []
+    stops = [tokenizer.decode(ids) for ids in stop_ids if ids]
+    if stops:
+        existing = generation.get("stop") or []
+        generation["stop"] = [existing] if isinstance(existing, str) else list(existing)
+        generation["stop"] += [s for s in stops if s not in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")]
+    return generation
+
+
 def model_card_chat(model, tokenizer, query, history, system, generation) -> tuple[str, list]:
     runtime = runtime_for(model, tokenizer)
-    result = runtime.chat(_history_messages(history, query, system), **generation)
+    messages = _history_messages(history, query, system)
+    result = runtime.chat(messages, **_model_card_generation(tokenizer, generation))
     return result.text, [*(history or []), (query, result.text)]
 
 
 def model_card_chat_stream(model, tokenizer, query, history, system, generation) -> Iterator[str]:
     runtime = runtime_for(model, tokenizer)
     text = ""
-    for chunk in runtime.stream(_history_messages(history, query, system), **generation):
+    messages = _history_messages(history, query, system)
+    for chunk in runtime.stream(messages, **_model_card_generation(tokenizer, generation)):
         text += chunk.delta
         if chunk.delta:
             yield text

@@ -282,3 +282,27 @@ def test_tasks_run_on_the_runtime(runtime, pictures):
     assert isinstance(runtime.locate(pictures["red"], "circle", max_new_tokens=4, do_sample=False), LocateResult)
     with pytest.raises(PromptError):
         runtime.ask(pictures["red"], "   ")
+
+
+def test_too_long_prompt_is_a_typed_error(runtime):
+    from belle_vl_tools import ContextLengthError
+
+    small = BelleVL(runtime.model, runtime.processor, max_context_tokens=64)
+    with pytest.raises(ContextLengthError, match="max_context_tokens"):
+        small.chat([{"role": "user", "content": "word " * 100}], max_new_tokens=4)
+
+
+def test_model_card_generation_arguments(runtime, tokenizer):
+    from transformers import GenerationConfig
+
+    model = runtime.model
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=6)
+    response, _ = model.chat(tokenizer, "Say hi.", history=None, generation_config=greedy)
+    assert response == runtime.chat([{"role": "user", "content": "Say hi."}], do_sample=False, max_new_tokens=6).text
+    full, _ = model.chat(tokenizer, "Say hi.", history=None, do_sample=False, max_new_tokens=12)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut, _ = model.chat(
+        tokenizer, "Say hi.", history=None, do_sample=False, max_new_tokens=12,
+        stop_words_ids=[tokenizer.encode(stop)], append_history=False,
+    )  # fmt: skip
+    assert cut == full[: full.index(stop)].strip()
