@@ -40,6 +40,7 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 def _cache_output(cls: type, cache: Cache | None, **fields: Any) -> Any:
     return cls(**fields, **{CACHE_FIELD: cache})
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Language model
 # ---------------------------------------------------------------------------------------------------------------
