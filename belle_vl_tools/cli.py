@@ -1,0 +1,619 @@
+"""The ``belle-vl`` command: ask about, describe, locate in and read pictures, chat, caption folders, run MME.
+
+Every command that needs the model loads it only when it has work for it: ``eval mme --results`` and a
+``caption`` run whose pictures are all cached never load it, and a bad picture path fails before any loading.
+The CLI reads any local file its user names (:meth:`ImagePolicy.trusted`).
+
+Exit codes: 0 success, 1 bad input or a failure with a typed error (one ``error: ...`` line on stderr, no
+traceback), 2 wrong usage (unknown option, missing argument), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from . import __version__, prompts
+from .backend import ChatResult, image_message
+from .errors import BelleVLError, CheckpointError
+from .images import ImagePolicy, load_image
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MODEL_PANEL = "Model options"
+
+
+class Detail(str, Enum):
+    brief = "brief"
+    detailed = "detailed"
+
+
+class Language(str, Enum):
+    en = "en"
+    zh = "zh"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# --- options shared by the commands (accepted before the command name too) ----------------------------------------
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Checkpoint folder or Hub id. [default: the shipped demo model]",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help='Where to run the model: "cpu", "cuda", "cuda:1", ... [default: cpu]', rich_help_panel=MODEL_PANEL
+    ),
+]
+DTypeOpt = Annotated[
+    DType | None,
+    typer.Option(
+        help="Weights' precision. [default: auto, from the checkpoint's flags]",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
+MaxNewTokensOpt = Annotated[
+    int | None,
+    typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.", rich_help_panel=MODEL_PANEL),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+@dataclass
+class Settings:
+    model: str | None = None
+    device: str | None = None
+    dtype: DType | None = None
+    max_new_tokens: int | None = None
+    json: bool = False
+
+    def merged(self, **local: Any) -> Settings:
+        """These settings with the options given to the command itself taking precedence."""
+        values = {k: v for k, v in local.items() if v not in (None, False)}
+        return Settings(**{**self.__dict__, **values})
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {}
+
+
+app = typer.Typer(
+    name="belle-vl",
+    help="Ask Belle-VL / Qwen-VL about pictures: answers, descriptions, boxes, text, captions and MME scores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+eval_app = typer.Typer(
+    help="Run benchmarks and score their answers.", no_args_is_help=True, rich_markup_mode="markdown"
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"belle-vl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Ask Belle-VL / Qwen-VL about pictures: answers, descriptions, boxes, text, captions and MME scores.
+
+    The model options may come before the command or after it: belle-vl --model DIR ask photo.jpg "Who is there?"
+    """
+    ctx.obj = Settings(model, device, dtype, max_new_tokens, json_output)
+
+
+def _settings(ctx: typer.Context, **local: Any) -> Settings:
+    root = ctx.find_root().obj
+    return (root if isinstance(root, Settings) else Settings()).merged(**local)
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _handles_errors(func: F) -> F:
+    """Turn the package's typed errors (and file system errors) into one ``error: ...`` line and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BelleVLError as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --- model and pictures ----------------------------------------------------------------------------------------------
+def _model_path(settings: Settings) -> str:
+    if settings.model:
+        return settings.model
+    from .demo import default_model_path
+
+    return str(default_model_path())
+
+
+def _load_backend(settings: Settings) -> Any:
+    """The local runtime for the settings' model (imports torch only now)."""
+    path = _model_path(settings)
+    try:
+        from .runtime import BelleVL
+    except ImportError as exc:
+        raise CheckpointError(
+            f"The local runtime needs torch and transformers ({exc}): pip install 'belle-vl-tools[local]'."
+        ) from None
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # the CLI shows its own spinner
+    except ImportError:  # pragma: no cover
+        pass
+    dtype = settings.dtype.value if settings.dtype not in (None, DType.auto) else None
+    with _status(f"Loading {path}"):
+        try:
+            return BelleVL.from_pretrained(
+                path, device=settings.device, dtype=dtype, image_policy=ImagePolicy.trusted()
+            )
+        except BelleVLError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"Could not load the model {path!r}: {exc}") from None
+
+
+class _status:
+    """A spinner on stderr while something slow runs (only when stderr is a terminal)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._status = None
+
+    def __enter__(self) -> _status:
+        from .captions import ProgressBar
+
+        if sys.stderr.isatty() and not ProgressBar.active:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(self.text)
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.__exit__(*exc)
+
+
+def _picture(image: str) -> Any:
+    return load_image(Path(image), ImagePolicy.trusted())
+
+
+def _model_key(settings: Settings) -> str:
+    """The model part of the caption cache key: the folder's name and a hash of its files' names, sizes and
+    modification times (and of its JSON files), so a retrained or replaced checkpoint does not reuse old captions;
+    a Hub id as it is. The generation length joins it when it is set."""
+    path = Path(_model_path(settings))
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(path.iterdir()):
+            if not child.is_file():
+                continue
+            stat = child.stat()
+            digest.update(f"{child.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            if child.suffix == ".json" and stat.st_size < 1 << 20:
+                digest.update(child.read_bytes())
+        key = f"{path.resolve().name}@{digest.hexdigest()[:16]}"
+    else:
+        key = str(path)
+    if settings.max_new_tokens is not None:
+        key += f" max_new_tokens={settings.max_new_tokens}"
+    return key
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False))
+
+
+def _result_dict(result: ChatResult) -> dict[str, Any]:
+    return {
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "usage": result.usage.as_dict(),
+        "model": result.model,
+    }
+
+
+def _answer(backend: Any, messages: list[dict[str, Any]], settings: Settings, **extra: Any) -> str:
+    """Print the answer (streamed as text, or one JSON object) and return its text."""
+    generation = {**settings.generation, **extra}
+    if settings.json:
+        result = backend.chat(messages, **generation)
+        _print_json(_result_dict(result))
+        return result.text
+    text = []
+    for chunk in backend.stream(messages, **generation):
+        if chunk.delta:
+            sys.stdout.write(chunk.delta)
+            sys.stdout.flush()
+            text.append(chunk.delta)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+# --- commands ------------------------------------------------------------------------------------------------------
+ImageArg = Annotated[str, typer.Argument(help="The picture: a file path.", show_default=False)]
+LanguageOpt = Annotated[Language, typer.Option(help="Language of the prompt (and so of the answer).")]
+
+
+@app.command()
+@_handles_errors
+def ask(
+    ctx: typer.Context,
+    image: ImageArg,
+    question: Annotated[str, typer.Argument(help="The question about the picture.", show_default=False)],
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Answer a question about a picture."""
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    messages = image_message(_picture(image), prompts.ask_prompt(question))
+    _answer(_load_backend(settings), messages, settings)
+
+
+@app.command()
+@_handles_errors
+def describe(
+    ctx: typer.Context,
+    image: ImageArg,
+    detail: Annotated[Detail, typer.Option(help="A short or a detailed description.")] = Detail.brief,
+    language: LanguageOpt = Language.en,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Describe a picture."""
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    messages = image_message(_picture(image), prompts.describe_prompt(detail.value, language.value))
+    _answer(_load_backend(settings), messages, settings)
+
+
+@app.command("read-text")
+@_handles_errors
+def read_text(
+    ctx: typer.Context,
+    image: ImageArg,
+    language: LanguageOpt = Language.en,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Read out the text visible in a picture."""
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    messages = image_message(_picture(image), prompts.read_text_prompt(language.value))
+    _answer(_load_backend(settings), messages, settings)
+
+
+def _check_image_out(path: Path | None) -> None:
+    if path is None:
+        return
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise typer.BadParameter(
+            f"{str(path)!r} has no picture file ending Pillow can write; use e.g. boxes.png or boxes.jpg.",
+            param_hint="--out",
+        )
+
+
+@app.command()
+@_handles_errors
+def locate(
+    ctx: typer.Context,
+    image: ImageArg,
+    phrase: Annotated[str, typer.Argument(help='What to find, e.g. "the red car".', show_default=False)],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Save the picture with the boxes drawn on it here.")
+    ] = None,
+    language: LanguageOpt = Language.en,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Find what a phrase names in a picture: boxes in pixels, optionally drawn onto a copy of the picture."""
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    _check_image_out(out)
+    picture = _picture(image)
+    prompts.locate_prompt(phrase, language.value)  # a bad phrase fails before the model loads
+    result = _load_backend(settings).locate(picture, phrase, language=language.value, **settings.generation)
+    if out is not None:
+        from .grounding import draw_boxes
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        draw_boxes(picture, result.boxes).save(out)
+    if settings.json:
+        _print_json(
+            {
+                "phrase": result.phrase,
+                "text": result.text,
+                "image_size": list(result.image_size),
+                "boxes": [box.as_dict() for box in result.boxes],
+                "out": str(out) if out is not None else None,
+            }
+        )
+        return
+    if not result.boxes:
+        typer.echo(f"No box in the answer: {result.text}")
+    for box in result.boxes:
+        typer.echo(f"{box.label}\t({box.x1:.0f}, {box.y1:.0f}) - ({box.x2:.0f}, {box.y2:.0f})")
+    if out is not None:
+        typer.echo(f"Saved the boxes to {out}", err=True)
+
+
+CHAT_HELP = "Type a message and press Enter. /image PATH attaches a picture to the next message, /reset forgets the "
+CHAT_HELP += "conversation, /exit (or end of input) quits."
+
+
+@app.command()
+@_handles_errors
+def chat(
+    ctx: typer.Context,
+    image: Annotated[
+        list[str] | None,
+        typer.Option("--image", "-i", help="A picture for the first message (repeat for several).", show_default=False),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt instead of the default one.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Chat about pictures: reads one message per line from stdin and keeps the conversation.
+
+    /image PATH attaches a picture to the next message, /reset forgets the conversation, /exit or the end of the
+    input quits.
+    """
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    attached = [_picture(path) for path in image or []]
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(CHAT_HELP, err=True)
+    history: list[dict[str, Any]] = []
+    backend = None
+    while True:
+        if interactive:
+            typer.echo("> ", err=True, nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            attached.clear()
+            continue
+        if text.startswith("/image"):
+            path = text[len("/image") :].strip()
+            try:
+                attached.append(_picture(path))
+            except BelleVLError as exc:
+                typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+            continue
+        content = [{"type": "image", "image": picture} for picture in attached]
+        content.append({"type": "text", "text": text})
+        history.append({"role": "user", "content": content})
+        if backend is None:
+            backend = _load_backend(settings)
+        try:
+            answer = _answer(backend, history, settings, **({"system": system} if system else {}))
+        except BelleVLError as exc:
+            history.pop()
+            typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+            continue
+        attached = []
+        history.append({"role": "assistant", "content": answer})
+
+
+@app.command()
+@_handles_errors
+def caption(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Argument(help="A folder of pictures.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSON Lines file to write.")] = Path("captions.jsonl"),
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="The caption cache (SQLite). [default: beside --out, e.g. captions.cache.sqlite]", show_default=False
+        ),
+    ] = None,
+    detail: Annotated[Detail, typer.Option(help="Short or detailed captions.")] = Detail.brief,
+    language: LanguageOpt = Language.en,
+    prompt: Annotated[str | None, typer.Option(help="A captioning prompt of your own instead.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pictures captioned together.")] = 8,
+    recursive: Annotated[bool, typer.Option(help="Look into subfolders too.")] = True,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Caption every picture of a folder into a JSON Lines file (one {"path", "caption", ...} per line).
+
+    Captions are kept in a cache as they are made: an interrupted run picks up where it stopped, and a run over
+    pictures that are all cached does not load the model. Pictures are keyed by their pixels, the model and the
+    prompt; pictures that cannot be read are skipped with a warning.
+    """
+    from .captions import CaptionCache, caption_images, find_images
+
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    paths = find_images(folder, recursive=recursive)
+    if not paths:
+        _fail(f"No pictures in {str(folder)!r} (looked for .png, .jpg, .jpeg, .webp, ... files).")
+    cache_path = cache if cache is not None else out.with_name(out.stem + ".cache.sqlite")
+    key = _model_key(settings)
+    counts = {"captions": 0, "cached": 0, "new": 0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f, CaptionCache(cache_path) as store:
+            records = caption_images(
+                paths,
+                lambda: _load_backend(settings),
+                cache=store,
+                model_name=key,
+                prompt=prompt,
+                detail=detail.value,
+                language=language.value,
+                batch_size=batch_size,
+                progress=True,
+                on_error="skip",
+                **settings.generation,
+            )
+            for record in records:
+                row = {
+                    "path": record.path,
+                    "caption": record.caption,
+                    "width": record.width,
+                    "height": record.height,
+                    "digest": record.digest,
+                }
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                counts["captions"] += 1
+                counts["cached" if record.cached else "new"] += 1
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    summary = {
+        "out": str(out),
+        "cache": str(cache_path),
+        **counts,
+        "skipped": len(paths) - counts["captions"],
+    }
+    if settings.json:
+        _print_json(summary)
+    else:
+        skipped = f", {summary['skipped']} skipped" if summary["skipped"] else ""
+        typer.echo(
+            f"Wrote {counts['captions']} captions to {out} ({counts['cached']} from the cache, "
+            f"{counts['new']} new{skipped}).",
+            err=True,
+        )
+
+
+@eval_app.command("mme")
+@_handles_errors
+def eval_mme(
+    ctx: typer.Context,
+    data: Annotated[Path | None, typer.Option(help="The MME data folder (one folder per subtask).")] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="Score the response files (SUBTASK.txt) in this folder; no model is loaded.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the response files.")] = Path("mme_results"),
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N pictures of each subtask.")] = None,
+    subtask: Annotated[
+        list[str] | None, typer.Option(help="Only this subtask (repeat for several).", show_default=False)
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions answered together.")] = 8,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Run MME and print the scores (Category | Score, with the Perception and Cognition totals).
+
+    With --data, the model answers every question greedily and the answers are written to --out as
+    SUBTASK.txt files in the official four-column form (subtasks already answered there are kept). With
+    --results, existing response files are scored as MME's own tool scores them.
+    """
+    from .eval.mme import run_mme, score_results
+
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    if results is None and data is None:
+        raise typer.BadParameter("give --data DIR to run the benchmark, or --results DIR to score response files.")
+    if results is not None:
+        scores = score_results(results, subtasks=subtask)
+    else:
+        scores = run_mme(
+            lambda: _load_backend(settings),
+            data,  # type: ignore[arg-type]
+            out,
+            subtasks=subtask,
+            limit=limit,
+            batch_size=batch_size,
+            progress=True,
+            max_new_tokens=settings.max_new_tokens,
+        )
+        typer.echo(f"Responses written to {out}", err=True)
+    if settings.json:
+        _print_json(scores.as_dict())
+    else:
+        typer.echo(scores.table())
+
+
+def main() -> None:
+    """The console script's entry point."""
+    app(prog_name="belle-vl")
+
+
+if __name__ == "__main__":
+    main()
