@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from transformers.image_processing_base import ImageProcessingMixin
 
 from .configuration_qwen_vl import DEFAULT_VISUAL, NUM_IMAGE_QUERIES
 from .errors import PromptError
-from .images import ImagePolicy, image_digest, load_image
+from .images import ImagePolicy, _resolve_local_path, image_digest, load_image
 from .tokenization_qwen_vl import QWenTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -160,6 +161,8 @@ class QWenVLProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.max_window_size = int(max_window_size)
         self.image_policy = image_policy
+        self._decoded_files: OrderedDict[tuple, tuple[Image.Image, str]] = OrderedDict()
+        self.decoded_files_capacity = 16
 
     # --- loading ------------------------------------------------------------------------------------------------
     @classmethod
@@ -184,7 +187,26 @@ class QWenVLProcessor(ProcessorMixin):
 
     # --- images -------------------------------------------------------------------------------------------------
     def load_images(self, sources: Sequence[Any]) -> list[Image.Image]:
-        return [load_image(src, self.image_policy) for src in sources]
+        return [self._load(src)[0] for src in sources]
+
+    def _load(self, source: Any) -> tuple[Image.Image, str]:
+        """An image and its digest. Files are decoded once while unchanged (same policy, path, mtime and size):
+        a picture asked about again is then neither decoded nor hashed again; the policy check still runs."""
+        policy = self.image_policy or ImagePolicy.trusted()
+        if isinstance(source, str | os.PathLike) and os.path.isfile(source):
+            resolved, _ = _resolve_local_path(source, policy)  # raises when the policy refuses the path
+            stat = resolved.stat()
+            key = (policy, str(resolved), stat.st_mtime_ns, stat.st_size)
+            if key in self._decoded_files:
+                self._decoded_files.move_to_end(key)
+                return self._decoded_files[key]
+            image = load_image(source, policy)
+            self._decoded_files[key] = entry = (image, image_digest(image))
+            while len(self._decoded_files) > self.decoded_files_capacity:
+                self._decoded_files.popitem(last=False)
+            return entry
+        image = load_image(source, policy)
+        return image, image_digest(image)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> Any:
         import torch
@@ -292,11 +314,11 @@ class QWenVLProcessor(ProcessorMixin):
             tail += nl
             input_ids += tail
             mask += [0] * len(tail)
-        images = self.load_images(sources) if load_images else []
+        loaded = [self._load(src) for src in sources] if load_images else []
         return ChatInputs(
             input_ids=input_ids,
-            images=images,
-            image_digests=[image_digest(im) for im in images],
+            images=[image for image, _ in loaded],
+            image_digests=[digest for _, digest in loaded],
             assistant_mask=mask,
             dropped_turns=len(encoded_turns) - 1 - kept,
         )

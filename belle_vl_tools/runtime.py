@@ -444,7 +444,6 @@ class BelleVL(VisionTasks):
         cancel: threading.Event | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Run ``generate`` for a batch; returns the generated ids [batch, new] and the prompt width."""
-        cancel = cancel or threading.Event()
         # ids and mask only: the images enter as (cached) features from _image_features, so collate must not
         # preprocess their pixels again
         batch = self.processor.collate([replace(it, images=[]) for it in items], return_tensors="pt")
@@ -472,10 +471,10 @@ class BelleVL(VisionTasks):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "generation_config": settings.config,
-            "stopping_criteria": StoppingCriteriaList(
-                [_StopOnStrings(self.tokenizer, settings.stop, prompt_len, cancel)]
-            ),
         }
+        if settings.stop or cancel is not None:  # a per-step check only where one is needed
+            criterion = _StopOnStrings(self.tokenizer, settings.stop, prompt_len, cancel or threading.Event())
+            kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
         if features is not None:
             kwargs["image_features"] = features.to(self.device)
         if past is not None:

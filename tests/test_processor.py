@@ -153,3 +153,29 @@ def test_auto_processor_from_published_folder(tiny_dir):
     proc = AutoProcessor.from_pretrained(tiny_dir)
     assert type(proc).__name__ == "QWenVLProcessor"
     assert proc.image_processor.image_size == 56 and proc.max_window_size == 6144
+
+
+def test_decoded_files_are_reused_only_while_unchanged(processor, tmp_path):
+    import os
+
+    from PIL import Image
+
+    from belle_vl_tools import ImageAccessDeniedError, ImagePolicy
+
+    path = tmp_path / "pic.png"
+    Image.new("RGB", (20, 20), "red").save(path)
+    first = processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
+    again = processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
+    assert again.images[0] is first.images[0] and again.image_digests == first.image_digests
+    Image.new("RGB", (20, 20), "blue").save(path)
+    os.utime(path, ns=(1, 1))  # a new mtime even on coarse clocks
+    changed = processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
+    assert changed.image_digests != first.image_digests
+    # the policy is still checked for a file decoded before
+    saved = processor.image_policy
+    try:
+        processor.image_policy = ImagePolicy.restricted(roots=(tmp_path / "elsewhere",))
+        with pytest.raises(ImageAccessDeniedError):
+            processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
+    finally:
+        processor.image_policy = saved
