@@ -471,7 +471,7 @@ def test_empty_and_odd_strings():
 
 
 @pytest.fixture()
-def sandbox(tmp_path: Path, png_bytes: bytes) -> tuple[Path, Path]:
+def confined(tmp_path: Path, png_bytes: bytes) -> tuple[Path, Path]:
     root = tmp_path / "root"
     root.mkdir()
     (root / "inside.png").write_bytes(png_bytes)
@@ -503,8 +503,8 @@ def test_policy_constructors(tmp_path, monkeypatch):
     assert dataclasses.replace(default, max_bytes=5).max_bytes == 5
 
 
-def test_path_outside_roots_is_refused(sandbox):
-    root, outside = sandbox
+def test_path_outside_roots_is_refused(confined):
+    root, outside = confined
     policy = ImagePolicy.restricted(root)
     assert load_image(root / "inside.png", policy).size == (32, 24)
     with pytest.raises(ImageAccessDeniedError, match="allowed_roots") as info:
@@ -517,8 +517,8 @@ def test_path_outside_roots_is_refused(sandbox):
     assert load_image(outside).size == (32, 24)  # the trusted default reads it
 
 
-def test_dot_dot_traversal_is_refused(sandbox):
-    root, _outside = sandbox
+def test_dot_dot_traversal_is_refused(confined):
+    root, _outside = confined
     policy = ImagePolicy.restricted(root)
     with pytest.raises(ImageAccessDeniedError):
         load_image(str(root / ".." / "outside.png"), policy)
@@ -527,8 +527,8 @@ def test_dot_dot_traversal_is_refused(sandbox):
     assert load_image(f"{root}/sub/../inside.png", policy).size == (32, 24)
 
 
-def test_symlink_pointing_outside_is_refused(sandbox):
-    root, outside = sandbox
+def test_symlink_pointing_outside_is_refused(confined):
+    root, outside = confined
     link = root / "link.png"
     inner_link = root / "inner.png"
     try:
