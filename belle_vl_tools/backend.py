@@ -97,12 +97,6 @@ class VisionTasks:
     def chat(self, messages: Sequence[Message], **generation: Any) -> ChatResult:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _image_size(self, image: Any) -> tuple[int, int]:
-        from .images import load_image
-
-        policy = getattr(self, "image_policy", None)
-        return load_image(image, policy).size
-
     def describe(
         self,
         image: Any,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -677,20 +677,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         from .runtime import model_card_chat_stream
 
         yield from model_card_chat_stream(self, tokenizer, query, history, system, generation_kwargs)
-
-
-def default_generation_config(eod_id: int = 151643) -> GenerationConfig:
-    """Qwen-VL-Chat's published generation settings, stop tokens included."""
-    return GenerationConfig(
-        chat_format="chatml",
-        do_sample=True,
-        top_p=0.3,
-        top_k=0,
-        max_new_tokens=512,
-        max_window_size=6144,
-        eos_token_id=eod_id,
-        pad_token_id=eod_id,
-    )
 
 
 __all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "default_dtype", "ntk_alpha", "stop_token_ids"]
