@@ -7,6 +7,7 @@ checkpoints; here they are ordinary fields. A configuration without ``visual`` d
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -23,7 +24,8 @@ DEFAULT_VISUAL: dict[str, Any] = {
     "width": 1664,
 }
 
-#: Number of vectors the resampler produces per image, whatever the image or patch size.
+#: Number of vectors the resampler produces per image, whatever the image or patch size, unless the ``visual``
+#: block sets ``n_queries`` (a parameter of the reference vision tower; published checkpoints leave it at 256).
 NUM_IMAGE_QUERIES = 256
 
 
@@ -74,6 +76,11 @@ class QWenConfig(PreTrainedConfig):
                     f"visual.output_dim ({self.visual['output_dim']}) must equal hidden_size ({self.hidden_size}): "
                     "the resampler's outputs are inserted into the language model's embedding sequence."
                 )
+            n_queries = int(self.visual.get("n_queries", NUM_IMAGE_QUERIES))
+            if n_queries < 1 or math.isqrt(n_queries) ** 2 != n_queries:
+                raise ValueError(
+                    f"visual.n_queries ({n_queries}) must be a perfect square: the resampler's queries form a grid."
+                )
             if self.visual["output_dim"] % 128:
                 raise ValueError(
                     f"visual.output_dim ({self.visual['output_dim']}) must be a multiple of 128: the resampler "
@@ -93,6 +100,11 @@ class QWenConfig(PreTrainedConfig):
     @property
     def image_pad_id(self) -> int | None:
         return None if self.visual is None else int(self.visual["image_start_id"]) + 2
+
+    @property
+    def num_image_queries(self) -> int:
+        """Positions (and vision vectors) per image: ``visual.n_queries``, 256 in published checkpoints."""
+        return int((self.visual or {}).get("n_queries", NUM_IMAGE_QUERIES))
 
     @property
     def rotary_dim(self) -> int:

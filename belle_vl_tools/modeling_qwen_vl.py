@@ -328,7 +328,7 @@ class ResamplerAttention(nn.Module):
 
 
 class Resampler(nn.Module):
-    """Cross-attention of 256 learned queries over the patch features: always 256 vectors per image."""
+    """Cross-attention of ``grid_size**2`` learned queries (256 in published checkpoints) over the patch features."""
 
     def __init__(self, dim: int, kv_dim: int, grid_size: int = 16) -> None:
         super().__init__()
@@ -349,7 +349,7 @@ class Resampler(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT-bigG-style tower (no class token) followed by the resampler: pixels [B, 3, S, S] -> [B, 256, D]."""
+    """ViT-bigG-style tower (no class token) followed by the resampler: pixels [B, 3, S, S] -> [B, n_queries, D]."""
 
     def __init__(self, visual: dict[str, Any]) -> None:
         super().__init__()
@@ -357,10 +357,13 @@ class VisionTransformer(nn.Module):
         self.image_size = int(visual["image_size"])
         self.output_dim = int(visual["output_dim"])
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        # 256 patch positions (a 16x16 grid resized to the patch grid) whatever n_queries is, as in the reference.
         self.positional_embedding = nn.Parameter(torch.empty(NUM_IMAGE_QUERIES, width))
         self.ln_pre = nn.LayerNorm(width, eps=1e-6)
         self.transformer = VisualTransformer(width, int(visual["layers"]), int(visual["heads"]), visual["mlp_ratio"])
-        self.attn_pool = Resampler(self.output_dim, width, grid_size=int(math.isqrt(NUM_IMAGE_QUERIES)))
+        self.attn_pool = Resampler(
+            self.output_dim, width, grid_size=math.isqrt(int(visual.get("n_queries", NUM_IMAGE_QUERIES)))
+        )
         self.ln_post = nn.LayerNorm(self.output_dim, eps=1e-6)
         self.proj = nn.Parameter(torch.empty(self.output_dim, self.output_dim))
 
@@ -476,7 +479,7 @@ class QWenModel(QWenPreTrainedModel):
         self.wte = value
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision features [num_images, 256, hidden] for preprocessed images [num_images, 3, S, S]."""
+        """Vision features [num_images, n_queries, hidden] for preprocessed images [num_images, 3, S, S]."""
         if self.visual is None:
             raise ValueError("This checkpoint has no vision tower (no `visual` block in config.json): text only.")
         return self.visual(pixel_values)
@@ -495,10 +498,11 @@ class QWenModel(QWenPreTrainedModel):
         if image_features is None:
             image_features = self.get_image_features(pixel_values)
         flat = image_features.reshape(-1, image_features.shape[-1])
+        per_image = self.config.num_image_queries
         if num_positions > flat.shape[0]:
             raise ValueError(
-                f"The input holds {num_positions} image positions but {flat.shape[0] // NUM_IMAGE_QUERIES} images "
-                f"were given ({NUM_IMAGE_QUERIES} positions each): build inputs with the processor."
+                f"The input holds {num_positions} image positions but {flat.shape[0] // per_image} images were given "
+                f"({per_image} positions each): build inputs with the processor."
             )
         # Positions of images inside a cached prefix are not in `input_ids`: the ones present are the last ones.
         flat = flat[flat.shape[0] - num_positions :]

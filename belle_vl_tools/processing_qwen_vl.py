@@ -156,10 +156,13 @@ class QWenVLProcessor(ProcessorMixin):
         chat_template: str | None = None,
         max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
         image_policy: ImagePolicy | None = None,
+        num_image_queries: int = NUM_IMAGE_QUERIES,
         **kwargs: Any,
     ) -> None:
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.max_window_size = int(max_window_size)
+        #: Positions per image between <img> and </img>: config.json's visual.n_queries, 256 when absent.
+        self.num_image_queries = int(num_image_queries)
         self.image_policy = image_policy
         self._decoded_files: OrderedDict[tuple, tuple[Image.Image, str]] = OrderedDict()
         self.decoded_files_capacity = 16
@@ -179,7 +182,8 @@ class QWenVLProcessor(ProcessorMixin):
         visual = {**DEFAULT_VISUAL, **(config.get("visual") or {})}
         image_processor = QWenVLImageProcessor(image_size=visual["image_size"])
         max_window = kwargs.pop("max_window_size", generation.get("max_window_size", DEFAULT_MAX_WINDOW_SIZE))
-        return cls(image_processor, tokenizer, max_window_size=max_window, **kwargs)
+        queries = int(visual.get("n_queries", NUM_IMAGE_QUERIES))
+        return cls(image_processor, tokenizer, max_window_size=max_window, num_image_queries=queries, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         """Write the tokenizer files (the image settings live in config.json, as in published checkpoints)."""
@@ -224,7 +228,7 @@ class QWenVLProcessor(ProcessorMixin):
         text = ""
         for n in range(1, num_images + 1):
             pieces += tok.encode_text(text + f"Picture {n}: ")
-            pieces += [tok.img_start_id] + [tok.img_pad_id] * NUM_IMAGE_QUERIES + [tok.img_end_id]
+            pieces += [tok.img_start_id] + [tok.img_pad_id] * self.num_image_queries + [tok.img_end_id]
             text = "\n"
         pieces += tok.encode_text(text + "\n".join(texts))
         head = [tok.im_start_id] + tok.encode_text(role, grounding_tags=False) + tok.encode_text("\n")

@@ -30,7 +30,6 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.generation.streamers import BaseStreamer
 
 from .backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
-from .configuration_qwen_vl import NUM_IMAGE_QUERIES
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .images import ImagePolicy
 from .modeling_qwen_vl import CACHE_FIELD, QWenLMHeadModel, ntk_alpha, stop_token_ids
@@ -246,7 +245,7 @@ class _LRU(OrderedDict):
 @dataclass
 class _Prefix:
     ids: list[int]
-    spans: list[tuple[int, str]]  # (start of the image's 256 positions, image digest)
+    spans: list[tuple[int, str]]  # (start of the image's positions, image digest)
     cache: Any
     alphas: list[float]
 
@@ -256,7 +255,7 @@ def _image_spans(ids: Sequence[int], pad_id: int, digests: Sequence[str]) -> lis
     return list(zip(starts, digests, strict=False))
 
 
-def _shared_prefix(entry: _Prefix, ids: list[int], spans: list[tuple[int, str]]) -> int:
+def _shared_prefix(entry: _Prefix, ids: list[int], spans: list[tuple[int, str]], per_image: int) -> int:
     n = 0
     limit = min(len(entry.ids), len(ids) - 1)
     while n < limit and entry.ids[n] == ids[n]:
@@ -268,7 +267,7 @@ def _shared_prefix(entry: _Prefix, ids: list[int], spans: list[tuple[int, str]])
             n = start - 1  # back to before the image (and its <img> tag)
             break
     for start, _ in spans:
-        if start - 1 <= n < start + NUM_IMAGE_QUERIES + 1:
+        if start - 1 <= n < start + per_image + 1:
             n = min(n, start - 1)
     return max(n, 0)
 
@@ -292,6 +291,11 @@ class BelleVL(VisionTasks):
         prefix_cache_size: int = 2,
         max_context_tokens: int = 32768,
     ) -> None:
+        if model.config.visual is not None and processor.num_image_queries != model.config.num_image_queries:
+            raise CheckpointError(
+                f"The processor writes {processor.num_image_queries} positions per image but the model's vision "
+                f"tower gives {model.config.num_image_queries} (visual.n_queries): load both from the same folder."
+            )
         self.model = model.eval()
         self.max_context_tokens = max_context_tokens
         self.processor = processor
@@ -311,7 +315,7 @@ class BelleVL(VisionTasks):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | os.PathLike,
+        path_or_hub_id: str | os.PathLike | None = None,
         *,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -324,7 +328,8 @@ class BelleVL(VisionTasks):
         max_context_tokens: int = 32768,
         **model_kwargs: Any,
     ) -> BelleVL:
-        """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run).
+        """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
+        none named, the shipped demo model.
 
         ``dtype`` defaults to the checkpoint's precision flags (fp32 on a CPU); ``device`` ("cpu", "cuda",
         "cuda:1") places the whole model, ``device_map`` ("auto", ...) spreads it; ``quantization_config`` (e.g.
@@ -341,6 +346,12 @@ class BelleVL(VisionTasks):
             model_kwargs["attn_implementation"] = attn_implementation
         if quantization_config is not None:
             model_kwargs["quantization_config"] = quantization_config
+        if path_or_hub_id is None:
+            from .demo import DEMO_MODEL_NAME, default_model_path
+
+            path_or_hub_id, name = default_model_path(), DEMO_MODEL_NAME
+        else:
+            name = None
         path = str(path_or_hub_id)
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json: point at a checkpoint folder (config.json, weights).")
@@ -349,7 +360,7 @@ class BelleVL(VisionTasks):
         return cls(
             model,
             processor,
-            model_name=Path(path).name if Path(path).exists() else path,
+            model_name=name or (Path(path).name if Path(path).exists() else path),
             image_policy=image_policy,
             vision_cache_size=vision_cache_size,
             prefix_cache_size=prefix_cache_size,
@@ -421,7 +432,7 @@ class BelleVL(VisionTasks):
         for key, entry in self._prefix_cache.items():
             if entry.alphas != alphas:
                 continue
-            n = _shared_prefix(entry, ids, spans)
+            n = _shared_prefix(entry, ids, spans, self.processor.num_image_queries)
             if n > best_len:
                 best_key, best_len = key, n
         if best_key is None or best_len < 1:
@@ -651,7 +662,9 @@ def runtime_for(model: QWenLMHeadModel, tokenizer: QWenTokenizer) -> BelleVL:
         visual = model.config.visual or {}
         image_processor = QWenVLImageProcessor(image_size=visual.get("image_size", 448))
         window = getattr(model.generation_config, "max_window_size", None) or 6144
-        processor = QWenVLProcessor(image_processor, tokenizer, max_window_size=window)
+        processor = QWenVLProcessor(
+            image_processor, tokenizer, max_window_size=window, num_image_queries=model.config.num_image_queries
+        )
         runtime = BelleVL(model, processor)
         model._belle_vl_runtime = runtime
     return runtime

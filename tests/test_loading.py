@@ -132,7 +132,7 @@ def test_bitsandbytes_quantization_keeps_the_vision_tower(tiny_dir, pictures, bi
     assert type(visual.transformer.resblocks[0].attn.in_proj) is torch.nn.Linear
     assert visual.conv1.weight.dtype == torch.float32
     result = runtime.chat(
-        [{"role": "user", "content": [{"type": "image", "image": pictures["red"]}, "What?"]}],
+        [{"role": "user", "content": [{"type": "image", "image": pictures["red"]}, {"type": "text", "text": "What?"}]}],
         do_sample=False,
         max_new_tokens=3,
     )
@@ -173,3 +173,32 @@ def test_light_modules_import_without_torch_or_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_visual_n_queries_sets_the_positions_per_image(tmp_path, pictures):
+    """``visual.n_queries`` (a parameter of the reference vision tower, 256 when absent) sizes the resampler, and
+    the processor writes as many ``<imgpad>`` positions; published checkpoints never set it."""
+    folder = write_tiny_checkpoint(tmp_path / "q16", seed=3, visual={"n_queries": 16})
+    runtime = BelleVL.from_pretrained(folder)
+    assert runtime.model.config.num_image_queries == 16
+    assert runtime.model.transformer.visual.attn_pool.query.shape[0] == 16
+    item = runtime.prepare(
+        [{"role": "user", "content": [{"type": "image", "image": pictures["red"]}, {"type": "text", "text": "What?"}]}]
+    )
+    assert item.input_ids.count(runtime.tokenizer.img_pad_id) == 16
+    red = runtime.ask(pictures["red"], "What color?", do_sample=False, max_new_tokens=8).text
+    blue = runtime.ask(pictures["blue"], "What color?", do_sample=False, max_new_tokens=8).text
+    assert red != blue
+    with pytest.raises(ValueError, match="perfect square"):
+        QWenConfig(visual={"n_queries": 10, "output_dim": 4096})
+
+
+def test_processor_and_model_must_agree_on_positions_per_image(tmp_path):
+    from belle_vl_tools import QWenVLProcessor
+
+    folder = write_tiny_checkpoint(tmp_path / "q16", seed=3, visual={"n_queries": 16})
+    model = QWenLMHeadModel.from_pretrained(folder)
+    processor = QWenVLProcessor.from_pretrained(folder)
+    processor.num_image_queries = 256
+    with pytest.raises(CheckpointError, match="n_queries"):
+        BelleVL(model, processor)
