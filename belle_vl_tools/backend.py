@@ -10,8 +10,11 @@ This module imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from . import prompts
@@ -45,9 +48,50 @@ class ChatResult:
     finish_reason: FinishReason = "stop"
     usage: Usage = field(default_factory=Usage)
     model: str = ""
+    #: The picture asked about (as given: a PIL image, path, bytes or data URL), when the answer came from a
+    #: one-picture task (``ask``, ``describe``, ``read_text``); shown beside the answer in notebooks.
+    image: Any = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         return self.text
+
+    def _repr_html_(self) -> str:
+        answer = f"<div style='white-space:pre-wrap'>{html.escape(self.text)}</div>"
+        picture = _displayable(self.image)
+        if picture is None:
+            return answer
+        return f"<div style='display:flex;gap:1em;align-items:flex-start'>{_img_tag(picture)}{answer}</div>"
+
+
+def _displayable(source: Any) -> Any:
+    """A PIL image for a notebook to show, or None (no picture, a URL, which is never fetched for display, or a
+    file that cannot be read any more)."""
+    if source is None or _is_pil(source):
+        return source
+    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
+        return None
+    from .errors import ImageError
+    from .images import ImagePolicy, load_image
+
+    try:
+        return load_image(source, ImagePolicy.trusted())
+    except ImageError:
+        return None
+
+
+def _png_bytes(image: Any, max_side: int = 512) -> bytes:
+    picture = image.convert("RGB") if image.mode not in ("RGB", "RGBA") else image
+    if max(picture.size) > max_side:
+        picture = picture.copy()
+        picture.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _img_tag(image: Any) -> str:
+    data = base64.b64encode(_png_bytes(image, 256)).decode("ascii")
+    return f"<img src='data:image/png;base64,{data}' style='max-width:256px'/>"
 
 
 @dataclass(frozen=True)
@@ -89,6 +133,30 @@ class LocateResult:
     boxes: list[Box]
     text: str
     image_size: tuple[int, int]
+    #: The picture the boxes are in (drawn by :meth:`drawn` and shown in notebooks).
+    image: Any = field(default=None, repr=False, compare=False)
+
+    def drawn(self) -> Any:
+        """A copy of the picture with the boxes outlined and labelled."""
+        from .grounding import draw_boxes
+
+        if self.image is None:
+            raise ValueError("This result carries no picture: draw the boxes on your own copy with draw_boxes().")
+        return draw_boxes(self.image, self.boxes)
+
+    def _repr_png_(self) -> bytes | None:
+        return None if self.image is None else _png_bytes(self.drawn())
+
+    def _repr_html_(self) -> str:
+        found = ", ".join(
+            f"{html.escape(b.label or self.phrase)} ({b.x1:.0f}, {b.y1:.0f}, {b.x2:.0f}, {b.y2:.0f})"
+            for b in self.boxes
+        )
+        caption = f"<div>{html.escape(self.phrase)}: {found or 'nothing found'}</div>"
+        if self.image is None:
+            return caption
+        data = base64.b64encode(_png_bytes(self.drawn())).decode("ascii")
+        return f"<div><img src='data:image/png;base64,{data}' style='max-width:512px'/>{caption}</div>"
 
 
 class VisionTasks:
@@ -105,15 +173,15 @@ class VisionTasks:
         **generation: Any,
     ) -> ChatResult:
         """A description of the picture."""
-        return self.chat(image_message(image, prompts.describe_prompt(detail, language)), **generation)
+        return self._with_image(image, prompts.describe_prompt(detail, language), generation)
 
     def ask(self, image: Any, question: str, **generation: Any) -> ChatResult:
         """The answer to a question about the picture."""
-        return self.chat(image_message(image, prompts.ask_prompt(question)), **generation)
+        return self._with_image(image, prompts.ask_prompt(question), generation)
 
     def read_text(self, image: Any, language: Literal["en", "zh"] = "en", **generation: Any) -> ChatResult:
         """The text visible in the picture."""
-        return self.chat(image_message(image, prompts.read_text_prompt(language)), **generation)
+        return self._with_image(image, prompts.read_text_prompt(language), generation)
 
     def locate(self, image: Any, phrase: str, language: Literal["en", "zh"] = "en", **generation: Any) -> LocateResult:
         """Boxes around what ``phrase`` names, parsed from the model's ``<ref>…</ref><box>…</box>`` answer."""
@@ -123,7 +191,15 @@ class VisionTasks:
         result = self.chat(image_message(picture, prompts.locate_prompt(phrase, language)), **generation)
         width, height = picture.size
         boxes = parse_boxes(result.text, width, height, default_label=phrase)
-        return LocateResult(phrase=phrase, boxes=boxes, text=result.text, image_size=(width, height))
+        return LocateResult(phrase=phrase, boxes=boxes, text=result.text, image_size=(width, height), image=picture)
+
+    def _with_image(self, image: Any, prompt: str, generation: dict[str, Any]) -> ChatResult:
+        """The answer to ``prompt`` about one picture, carrying the picture as given."""
+        return replace(self.chat(image_message(image, prompt), **generation), image=image)
+
+
+def _is_pil(image: Any) -> bool:
+    return hasattr(image, "convert") and hasattr(image, "size") and hasattr(image, "mode")
 
 
 __all__ = [
