@@ -41,6 +41,7 @@ _LAZY = {
     "Box": "grounding",
     "draw_boxes": "grounding",
     "parse_boxes": "grounding",
+    "RemoteBelleVL": "backends.remote",
 }
 
 

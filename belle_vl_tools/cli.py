@@ -559,6 +559,65 @@ def caption(
         )
 
 
+@app.command()
+@_handles_errors
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BELLE_VL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests.", show_default=False
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model id clients name. [default: the folder's name]", show_default=False)
+    ] = None,
+    allow_urls: Annotated[
+        bool, typer.Option("--allow-urls", help="Fetch http(s) image URLs (public addresses only).")
+    ] = False,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most requests answered in one batch.")] = 8,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most requests waiting; more get 503.")] = 64,
+    max_image_bytes: Annotated[int, typer.Option(min=1, help="Largest image in a request, in bytes.")] = 16 << 20,
+    max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body, in bytes.")] = 32 << 20,
+    max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 8,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models, /health).
+
+    Concurrent requests are batched onto the model. Images come as data URLs (http(s) URLs only with
+    --allow-urls); the server never reads local files named in a request.
+    """
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    try:
+        from . import server as server_module
+    except ImportError as exc:
+        _fail(f"The server needs FastAPI and uvicorn ({exc}): pip install 'belle-vl-tools[serve]'.")
+    dtype_name = settings.dtype.value if settings.dtype not in (None, DType.auto) else None
+    server_module.serve(
+        settings.model,
+        host=host,
+        port=port,
+        device=settings.device,
+        dtype=dtype_name,
+        log_level=log_level,
+        model_name=served_model_name,
+        api_key=api_key,
+        allow_urls=allow_urls,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_image_bytes=max_image_bytes,
+        max_request_bytes=max_request_bytes,
+        max_images_per_request=max_images,
+        default_max_tokens=settings.max_new_tokens,
+    )
+
+
 @eval_app.command("mme")
 @_handles_errors
 def eval_mme(
