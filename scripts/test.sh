@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # The project's test command: makes .venv (CPU torch 2.13.0 first, so no multi-GB CUDA build is pulled),
-# installs the package with its test extras, and runs the test suite.
+# installs the core and both integration packages with their test extras, and runs every test suite:
+# the core's, the LangChain package's unit tests (sockets disabled, as LangChain's partner packages run them)
+# and integration tests, and the LlamaIndex package's tests. Arguments go to the core suite's pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pip install -q -e ".[test]" -e "integrations/langchain[test]" -e "integrations/llama_index[test]"
+py="$PWD/.venv/bin/python"
+status=0
+suite() {  # suite FOLDER PYTEST-ARGS...: one pytest run from FOLDER (each package reads its own pytest settings)
+    local folder=$1
+    shift
+    echo "== $folder: pytest $*"
+    (cd "$folder" && "$py" -m pytest -q "$@") || status=1
+}
+suite . "$@"
+suite integrations/langchain tests/unit_tests --disable-socket --allow-unix-socket
+suite integrations/langchain tests/integration_tests
+suite integrations/llama_index tests
+exit $status
