@@ -25,6 +25,7 @@ it reopens its file in the new process.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -47,6 +48,7 @@ __all__ = [
     "CaptionCache",
     "CaptionRecord",
     "caption_images",
+    "checkpoint_key",
     "find_images",
 ]
 
@@ -222,6 +224,29 @@ class CaptionCache:
                 raise
             conn.execute("COMMIT")
             return conn.total_changes - before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model keys
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_key(path: str | os.PathLike[str]) -> str:
+    """The model part of the cache key for a checkpoint: for a folder, its name and a hash of its files' names,
+    sizes and modification times (and of the contents of its JSON files), so a retrained or replaced checkpoint
+    does not reuse old captions; anything else (a Hub id) as it is given."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return os.fspath(path)
+    digest = hashlib.sha256()
+    for child in sorted(folder.iterdir()):
+        if not child.is_file():
+            continue
+        stat = child.stat()
+        digest.update(f"{child.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if child.suffix == ".json" and stat.st_size < 1 << 20:
+            digest.update(child.read_bytes())
+    return f"{folder.resolve().name}@{digest.hexdigest()[:16]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

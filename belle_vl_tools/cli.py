@@ -11,7 +11,6 @@ traceback), 2 wrong usage (unknown option, missing argument), 130 interrupted.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -233,22 +232,11 @@ def _picture(image: str) -> Any:
 
 
 def _model_key(settings: Settings) -> str:
-    """The model part of the caption cache key: the folder's name and a hash of its files' names, sizes and
-    modification times (and of its JSON files), so a retrained or replaced checkpoint does not reuse old captions;
-    a Hub id as it is. The generation length joins it when it is set."""
-    path = Path(_model_path(settings))
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for child in sorted(path.iterdir()):
-            if not child.is_file():
-                continue
-            stat = child.stat()
-            digest.update(f"{child.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            if child.suffix == ".json" and stat.st_size < 1 << 20:
-                digest.update(child.read_bytes())
-        key = f"{path.resolve().name}@{digest.hexdigest()[:16]}"
-    else:
-        key = str(path)
+    """The model part of the caption cache key: :func:`~belle_vl_tools.captions.checkpoint_key` of the checkpoint
+    (a Hub id as it is), with the generation length when it is set."""
+    from .captions import checkpoint_key
+
+    key = checkpoint_key(Path(_model_path(settings)))
     if settings.max_new_tokens is not None:
         key += f" max_new_tokens={settings.max_new_tokens}"
     return key

@@ -111,6 +111,25 @@ def busy_cores(seconds: float = 1.0) -> float:
     return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
 
 
+def warn_if_busy() -> None:
+    """Print a note when other processes kept the cores busy just before the start (the timings will be noisy)."""
+    busy = busy_cores()
+    if busy > 0.3:
+        print(f"note: about {busy:.1f} cores were busy with other work just before the start; timings will be noisy.\n")
+
+
+def vocab_prefix(folder: Path, ranks: int) -> Path:
+    """qwen.tiktoken cut to its first ``ranks`` ranks, written into ``folder`` (0: the whole file, where it is).
+
+    Every rank of a byte-pair vocabulary merges two lower ranks, so a prefix is a valid vocabulary."""
+    if not ranks:
+        return qwen_vocab_file()
+    vocab = folder / "qwen.tiktoken"
+    with open(qwen_vocab_file(), "rb") as src:
+        vocab.write_bytes(b"".join(line for _, line in zip(range(ranks), src, strict=False)))
+    return vocab
+
+
 def picture(seed: int) -> Image.Image:
     """A 640x480 picture with a gradient, noise and a few shapes (different for every seed)."""
     rng = np.random.default_rng(seed)
@@ -445,17 +464,10 @@ def main() -> None:
         "intermediate_size": args.hidden * 43 // 8,  # Qwen's 22016 for 4096
     }
     visual = {**VISUAL, "width": args.vision_width, "layers": args.vision_layers, "heads": args.vision_width // 64}
-    busy = busy_cores()
-    if busy > 0.3:
-        print(f"note: about {busy:.1f} cores were busy with other work just before the start; timings will be noisy.\n")
+    warn_if_busy()
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = qwen_vocab_file()
-        if args.vocab_ranks:
-            # every rank of a byte-pair vocabulary merges two lower ranks, so a prefix is a valid vocabulary
-            vocab = Path(tmp) / "qwen.tiktoken"
-            with open(qwen_vocab_file(), "rb") as src:
-                vocab.write_bytes(b"".join(line for _, line in zip(range(args.vocab_ranks), src, strict=False)))
+        vocab = vocab_prefix(Path(tmp), args.vocab_ranks)
         folder = write_tiny_checkpoint(Path(tmp) / "belle-vl-small", seed=0, visual=visual, vocab_file=vocab, **lm)
         images = []
         for i in range(args.images + 1):

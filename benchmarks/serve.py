@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 from belle_vl_tools import BelleVL  # noqa: E402
 from belle_vl_tools.server import background_server, create_app  # noqa: E402
 from belle_vl_tools.testing import write_tiny_checkpoint  # noqa: E402
-from belle_vl_tools.tokenization_qwen_vl import qwen_vocab_file  # noqa: E402
 
 
 def _runtime_benchmark() -> Any:
@@ -94,16 +93,10 @@ def main() -> None:
     parser.add_argument("--vocab-ranks", type=int, default=8192, help="first N ranks of qwen.tiktoken (0: all)")
     args = parser.parse_args()
     bench = _runtime_benchmark()
-    busy = bench.busy_cores()
-    if busy > 0.3:
-        print(f"note: about {busy:.1f} cores were busy with other work just before the start; timings will be noisy.")
+    bench.warn_if_busy()
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = qwen_vocab_file()
-        if args.vocab_ranks:
-            vocab = Path(tmp) / "qwen.tiktoken"
-            with open(qwen_vocab_file(), "rb") as src:
-                vocab.write_bytes(b"".join(line for _, line in zip(range(args.vocab_ranks), src, strict=False)))
+        vocab = bench.vocab_prefix(Path(tmp), args.vocab_ranks)
         folder = write_tiny_checkpoint(
             Path(tmp) / "belle-vl-small", seed=0, visual=bench.VISUAL, vocab_file=vocab, **bench.LM
         )

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from belle_vl_tools.backend import ChatResult
-from belle_vl_tools.captions import CaptionCache, CaptionRecord, caption_images, find_images
+from belle_vl_tools.captions import CaptionCache, CaptionRecord, caption_images, checkpoint_key, find_images
 from belle_vl_tools.errors import ImageError
 from belle_vl_tools.images import image_digest, load_image
 from belle_vl_tools.prompts import describe_prompt
@@ -109,6 +109,27 @@ def test_key_is_pixels_model_and_prompt(tmp_path):
         assert len(cache) == 6
         assert cache.get(_digest(paths[0]), "m", describe_prompt("detailed", "en")) is not None
         assert cache.get(_digest(paths[0]), "m", "Another prompt") is None
+
+
+def test_checkpoint_key_follows_the_folder_files_and_keeps_hub_ids(tmp_path):
+    folder = tmp_path / "belle-vl-small"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 64}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    key = checkpoint_key(folder)
+    assert key.startswith("belle-vl-small@") and len(key.split("@")[1]) == 16
+    assert checkpoint_key(str(folder)) == key
+    (folder / "notes").mkdir()  # sub-folders do not count
+    assert checkpoint_key(folder) == key
+
+    stat = (folder / "config.json").stat()
+    (folder / "config.json").write_text('{"hidden_size": 32}')  # same size and time: the contents still count
+    os.utime(folder / "config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = checkpoint_key(folder)
+    assert changed != key
+    (folder / "model.safetensors").write_bytes(b"weights, retrained")
+    assert checkpoint_key(folder) not in (key, changed)
+    assert checkpoint_key("BELLE-2/BELLE-VL") == "BELLE-2/BELLE-VL"
 
 
 def test_batches_use_generate_batch_and_keep_input_order_and_duplicates_are_captioned_once(tmp_path):

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from belle_vl_tools.captions import CaptionCache, caption_images, find_images
+from belle_vl_tools.captions import CaptionCache, caption_images, checkpoint_key, find_images
 from belle_vl_tools.images import ImagePolicy
 from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
@@ -47,7 +47,9 @@ class BelleVLImageLoader(BaseLoader):
         """``path``: a folder (its pictures, sorted; sub-folders too when ``recursive``) or a list of files.
         ``model``: a loaded ``BelleVL`` or other backend, a ``ChatBelleVL``, a checkpoint path (loaded only when
         some picture is not cached), or None for the demo model. ``cache``: a file, a :class:`CaptionCache`, None
-        for no cache, or "default". Other arguments go to :func:`belle_vl_tools.captions.caption_images`."""
+        for no cache, or "default". ``model_name``: the model part of the cache key (default:
+        :func:`belle_vl_tools.captions.checkpoint_key` of a checkpoint path, else the model's own name). Other
+        arguments go to :func:`belle_vl_tools.captions.caption_images`."""
         self.path = path
         self.model = model
         self.recursive = recursive
@@ -79,7 +81,7 @@ class BelleVLImageLoader(BaseLoader):
         if self.model_name:
             return self.model_name
         if isinstance(self.model, str):
-            return os.path.basename(self.model.rstrip("/\\")) or self.model
+            return checkpoint_key(self.model)
         if self.model is None:
             from belle_vl_tools.demo import DEMO_MODEL_NAME
 

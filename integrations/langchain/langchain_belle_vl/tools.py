@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 
+#: How the agent may name a picture; the end of every tool's description.
+_IMAGE_ARGUMENT = "The image argument is a picture handle such as image_1, a file path, or a data URL."
+
+
 def _backend(model: Any) -> Any:
     """A backend from what the user passed: a loaded backend, a ChatBelleVL, or a checkpoint path (None: demo)."""
     if model is None or isinstance(model, str):
@@ -125,8 +129,7 @@ class BelleVLDescribeImageTool(_BelleVLBaseTool):
     core_name: ClassVar[str] = "describe_image"
     name: str = "describe_image"
     description: str = (
-        "Describe a picture: what it shows, briefly or in detail, in English or Chinese. The image argument is "
-        "a picture handle such as image_1, a file path, or a data URL."
+        "Describe a picture: what it shows, briefly or in detail, in English or Chinese. " + _IMAGE_ARGUMENT
     )
     args_schema: type[BaseModel] = DescribeImageInput
 
@@ -136,10 +139,7 @@ class BelleVLVisualQATool(_BelleVLBaseTool):
 
     core_name: ClassVar[str] = "visual_qa"
     name: str = "visual_qa"
-    description: str = (
-        "Answer a question about a picture (what, how many, which color, where). The image argument is a "
-        "picture handle such as image_1, a file path, or a data URL."
-    )
+    description: str = "Answer a question about a picture (what, how many, which color, where). " + _IMAGE_ARGUMENT
     args_schema: type[BaseModel] = VisualQAInput
 
 
@@ -149,8 +149,7 @@ class BelleVLLocateObjectsTool(_BelleVLBaseTool):
     core_name: ClassVar[str] = "locate_objects"
     name: str = "locate_objects"
     description: str = (
-        "Find something in a picture and get its bounding boxes in pixels as [x1, y1, x2, y2]. The image "
-        "argument is a picture handle such as image_1, a file path, or a data URL."
+        "Find something in a picture and get its bounding boxes in pixels as [x1, y1, x2, y2]. " + _IMAGE_ARGUMENT
     )
     args_schema: type[BaseModel] = LocateObjectsInput
     return_image: bool = False
@@ -172,10 +171,7 @@ class BelleVLReadTextTool(_BelleVLBaseTool):
 
     core_name: ClassVar[str] = "read_text"
     name: str = "read_text"
-    description: str = (
-        "Read the text visible in a picture (signs, documents, screenshots, labels). The image argument is a "
-        "picture handle such as image_1, a file path, or a data URL."
-    )
+    description: str = "Read the text visible in a picture (signs, documents, screenshots, labels). " + _IMAGE_ARGUMENT
     args_schema: type[BaseModel] = ReadTextInput
 
 

@@ -14,50 +14,17 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from langchain_belle_vl import ChatBelleVL
-
+from ..standard_params import ChatBelleVLFlags
 from .conftest import SHARED
 
 RANDOM_MODEL = "the tiny test checkpoint has random weights: it cannot choose a tool or fill in its arguments"
 RANDOM_SCHEMA = "the tiny test checkpoint has random weights: it cannot fill in a schema"
 
 
-class TestChatBelleVLStandard(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatBelleVL]:
-        return ChatBelleVL
-
+class TestChatBelleVLStandard(ChatBelleVLFlags, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"model": SHARED["model"], "max_tokens": 12, "temperature": 0}
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return True
-
-    @property
-    def supports_image_urls(self) -> bool:
-        return True
-
-    @property
-    def supports_image_tool_message(self) -> bool:
-        return True
-
-    @property
-    def supports_anthropic_inputs(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one ChatBelleVL serves one loaded checkpoint
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
 
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     @pytest.mark.xfail(reason=RANDOM_MODEL)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from belle_vl_tools import ImagePolicy
-from langchain_core.tools import BaseTool
 from langchain_tests.integration_tests import ToolsIntegrationTests
 
 from langchain_belle_vl import (
@@ -15,10 +14,11 @@ from langchain_belle_vl import (
     BelleVLVisualQATool,
 )
 
+from ..standard_params import BelleVLToolCase
 from .conftest import SHARED
 
 
-class _ToolTests(ToolsIntegrationTests):
+class _ToolTests(BelleVLToolCase, ToolsIntegrationTests):
     @property
     def tool_constructor_params(self) -> dict[str, Any]:
         folder = SHARED["pictures"]["red"].parent
@@ -30,40 +30,16 @@ class _ToolTests(ToolsIntegrationTests):
 
 
 class TestDescribeImageTool(_ToolTests):
-    @property
-    def tool_constructor(self) -> type[BaseTool]:
-        return BelleVLDescribeImageTool
-
-    @property
-    def tool_invoke_params_example(self) -> dict[str, Any]:
-        return {"image": self.picture, "detail": "brief", "language": "en"}
+    tool_class = BelleVLDescribeImageTool
 
 
 class TestVisualQATool(_ToolTests):
-    @property
-    def tool_constructor(self) -> type[BaseTool]:
-        return BelleVLVisualQATool
-
-    @property
-    def tool_invoke_params_example(self) -> dict[str, Any]:
-        return {"image": self.picture, "question": "What shape is it?"}
+    tool_class = BelleVLVisualQATool
 
 
 class TestLocateObjectsTool(_ToolTests):
-    @property
-    def tool_constructor(self) -> type[BaseTool]:
-        return BelleVLLocateObjectsTool
-
-    @property
-    def tool_invoke_params_example(self) -> dict[str, Any]:
-        return {"image": self.picture, "description": "the red circle"}
+    tool_class = BelleVLLocateObjectsTool
 
 
 class TestReadTextTool(_ToolTests):
-    @property
-    def tool_constructor(self) -> type[BaseTool]:
-        return BelleVLReadTextTool
-
-    @property
-    def tool_invoke_params_example(self) -> dict[str, Any]:
-        return {"image": self.picture}
+    tool_class = BelleVLReadTextTool

@@ -8,7 +8,6 @@ any finished caption.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -16,7 +15,14 @@ from typing import Any, Literal
 
 from belle_vl_tools import prompts
 from belle_vl_tools.backend import Backend
-from belle_vl_tools.captions import IMAGE_SUFFIXES, CaptionCache, CaptionRecord, caption_images, find_images
+from belle_vl_tools.captions import (
+    IMAGE_SUFFIXES,
+    CaptionCache,
+    CaptionRecord,
+    caption_images,
+    checkpoint_key,
+    find_images,
+)
 from belle_vl_tools.errors import ImageNotFoundError
 from belle_vl_tools.images import ImagePolicy
 from llama_index.core.readers.base import BaseReader
@@ -41,24 +47,6 @@ _NOT_EMBEDDED = [
 _NOT_FOR_LLM = ["caption", "content_hash", "caption_model", "caption_prompt", "caption_cached"]
 
 
-def checkpoint_key(path: str | os.PathLike[str]) -> str:
-    """The model part of the cache key for a checkpoint folder: its name and a hash of its files' names, sizes
-    and modification times (and of its JSON files), so a retrained checkpoint does not reuse old captions; a Hub
-    id as it is."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return str(path)
-    digest = hashlib.sha256()
-    for child in sorted(folder.iterdir()):
-        if not child.is_file():
-            continue
-        stat = child.stat()
-        digest.update(f"{child.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        if child.suffix == ".json" and stat.st_size < 1 << 20:
-            digest.update(child.read_bytes())
-    return f"{folder.resolve().name}@{digest.hexdigest()[:16]}"
-
-
 def _backend_of(model: ModelArg) -> Any:
     backend = getattr(model, "backend", None)  # the BelleVL LLM of llama_index.llms.belle_vl
     return backend if isinstance(backend, Backend) else model
@@ -75,8 +63,8 @@ class BelleVLImageReader(BaseReader):
             the cache), or a callable returning a backend (then give ``model_name``).
         cache: The caption cache: a :class:`~belle_vl_tools.captions.CaptionCache`, the path of its SQLite file,
             or None (no cache: every run captions every picture).
-        model_name: The model part of the cache key. Default: :func:`checkpoint_key` of a checkpoint folder, or
-            the backend's ``model_name``.
+        model_name: The model part of the cache key. Default: :func:`~belle_vl_tools.captions.checkpoint_key`
+            of a checkpoint folder, or the backend's ``model_name``.
         prompt: The captioning prompt; default: the core's describe prompt for ``detail`` and ``language``.
         detail: "brief" or "detailed" captions.
         language: "en" or "zh".
