@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+import httpx  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 
@@ -191,6 +192,29 @@ def test_retries_with_backoff_on_429_and_503(status):
         assert caught.value.status == status and len(calls) == 2
 
 
+def test_async_paths_retry_like_the_sync_ones():
+    app, calls = flaky_app([503, 503])
+    ping = [{"role": "user", "content": "ping"}]
+
+    async def main(base: str) -> None:
+        client = RemoteBelleVL(base, model="m", max_retries=2, backoff=0.01)
+        assert (await client.achat(ping)).text == "echo ping"
+        assert len(calls) == 3
+        calls.clear()
+        chunks = [chunk async for chunk in client.astream(ping)]
+        assert "".join(c.delta for c in chunks) == "echo ping" and len(calls) == 3
+        calls.clear()
+        impatient = RemoteBelleVL(base, model="m", max_retries=1, backoff=0.01)
+        with pytest.raises(RemoteBackendError) as caught:
+            [chunk async for chunk in impatient.astream(ping)]
+        assert caught.value.status == 503 and len(calls) == 2
+        await client.aclose()
+        await impatient.aclose()
+
+    with background_server(app) as base:
+        asyncio.run(main(base))
+
+
 def test_4xx_is_not_retried():
     app, calls = flaky_app([400])
     with background_server(app) as base:
@@ -204,9 +228,21 @@ def test_connection_errors_are_retried_then_reported():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     client = RemoteBelleVL(f"http://127.0.0.1:{port}/v1", model="m", max_retries=2, backoff=0.01, timeout=5)
-    with pytest.raises(RemoteBackendError) as caught:
-        client.chat([{"role": "user", "content": "hi"}])
-    assert "after 3 attempt(s)" in str(caught.value) and "base_url" in str(caught.value)
+    hi = [{"role": "user", "content": "hi"}]
+
+    async def astream() -> list[Any]:
+        return [chunk async for chunk in client.astream(hi)]
+
+    attempts = {
+        "chat": lambda: client.chat(hi),
+        "stream": lambda: list(client.stream(hi)),
+        "achat": lambda: asyncio.run(client.achat(hi)),
+        "astream": lambda: asyncio.run(astream()),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(RemoteBackendError) as caught:
+            attempt()
+        assert "after 3 attempt(s)" in str(caught.value) and "base_url" in str(caught.value), name
 
 
 # --- no torch on the client side ----------------------------------------------------------------------------------
@@ -243,3 +279,25 @@ def test_remote_backend_works_without_torch_or_transformers(base_url, runtime, p
     out = json.loads(done.stdout.strip().splitlines()[-1])
     expected = runtime.chat(turn(pictures["red"], "What is this?"), **GREEDY).text
     assert out == {"text": expected, "streamed": expected, "loaded": []}
+
+
+def test_a_stream_broken_midway_is_reported_not_repeated():
+    """A retry after part of a streamed answer arrived would send that part again: report the break instead."""
+    calls: list[int] = []
+
+    class Breaking(httpx.SyncByteStream):
+        def __iter__(self):
+            yield b'data: {"choices": [{"index": 0, "delta": {"content": "hel"}}]}\n\n'
+            raise httpx.ReadError("connection reset by peer")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Breaking())
+
+    client = RemoteBelleVL("http://server.invalid/v1", model="m", max_retries=3, backoff=0.01)
+    client._client = httpx.Client(base_url=client.base_url, transport=httpx.MockTransport(handler))
+    received = []
+    with pytest.raises(RemoteBackendError, match="broke after part of the answer"):
+        for chunk in client.stream([{"role": "user", "content": "hi"}]):
+            received.append(chunk.delta)
+    assert received == ["hel"] and len(calls) == 1

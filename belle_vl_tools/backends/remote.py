@@ -310,45 +310,57 @@ class RemoteBelleVL(VisionTasks):
     def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         attempt = 0
         while True:
-            response = None
             try:
                 response = self.client.request(method, path, json=body)
             except _CONNECT_ERRORS as exc:
-                if attempt >= self.max_retries:
-                    raise self._unreachable(exc) from None
+                delay = self._retry_delay(attempt, exc)
             except httpx.TimeoutException as exc:
                 raise self._timed_out(exc) from None
-            if response is not None:
+            else:
                 if response.status_code < 400:
                     return response
-                if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
-                    raise _error_from_response(response)
-            time.sleep(_retry_after(response, attempt, self.backoff))
+                delay = self._retry_delay(attempt, response)
+            time.sleep(delay)
             attempt += 1
 
     async def _asend(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         attempt = 0
         while True:
-            response = None
             try:
                 response = await self._aclient().request(method, path, json=body)
             except _CONNECT_ERRORS as exc:
-                if attempt >= self.max_retries:
-                    raise self._unreachable(exc) from None
+                delay = self._retry_delay(attempt, exc)
             except httpx.TimeoutException as exc:
                 raise self._timed_out(exc) from None
-            if response is not None:
+            else:
                 if response.status_code < 400:
                     return response
-                if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
-                    raise _error_from_response(response)
-            await asyncio.sleep(_retry_after(response, attempt, self.backoff))
+                delay = self._retry_delay(attempt, response)
+            await asyncio.sleep(delay)
             attempt += 1
+
+    def _retry_delay(self, attempt: int, failure: httpx.Response | Exception) -> float:
+        """Seconds to wait before the next try after attempt ``attempt`` (0: the first) failed with ``failure``: an
+        error response (its body already read) or a connection error. Raises the error to report instead when that
+        failure is not retried or no retry is left."""
+        if isinstance(failure, httpx.Response):
+            if failure.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+                raise _error_from_response(failure)
+            return _retry_after(failure, attempt, self.backoff)
+        if attempt >= self.max_retries:
+            raise self._unreachable(failure) from None
+        return _retry_after(None, attempt, self.backoff)
 
     def _unreachable(self, exc: BaseException) -> RemoteBackendError:
         return RemoteBackendError(
             f"Cannot reach the server at {self.base_url} after {self.max_retries + 1} attempt(s) "
             f"({type(exc).__name__}: {exc}). Check that it runs and that base_url is right."
+        )
+
+    def _broken(self, exc: BaseException) -> RemoteBackendError:
+        return RemoteBackendError(
+            f"The connection to {self.base_url} broke after part of the answer had arrived "
+            f"({type(exc).__name__}: {exc}); ask again (the part already received is not repeated by a retry)."
         )
 
     def _timed_out(self, exc: BaseException) -> RemoteBackendError:
@@ -391,21 +403,22 @@ class RemoteBelleVL(VisionTasks):
         body = self._body(messages, generation, stream=True)
         images = _count_images(body)
         attempt = 0
+        sent = False
         while True:
             try:
                 with self.client.stream("POST", "/chat/completions", json=body) as response:
                     if response.status_code >= 400:
                         response.read()
-                        if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
-                            raise _error_from_response(response)
-                        delay = _retry_after(response, attempt, self.backoff)
+                        delay = self._retry_delay(attempt, response)
                     else:
-                        yield from _read_events(_sync_lines(response), images)
+                        for chunk in _read_events(_sync_lines(response), images):
+                            sent = True
+                            yield chunk
                         return
             except _CONNECT_ERRORS as exc:
-                if attempt >= self.max_retries:
-                    raise self._unreachable(exc) from None
-                delay = _retry_after(None, attempt, self.backoff)
+                if sent:  # a retry would send the answer's beginning again
+                    raise self._broken(exc) from None
+                delay = self._retry_delay(attempt, exc)
             except httpx.TimeoutException as exc:
                 raise self._timed_out(exc) from None
             time.sleep(delay)
@@ -415,26 +428,26 @@ class RemoteBelleVL(VisionTasks):
         body = await asyncio.to_thread(self._body, messages, generation, True)
         images = _count_images(body)
         attempt = 0
+        sent = False
         while True:
             try:
                 async with self._aclient().stream("POST", "/chat/completions", json=body) as response:
                     if response.status_code >= 400:
                         await response.aread()
-                        if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
-                            raise _error_from_response(response)
-                        delay = _retry_after(response, attempt, self.backoff)
+                        delay = self._retry_delay(attempt, response)
                     else:
                         parser = _EventParser(images)
                         async for line in response.aiter_lines():
                             for chunk in parser.feed(line):
+                                sent = True
                                 yield chunk
                         for chunk in parser.end():
                             yield chunk
                         return
             except _CONNECT_ERRORS as exc:
-                if attempt >= self.max_retries:
-                    raise self._unreachable(exc) from None
-                delay = _retry_after(None, attempt, self.backoff)
+                if sent:  # a retry would send the answer's beginning again
+                    raise self._broken(exc) from None
+                delay = self._retry_delay(attempt, exc)
             except httpx.TimeoutException as exc:
                 raise self._timed_out(exc) from None
             await asyncio.sleep(delay)
