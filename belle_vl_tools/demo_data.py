@@ -40,6 +40,7 @@ from belle_vl_tools.prompts import (
 __all__ = [
     "COLORS",
     "DEFAULT_SIZE",
+    "make_conversation",
     "KINDS",
     "MME_SUBTASKS",
     "POSITIONS",
@@ -405,6 +406,30 @@ def make_sample(
         "answer": answer,
         "scene": scene,
     }
+
+
+def make_conversation(
+    seed: int,
+    index: int,
+    *,
+    turns: int = 1,
+    size: int = DEFAULT_SIZE,
+    kinds: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Sample ``index`` of the stream of ``seed`` (see :func:`make_sample`) followed by ``turns - 1`` more
+    questions about the same picture, each in its own user turn after the previous answer; ``messages`` holds the
+    whole conversation (the picture only in the first turn)."""
+    sample = make_sample(seed, index, size=size, kinds=kinds)
+    rng = _sample_rng(seed, index + 7_777_777)
+    messages = list(sample["messages"])
+    for _ in range(turns - 1):
+        kind = _choose_kind(rng, kinds)
+        if not _answerable(sample["scene"], kind) or (kind == "read_text" and sample["scene"].word is None):
+            continue
+        question, answer = sample_texts(sample["scene"], kind, sample["language"], rng)
+        messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return {**sample, "messages": messages}
 
 
 def generate_samples(

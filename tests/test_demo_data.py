@@ -171,3 +171,17 @@ def test_demo_vocab_keeps_segmentation_and_special_ids(demo_vocab: dict):
         want = [full.decoder[i] for i in full.encode_text(text)]
         got = [small.decoder[i] for i in small.encode_text(text)]
         assert got == want, text
+
+
+def test_a_conversation_asks_several_questions_about_one_picture():
+    from belle_vl_tools.demo_data import make_conversation, make_sample
+
+    conversation = make_conversation(3, 11, turns=4, kinds=["color", "count", "position"])
+    first = make_sample(3, 11, kinds=["color", "count", "position"])
+    messages = conversation["messages"]
+    assert messages[0]["content"][1] == first["messages"][0]["content"][1]  # the first turn is the sample itself
+    assert messages[1]["content"][0]["text"] == first["answer"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2) and len(messages) >= 4
+    images = [p for m in messages for p in m["content"] if p["type"] == "image"]
+    assert len(images) == 1 and messages[0]["content"][0]["type"] == "image"
+    assert make_conversation(3, 11, turns=4, kinds=["color", "count", "position"])["messages"][2:] == messages[2:]
