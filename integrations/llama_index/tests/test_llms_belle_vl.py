@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from belle_vl_tools.errors import CheckpointError, ImageAccessDeniedError, PromptError, ToolCallParseError
+from belle_vl_tools.errors import ImageAccessDeniedError, PromptError, ToolCallParseError
 from belle_vl_tools.images import ImagePolicy
 from helpers_belle_vl import ScriptedBackend, last_text
 from llama_index.core.base.llms.base import BaseLLM
@@ -67,9 +67,19 @@ def test_loads_a_checkpoint_by_path(tiny_checkpoint: Path) -> None:
     assert loaded.backend.model_name == tiny_checkpoint.name
 
 
-def test_needs_a_model_or_a_backend() -> None:
-    with pytest.raises(CheckpointError, match="Name a checkpoint"):
-        BelleVL()
+def test_with_no_model_named_it_is_the_demo_model_that_sees(tmp_path: Path) -> None:
+    """The shipped demo model is the default; its answer about a red circle it never saw says red."""
+    from belle_vl_tools.demo_data import Scene, Shape, render
+
+    path = tmp_path / "red.png"
+    render(Scene(112, (Shape("circle", "red", (0, 1), (42, 6, 70, 34)),))).save(path)
+    llm = BelleVL(temperature=0)
+    assert llm.model == "belle-vl-demo"
+    message = ChatMessage(role="user", blocks=[ImageBlock(path=path), TextBlock(text="What color is the circle?")])
+    assert "red" in llm.chat([message]).message.content.lower()
+
+
+def test_a_backend_must_be_a_backend() -> None:
     with pytest.raises(TypeError, match="backend"):
         BelleVL(backend=object())  # type: ignore[arg-type]
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from belle_vl_tools import toolcalls
 from belle_vl_tools.backend import Backend, ChatResult, Usage
-from belle_vl_tools.errors import CheckpointError, InvalidImageDataError, PromptError, ToolCallParseError
+from belle_vl_tools.errors import InvalidImageDataError, PromptError, ToolCallParseError
 from belle_vl_tools.images import ImagePolicy, load_image
 from llama_index.core.base.llms.types import (
     CachePoint,
@@ -245,13 +245,10 @@ class BelleVL(FunctionCallingLLM):
         load_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Load ``model`` with ``BelleVL.from_pretrained(model, **load_kwargs)`` (``device``, ``dtype``, ...), or
-        wrap ``backend``; other keyword arguments are the fields above and the LLM base fields."""
+        """Load ``model`` with ``BelleVL.from_pretrained(model, **load_kwargs)`` (``device``, ``dtype``, ...; the
+        shipped demo model when ``model`` is None), or wrap ``backend``; other keyword arguments are the fields
+        above and the LLM base fields."""
         if backend is None:
-            if model is None:
-                raise CheckpointError(
-                    "Name a checkpoint (BelleVL(model='/models/BELLE-VL')) or pass a loaded backend (backend=...)."
-                )
             from belle_vl_tools.runtime import BelleVL as Runtime
 
             backend = Runtime.from_pretrained(model, **(load_kwargs or {}))

@@ -1,0 +1,101 @@
+"""The shipped demo model answers simple questions about pictures it never saw, through every front door.
+
+Its pictures here are drawn with seeds that training never used (training draws from seed 0; see
+scripts/train_demo_model.py), so right answers show that the picture reached the model and was understood.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from belle_vl_tools import BelleVL
+from belle_vl_tools.cli import app
+from belle_vl_tools.demo import DEMO_MODEL_NAME, default_model_path
+from belle_vl_tools.demo_data import COLORS, Scene, Shape, render
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "pictures"
+
+
+def _single(color: str, kind: str, cell: tuple[int, int]) -> Scene:
+    step = 112 / 3
+    side = round(step * 0.7)
+    x0, y0 = round(cell[1] * step + 3), round(cell[0] * step + 5)
+    return Scene(112, (Shape(kind, color, cell, (x0, y0, x0 + side, y0 + side)),))
+
+
+@pytest.fixture(scope="session")
+def demo() -> BelleVL:
+    return BelleVL.from_pretrained()
+
+
+def test_the_demo_model_is_the_default(demo):
+    assert default_model_path().is_dir()
+    assert demo.model_name == DEMO_MODEL_NAME
+    assert demo.model.config.visual is not None
+    # the published layout: weights and vocabulary are files of the folder, read by the same code as any checkpoint
+    names = {p.name for p in default_model_path().iterdir()}
+    assert {"config.json", "generation_config.json", "qwen.tiktoken", "model.safetensors"} <= names
+    assert sum(p.stat().st_size for p in default_model_path().iterdir()) < 20e6
+
+
+@pytest.mark.parametrize("color", sorted(COLORS))
+def test_it_names_the_color_of_a_circle_it_never_saw(demo, color, tmp_path):
+    path = tmp_path / f"{color}.png"
+    render(_single(color, "circle", (2, 0))).save(path)
+    answer = demo.ask(path, "What color is the circle?", do_sample=False).text
+    assert color in answer.lower()
+    others = [c for c in COLORS if c != color]
+    assert not any(c in answer.lower() for c in others)
+
+
+def test_the_red_circle_through_the_runtime(demo):
+    answer = demo.ask(EXAMPLES / "red_circle.png", "What color is the circle?", do_sample=False).text
+    assert "red" in answer.lower()
+    assert (
+        demo.ask(EXAMPLES / "blue_square.png", "What color is the square?", do_sample=False).text.lower().count("blue")
+    )
+
+
+def test_the_red_circle_through_the_cli():
+    result = CliRunner().invoke(app, ["ask", str(EXAMPLES / "red_circle.png"), "What color is the circle?", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "red" in json.loads(result.output)["text"].lower()
+
+
+def test_the_readme_command_in_a_fresh_process():
+    """The README's main command, run as a new user runs it: the installed console script, the default model."""
+    script = Path(sys.executable).with_name("belle-vl")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "belle_vl_tools.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [*command, "ask", str(EXAMPLES / "red_circle.png"), "What color is the circle?"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "red" in out.stdout.lower()
+
+
+def test_the_notebook_runs_top_to_bottom(monkeypatch, capsys):
+    """Every code cell of examples/notebook.ipynb, in order, in one namespace, from the repository's root."""
+    root = EXAMPLES.parent.parent
+    monkeypatch.chdir(root)
+    notebook = json.loads((root / "examples" / "notebook.ipynb").read_text(encoding="utf-8"))
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "notebook.ipynb", "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out
+    assert "image_1 -> " in printed and "red" in printed.split("image_1 -> ", 1)[1].splitlines()[0].lower()
+    found = namespace["found"]
+    assert found.phrase == "the red square" and found.image.size == (112, 112)
+    assert found._repr_png_()[:4] == b"\x89PNG"
