@@ -182,3 +182,23 @@ def _write_weights(out: Path, state: dict[str, torch.Tensor], layout: Layout, sh
 
 
 __all__ = ["TINY_CONFIG", "TINY_VISUAL", "count_ranks", "published_config", "write_tiny_checkpoint"]
+
+
+def write_test_pictures(folder: str | os.PathLike) -> dict[str, Path]:
+    """Three small PNG files in ``folder`` for tests: ``{"red": red circle, "blue": blue square, "green": green
+    circle}`` (96 x 80, white background)."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, shape in (("red", "circle"), ("blue", "square"), ("green", "circle")):
+        image = Image.new("RGB", (96, 80), "white")
+        draw = ImageDraw.Draw(image)
+        if shape == "circle":
+            draw.ellipse((20, 10, 76, 66), fill=name)
+        else:
+            draw.rectangle((10, 10, 60, 50), fill=name)
+        paths[name] = folder / f"{name}.png"
+        image.save(paths[name])
+    return paths

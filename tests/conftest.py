@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+
+from belle_vl_tools.testing import write_test_pictures
 
 
 @pytest.fixture(scope="session")
@@ -34,23 +35,7 @@ def tokenizer(runtime):
     return runtime.tokenizer
 
 
-def _picture(color: str, shape: str = "circle") -> Image.Image:
-    image = Image.new("RGB", (96, 80), "white")
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse((20, 10, 76, 66), fill=color)
-    else:
-        draw.rectangle((10, 10, 60, 50), fill=color)
-    return image
-
-
 @pytest.fixture(scope="session")
 def pictures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A few small PNG files: red circle, blue square, green circle."""
-    folder = tmp_path_factory.mktemp("pictures")
-    paths = {}
-    for name, color, shape in [("red", "red", "circle"), ("blue", "blue", "square"), ("green", "green", "circle")]:
-        path = folder / f"{name}.png"
-        _picture(color, shape).save(path)
-        paths[name] = path
-    return paths
+    return write_test_pictures(tmp_path_factory.mktemp("pictures"))

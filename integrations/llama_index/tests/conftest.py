@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_belle_vl import draw_picture
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +37,6 @@ def llm(runtime: Any) -> Any:
 @pytest.fixture(scope="session")
 def pictures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small PNG files in one folder: a red circle, a blue square, a green circle."""
-    folder = tmp_path_factory.mktemp("pictures")
-    paths = {}
-    for name, color, shape in [("red", "red", "circle"), ("blue", "blue", "square"), ("green", "green", "circle")]:
-        path = folder / f"{name}.png"
-        draw_picture(color, shape).save(path)
-        paths[name] = path
-    return paths
+    from belle_vl_tools.testing import write_test_pictures
+
+    return write_test_pictures(tmp_path_factory.mktemp("pictures"))
