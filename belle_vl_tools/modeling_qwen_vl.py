@@ -342,9 +342,10 @@ class Resampler(nn.Module):
         self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key_pos = resize_grid_embedding(self.pos_embed, x.shape[1])
+        # transformers leaves the frozen pos_embed in float32 when it loads the model in bf16/fp16: cast it here
+        key_pos = resize_grid_embedding(self.pos_embed, x.shape[1]).to(x.dtype)
         x = self.ln_kv(self.kv_proj(x))
-        q = (self.ln_q(self.query) + self.pos_embed).unsqueeze(0).expand(x.shape[0], -1, -1)
+        q = (self.ln_q(self.query) + self.pos_embed.to(x.dtype)).unsqueeze(0).expand(x.shape[0], -1, -1)
         return self.attn(q, x + key_pos.unsqueeze(0), x)
 
 

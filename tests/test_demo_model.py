@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from belle_vl_tools import BelleVL
@@ -61,6 +62,13 @@ def test_the_red_circle_through_the_runtime(demo):
     assert (
         demo.ask(EXAMPLES / "blue_square.png", "What color is the square?", do_sample=False).text.lower().count("blue")
     )
+
+
+def test_the_red_circle_in_bfloat16():
+    """Half precision, as on a GPU: the same right answer."""
+    half = BelleVL.from_pretrained(dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    assert "red" in half.ask(EXAMPLES / "red_circle.png", "What color is the circle?", do_sample=False).text.lower()
 
 
 def test_the_red_circle_through_the_cli():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import belle_vl_tools  # noqa: F401  (registers the Auto classes)
@@ -117,6 +118,22 @@ def test_precision_flags_choose_the_default_dtype(tmp_path):
     assert BelleVL.from_pretrained(folder, dtype="float32").model.dtype == torch.float32
     plain = write_tiny_checkpoint(tmp_path / "auto", seed=0)  # no flag set: fp32 on a CPU, as the reference does
     assert AutoModelForCausalLM.from_pretrained(plain).dtype == torch.float32
+
+
+def test_half_precision_runs_the_vision_tower(tiny_dir, pictures):
+    """bf16 weights (how a GPU user loads the real model) go through the vision tower and the resampler, whose frozen
+    position embedding transformers keeps in float32, and give the float32 model's image features."""
+    full = BelleVL.from_pretrained(tiny_dir, dtype="float32")
+    half = BelleVL.from_pretrained(tiny_dir, dtype="bfloat16")
+    pixels = full.processor.pixel_values([Image.open(pictures["red"]).convert("RGB")])
+    want = full.model.get_image_features(pixels)
+    got = half.model.get_image_features(pixels)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    question = [
+        {"role": "user", "content": [{"type": "image", "image": pictures["red"]}, {"type": "text", "text": "?"}]}
+    ]
+    assert half.chat(question, do_sample=False, max_new_tokens=3).usage.completion_tokens == 3
 
 
 @pytest.mark.parametrize("bits", [8, 4])
