@@ -43,6 +43,7 @@ __all__ = [
     "make_conversation",
     "KINDS",
     "MME_SUBTASKS",
+    "YES_NO_SUBTASKS",
     "POSITIONS",
     "SHAPES",
     "WORDS",
@@ -102,6 +103,9 @@ KIND_WEIGHTS: dict[str, float] = {
 }  # fmt: skip
 #: MME perception subtasks :func:`generate_mme_set` writes (MME's own folder names).
 MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "position", "color", "OCR")
+#: Yes/no questions of the training mix: MME's subtasks, and two one-attribute checks ("Is there anything red?",
+#: "Is there a circle?") that a model learns first and builds the two-attribute ones on.
+YES_NO_SUBTASKS: tuple[str, ...] = (*MME_SUBTASKS, "any_color", "any_kind")
 
 _ZH_DIGITS = "零一二三四五六七八九"
 
@@ -287,6 +291,16 @@ def _yes_no(scene: Scene, rng: random.Random, answer: bool, subtask: str, langua
         true_color = next(s.color for s in scene.shapes if s.kind == kind)
         color = true_color if answer else rng.choice([c for c in COLORS if c != true_color])
         q = f"图中的{SHAPES[kind]}是{COLORS[color][1]}的吗？" if zh else f"Is the {kind} in the image {color}?"
+    elif subtask == "any_color":
+        colors = {s.color for s in scene.shapes}
+        color = rng.choice(sorted(colors if answer else set(COLORS) - colors))
+        q = f"图中有{COLORS[color][1]}的图形吗？" if zh else f"Is there anything {color} in the image?"
+    elif subtask == "any_kind":
+        kinds = {s.kind for s in scene.shapes}
+        if not answer and kinds == set(SHAPES):
+            answer = True  # every kind is drawn: no kind to ask about that is absent
+        kind = rng.choice(sorted(kinds if answer else set(SHAPES) - kinds))
+        q = f"图中有{SHAPES[kind]}吗？" if zh else f"Is there {_a(kind)} {kind} in the image?"
     elif subtask == "OCR":
         if scene.word is None:
             raise ValueError("an OCR question needs a scene with a printed word")
@@ -299,7 +313,8 @@ def _yes_no(scene: Scene, rng: random.Random, answer: bool, subtask: str, langua
 
 
 def sample_texts(scene: Scene, kind: str, language: str, rng: random.Random) -> tuple[str, str]:
-    """(question, answer) of one sample ``kind`` about ``scene`` in ``language`` ("en" or "zh")."""
+    """(question, answer) of one sample ``kind`` about ``scene`` in ``language`` ("en" or "zh"). Besides
+    :data:`KINDS`, ``"yes_no:<subtask>"`` asks a yes/no question of one of :data:`YES_NO_SUBTASKS`."""
     zh = language == "zh"
     if kind == "color":
         shape = rng.choice([s for s in scene.shapes if scene.unique_kind(s.kind)])  # see _answerable
@@ -340,9 +355,11 @@ def sample_texts(scene: Scene, kind: str, language: str, rng: random.Random) -> 
         grid = to_grid(shape.box, scene.size, scene.size)
         return locate_prompt(phrase, language), format_box(phrase, grid)  # type: ignore[arg-type]
     if kind == "yes_no":
-        subtasks = [t for t in MME_SUBTASKS if t != "OCR" or scene.word is not None]
+        subtasks = [t for t in YES_NO_SUBTASKS if t != "OCR" or scene.word is not None]
         return _yes_no(scene, rng, rng.random() < 0.5, rng.choice(subtasks), language)
-    raise ValueError(f"unknown sample kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind.startswith("yes_no:") and kind[7:] in YES_NO_SUBTASKS:
+        return _yes_no(scene, rng, rng.random() < 0.5, kind[7:], language)
+    raise ValueError(f"unknown sample kind {kind!r}; use one of {', '.join(KINDS)} or yes_no:<subtask>")
 
 
 def _messages(image: Any, question: str, answer: str | None) -> list[dict[str, Any]]:
@@ -372,7 +389,7 @@ def _answerable(scene: Scene, kind: str) -> bool:
         return unique_kind
     if kind == "shape":
         return unique_color
-    if kind == "yes_no":
+    if kind.startswith("yes_no"):
         return unique_kind and unique_color
     return True
 
@@ -391,7 +408,7 @@ def make_sample(
     rng = _sample_rng(seed, index)
     kind = _choose_kind(rng, kinds)
     language = rng.choice(LANGUAGES)
-    word = True if kind == "read_text" and rng.random() < 0.8 else None
+    word = True if (kind == "read_text" and rng.random() < 0.8) or kind == "yes_no:OCR" else None
     scene = random_scene(rng, size, word=word)
     while not _answerable(scene, kind):  # no shape the question could name without ambiguity: draw again
         scene = random_scene(rng, size, word=word)
@@ -424,7 +441,8 @@ def make_conversation(
     messages = list(sample["messages"])
     for _ in range(turns - 1):
         kind = _choose_kind(rng, kinds)
-        if not _answerable(sample["scene"], kind) or (kind == "read_text" and sample["scene"].word is None):
+        needs_word = kind in ("read_text", "yes_no:OCR")
+        if not _answerable(sample["scene"], kind) or (needs_word and sample["scene"].word is None):
             continue
         question, answer = sample_texts(sample["scene"], kind, sample["language"], rng)
         messages.append({"role": "user", "content": [{"type": "text", "text": question}]})

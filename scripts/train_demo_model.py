@@ -58,6 +58,8 @@ from belle_vl_tools.testing import count_ranks, write_tiny_checkpoint
 
 #: Held-out samples come from this stream (training uses --seed), so they never coincide with training ones.
 EVAL_SEED_OFFSET = 7919
+#: Training samples whose texts the demo vocabulary is built from (with the prompts and :func:`corpus_texts`).
+VOCAB_SAMPLES = 50_000
 #: The published files whose form save_pretrained would change; they are written back after saving.
 PUBLISHED_JSON = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -94,7 +96,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the scene-label loss in chat training")
     p.add_argument("--vision-lr-mult", type=float, default=1.0, help="learning rate of the vision tower / the LM's")
     p.add_argument(
-        "--samples", type=int, default=0, help="size of the training pool (0: steps x batch size, no repeats)"
+        "--train-minutes",
+        type=float,
+        default=0.0,
+        help="also end the chat training after this many minutes, the learning-rate schedule following the clock "
+        "(0: by --steps alone; for a fast machine whose step rate is not known ahead)",
+    )
+    p.add_argument(
+        "--save-every-minutes", type=float, default=0.0, help="save the checkpoint this often while training (0: not)"
+    )
+    p.add_argument("--device", default="cpu", help='where to train: "cpu" or "cuda" (the checkpoint is the same)')
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes drawing and laying out batches (0: the training process)"
     )
     p.add_argument("--eval-samples", type=int, default=150, help="held-out samples scored at the end")
     p.add_argument(
@@ -113,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sample-offset", type=int, default=0, help="first index of the training stream (fresh samples on --resume)"
     )
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the training process (0: torch's default)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     # sizes
     p.add_argument("--hidden", type=int, default=256, help="hidden size (a multiple of 128)")
@@ -150,9 +163,9 @@ def build_untrained(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--hidden must be a multiple of 128 (as in the published models)")
     if args.image_size % 14:
         raise SystemExit("--image-size must be a multiple of the 14-pixel patch")
-    n_pool = args.samples or args.steps * args.batch_size
     texts = list(corpus_texts())
-    for i in range(n_pool):  # the training pool itself, so every training text is covered
+    # the first training samples too: the texts follow a small grammar, so these reach every word piece it writes
+    for i in range(min(args.steps * args.batch_size, VOCAB_SAMPLES)):
         sample = make_sample(args.seed, i, size=args.image_size, with_image=False)
         texts += ["\n" + sample["question"], sample["answer"]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +215,8 @@ def save(model: QWenLMHeadModel, processor: QWenVLProcessor, out: Path, dtype: s
 
 
 # --- batches ---------------------------------------------------------------------------------------------------------
-def make_batch(processor: QWenVLProcessor, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def make_batch(processor: QWenVLProcessor, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Model inputs with labels on the assistant's tokens alone, and the samples' scenes (for the scene probe)."""
     inputs = processor.apply_chat_template(
         [s["messages"] for s in samples],
         tokenize=True,
@@ -217,7 +231,73 @@ def make_batch(processor: QWenVLProcessor, samples: list[dict[str, Any]]) -> dic
         "attention_mask": inputs["attention_mask"],
         "pixel_values": inputs["pixel_values"],
         "labels": labels,
+        "scenes": [s["scene"] for s in samples],
     }
+
+
+class ChatBatches(torch.utils.data.Dataset):
+    """Batch ``step`` of the chat training, a function of the seed and the step alone (so worker processes can
+    draw batches in any order): samples ``sample_offset + step * batch_size ...`` of the data stream, each
+    followed by 0 to ``max_turns - 1`` more questions about its picture; short-answer kinds before
+    ``warm_steps``."""
+
+    def __init__(self, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
+        self.processor, self.args = processor, args
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        args = self.args
+        rng = random.Random(f"{args.seed}:{step}")
+        kinds = args.warm_kinds if step < args.warm_steps else args.kinds
+        first = args.sample_offset + step * args.batch_size
+        samples = [
+            make_conversation(
+                args.seed,
+                first + i,
+                turns=rng.randint(1, args.max_turns),
+                size=args.image_size,
+                kinds=kinds.split(",") if kinds else None,
+            )
+            for i in range(args.batch_size)
+        ]
+        return make_batch(self.processor, samples)
+
+
+class SceneBatches(torch.utils.data.Dataset):
+    """Batch ``step`` of the vision pre-training: ``2 x batch_size`` random scenes and their pixels."""
+
+    def __init__(self, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
+        self.processor, self.args = processor, args
+
+    def __len__(self) -> int:
+        return self.args.vision_steps
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        rng = random.Random(f"{self.args.seed + 1}:{step}")
+        scenes = [random_scene(rng, self.args.image_size) for _ in range(self.args.batch_size * 2)]
+        return {"pixel_values": self.processor.pixel_values([render(scene) for scene in scenes]), "scenes": scenes}
+
+
+def batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace) -> Any:
+    """The dataset's batches in step order, drawn by ``--workers`` processes ahead of the training."""
+    if not args.workers:
+        return (dataset[step] for step in range(len(dataset)))
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=args.workers,
+            prefetch_factor=8,
+            pin_memory=args.device.startswith("cuda"),
+        )
+    )
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def local_resampler_start(resampler: torch.nn.Module, sharpness: float) -> None:
@@ -282,9 +362,9 @@ class SceneProbe(torch.nn.Module):
     def loss(self, features: torch.Tensor, scenes: list[Any]) -> tuple[torch.Tensor, list[float]]:
         """Mean cross-entropy of both read-outs; and accuracy per label (cell colors, cell shapes, word, word cell,
         then the per-feature color, shape and word)."""
-        labels = torch.tensor([scene_labels(scene) for scene in scenes])  # [B, 20]
+        labels = torch.tensor([scene_labels(scene) for scene in scenes], device=features.device)  # [B, 20]
         whole = self.whole(features.flatten(1)).split(self.whole_sizes, dim=1)
-        cells = torch.tensor(self.cell_of)
+        cells = torch.tensor(self.cell_of, device=features.device)
         words = torch.where(labels[:, 19:20] - 1 == cells, labels[:, 18:19], 0)  # word id where the word's cell
         local_labels = [labels[:, cells], labels[:, 9 + cells], words]  # each [B, n_queries]
         local = self.local(features).split(self.local_sizes, dim=2)
@@ -310,19 +390,16 @@ def pretrain_vision(model: QWenLMHeadModel, processor: QWenVLProcessor, args: ar
     from the question alone (color answers at chance after 3,500 steps)."""
     visual = model.transformer.visual
     n_queries, dim = visual.attn_pool.query.shape
-    probe = SceneProbe(n_queries, dim)
+    probe = SceneProbe(n_queries, dim).to(model.device)
     tower = [] if args.resume is not None else list(visual.parameters())  # resuming: the tower has learnt to see
     params = tower + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    rng = random.Random(args.seed + 1)
     visual.train()
     t_start = time.time()
-    for step in range(args.vision_steps):
-        scenes = [random_scene(rng, args.image_size) for _ in range(args.batch_size * 2)]
-        pixels = processor.pixel_values([render(scene) for scene in scenes])
+    for step, batch in enumerate(batches(SceneBatches(processor, args), args)):
         with torch.set_grad_enabled(bool(tower)):
-            features = visual(pixels)
-        loss, right = probe.loss(features, scenes)
+            features = visual(batch["pixel_values"].to(model.device, non_blocking=True))
+        loss, right = probe.loss(features, batch["scenes"])
         warm = min(1.0, (step + 1) / args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warm * (0.5 * (1 + math.cos(math.pi * step / args.vision_steps)))
@@ -341,10 +418,12 @@ def pretrain_vision(model: QWenLMHeadModel, processor: QWenVLProcessor, args: ar
     return probe
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
+def lr_at(step: int, progress: float, args: argparse.Namespace) -> float:
+    """Linear warm-up over ``--warmup`` steps, then cosine decay to ``--min-lr-ratio`` over ``progress`` (0..1)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    warm = args.warmup / max(1, args.steps)
+    progress = min(1.0, max(0.0, (progress - warm) / max(1e-9, 1 - warm)))
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -396,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:  # a GPU run is fast, not bit-reproducible
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out: Path = args.out
 
     if args.resume is not None and not args.eval_only:
@@ -416,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             f"vocab_size {config['vocab_size']}; "
             f"untrained checkpoint {weights_size(out) / 1e6:.2f} MB float32 ({time.time() - t0:.1f}s)"
         )
-    model = QWenLMHeadModel.from_pretrained(out, dtype=torch.float32)
+    model = QWenLMHeadModel.from_pretrained(out, dtype=torch.float32).to(device)
     processor = QWenVLProcessor.from_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f} M ({n_params * 2e-6:.1f} MB bfloat16, {n_params * 4e-6:.1f} MB float32)")
@@ -426,12 +510,13 @@ def main(argv: list[str] | None = None) -> int:
         save(model, processor, out, args.save_dtype)
         print(f"saved {out} ({weights_size(out) / 1e6:.2f} MB of safetensors, {args.save_dtype})")
         # score what was saved, loaded as any checkpoint is
-        model = QWenLMHeadModel.from_pretrained(out)
+        model = QWenLMHeadModel.from_pretrained(out).to(device)
         processor = QWenVLProcessor.from_pretrained(out)
 
-    t0 = time.time()
-    report = evaluate(model, processor, args)
-    print(f"held-out accuracy ({args.eval_samples} samples, {time.time() - t0:.0f}s): {json.dumps(report)}")
+    if args.eval_samples:
+        t0 = time.time()
+        report = evaluate(model, processor, args)
+        print(f"held-out accuracy ({args.eval_samples} samples, {time.time() - t0:.0f}s): {json.dumps(report)}")
     if args.mme_images:
         evaluate_mme(model, processor, args)
     return 0
@@ -452,10 +537,6 @@ def evaluate_mme(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argpa
 
 
 def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
-    n_pool = args.samples or args.steps * args.batch_size
-    order = list(range(n_pool))
-    rng = random.Random(args.seed)
-    rng.shuffle(order)
     # Freshly initialised image features are ~400x larger than word embeddings; start them near the embeddings'
     # size. The resampler starts local and the tower is pre-trained (see local_resampler_start, pretrain_vision).
     if args.resume is None:
@@ -483,50 +564,42 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
         betas=(0.9, 0.98),
     )
     model.train()
-    cursor = 0
-    t_start = time.time()
+    t_start = last_save = time.time()
+    budget = args.train_minutes * 60
     smoothed = None
-    for step in range(args.steps):
-        if cursor + args.batch_size > len(order):
-            rng.shuffle(order)
-            cursor = 0
-        indexes = order[cursor : cursor + args.batch_size]
-        cursor += args.batch_size
-        kinds = (
-            args.warm_kinds.split(",") if step < args.warm_steps else (args.kinds.split(",") if args.kinds else None)
-        )
-        samples = [
-            make_conversation(
-                args.seed,
-                args.sample_offset + i,
-                turns=rng.randint(1, args.max_turns),
-                size=args.image_size,
-                kinds=kinds,
-            )
-            for i in indexes
-        ]
-        batch = make_batch(processor, samples)
+    for step, batch in enumerate(batches(ChatBatches(processor, args), args)):
+        elapsed = time.time() - t_start
+        progress = max(step / args.steps, elapsed / budget if budget else 0.0)
+        if progress >= 1.0:
+            print(f"time budget reached after {step} steps ({elapsed / 60:.1f} min)", flush=True)
+            break
+        batch = to_device(batch, model.device)
+        scenes = batch.pop("scenes")
+        lr = lr_at(step, progress, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args) * group["lr_mult"]
+            group["lr"] = lr * group["lr_mult"]
         if probe is None:
             loss = model(**batch).loss
         else:  # keep the tower's scene labels right while the language model learns to read it
             features = model.transformer.visual(batch.pop("pixel_values"))
-            aux, _ = probe.loss(features, [s["scene"] for s in samples])
+            aux, _ = probe.loss(features, scenes)
             loss = model(**batch, image_features=features).loss + args.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         if step % args.log_every == 0 or step == args.steps - 1:
-            elapsed = time.time() - t_start
+            value = loss.item()
+            smoothed = value if smoothed is None else 0.7 * smoothed + 0.3 * value
             print(
                 f"step {step:5d} loss {value:.4f} (avg {smoothed:.4f}) grad {grad_norm:.2f} "
-                f"lr {lr_at(step, args):.2e} {elapsed / (step + 1):.2f}s/step",
+                f"lr {lr:.2e} {elapsed / (step + 1):.3f}s/step",
                 flush=True,
             )
+        if args.save_every_minutes and time.time() - last_save > args.save_every_minutes * 60:
+            save(model, processor, args.out, args.save_dtype)
+            last_save = time.time()
+            print(f"step {step}: saved {args.out}", flush=True)
         if args.eval_every and step and step % args.eval_every == 0:
             save(model, processor, args.out, args.save_dtype)  # a usable checkpoint at every evaluation
             report = evaluate(model, processor, args, show=0)

@@ -185,3 +185,29 @@ def test_a_conversation_asks_several_questions_about_one_picture():
     images = [p for m in messages for p in m["content"] if p["type"] == "image"]
     assert len(images) == 1 and messages[0]["content"][0]["type"] == "image"
     assert make_conversation(3, 11, turns=4, kinds=["color", "count", "position"])["messages"][2:] == messages[2:]
+
+
+@pytest.mark.parametrize("subtask", dd.YES_NO_SUBTASKS)
+def test_each_yes_no_subtask_is_right_about_the_scene(subtask):
+    for s in _samples(f"yes_no:{subtask}", 40):
+        scene, question, yes = s["scene"], s["question"], s["answer"] in ("Yes", "是")
+        if subtask == "any_color":
+            color = next(c for c in dd.COLORS if f" {c} " in question or dd.COLORS[c][1] in question)
+            assert yes == any(sh.color == color for sh in scene.shapes), question
+            assert yes == bool(dd.shape_mask(s["image"], color).any())
+        elif subtask == "any_kind":
+            kind = next(k for k in dd.SHAPES if f" {k} " in question or dd.SHAPES[k] in question)
+            assert yes == any(sh.kind == kind for sh in scene.shapes), question
+        elif subtask == "existence":
+            color = next(c for c in dd.COLORS if f" {c} " in question or dd.COLORS[c][1] in question)
+            kind = next(k for k in dd.SHAPES if f" {k} " in question or dd.SHAPES[k] in question)
+            assert yes == any((sh.color, sh.kind) == (color, kind) for sh in scene.shapes), question
+        elif subtask == "OCR":
+            assert scene.word is not None
+            assert yes == (f'"{scene.word}"' in question), question
+        assert question.endswith(YES_NO_SUFFIXES[s["language"]])
+
+
+def test_unknown_yes_no_subtask_is_refused():
+    with pytest.raises(ValueError, match="yes_no:<subtask>"):
+        dd.make_sample(0, 0, kinds=["yes_no:nonsense"])

@@ -1,0 +1,75 @@
+"""The demo model's trainer: batches are a function of the step (so worker processes may draw them), and a short
+run writes a checkpoint in the published layout that loads as any checkpoint does."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from belle_vl_tools import BelleVL
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_demo_model.py"
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--hidden", "128", "--layers", "1", "--heads", "2", "--intermediate", "256", "--vision-layers", "1"]
+
+
+def test_batches_depend_on_the_step_alone(trainer, processor):
+    args = trainer.parse_args(["--batch-size", "3", "--steps", "4", "--warm-steps", "2", "--max-turns", "3"])
+    batches = trainer.ChatBatches(processor, args)
+    again = trainer.ChatBatches(processor, args)
+    for step in (3, 0):  # any order
+        one, two = batches[step], again[step]
+        assert torch.equal(one["input_ids"], two["input_ids"]) and torch.equal(one["labels"], two["labels"])
+        assert one["scenes"] == two["scenes"]
+    assert not torch.equal(batches[0]["pixel_values"], batches[1]["pixel_values"])
+    # the labels cover the assistant's answers only
+    first = batches[0]
+    answer_ids = first["labels"][first["labels"] != -100]
+    assert 0 < answer_ids.numel() < (first["attention_mask"] == 1).sum()
+    # drawn by worker processes: the same batches in the same order
+    args.workers = 1
+    drawn = list(trainer.batches(batches, args))
+    assert len(drawn) == 4
+    assert all(torch.equal(d["input_ids"], batches[i]["input_ids"]) for i, d in enumerate(drawn))
+
+
+def test_a_short_run_writes_a_loadable_published_checkpoint(trainer, tmp_path, capsys):
+    out = tmp_path / "demo"
+    common = ["--steps", "3", "--batch-size", "4", "--vision-steps", "2", "--warm-steps", "1", "--warmup", "1"]
+    code = trainer.main(
+        [*common, *TINY, "--out", str(out), "--workers", "1", "--eval-samples", "2", "--mme-images", "0"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy (2 samples" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["visual"]["n_queries"] == 16 and config["num_hidden_layers"] == 1
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "qwen.tiktoken", "model.safetensors"} <= names
+    runtime = BelleVL.from_pretrained(out)
+    picture = tmp_path / "p.png"
+    from belle_vl_tools.demo_data import make_sample
+
+    make_sample(5, 0)["image"].save(picture)
+    assert runtime.ask(picture, "What color is the circle?", max_new_tokens=2, do_sample=False).usage.completion_tokens
+    # a time budget ends the chat training early and still saves
+    resumed = tmp_path / "resumed"
+    code = trainer.main(
+        [*common, "--resume", str(out), "--out", str(resumed), "--steps", "1000", "--train-minutes", "0.001"]
+        + ["--vision-steps", "0", "--eval-samples", "0", "--mme-images", "0"]
+    )
+    assert code == 0 and "time budget reached" in capsys.readouterr().out
+    assert (resumed / "model.safetensors").is_file()
