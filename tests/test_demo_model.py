@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from belle_vl_tools import BelleVL
 from belle_vl_tools.cli import app
 from belle_vl_tools.demo import DEMO_MODEL_NAME, default_model_path
-from belle_vl_tools.demo_data import COLORS, Scene, Shape, render
+from belle_vl_tools.demo_data import COLORS, MME_SUBTASKS, Scene, Shape, generate_mme_set, render
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "pictures"
 
@@ -75,6 +75,24 @@ def test_the_red_circle_through_the_cli():
     result = CliRunner().invoke(app, ["ask", str(EXAMPLES / "red_circle.png"), "What color is the circle?", "--json"])
     assert result.exit_code == 0, result.output
     assert "red" in json.loads(result.output)["text"].lower()
+
+
+#: MME pictures for the CI check: a seed that neither training (seed 0) nor the trainer's held-out scoring (7919) uses.
+MME_CHECK_SEED = 2027
+
+
+def test_mme_sample_scores_at_least_170_on_every_subtask(tmp_path):
+    """A fixed held-out sample of 40 pictures per subtask, run and scored through the CLI as a user runs it."""
+    generate_mme_set(tmp_path / "mme", seed=MME_CHECK_SEED, images_per_subtask=40)
+    result = CliRunner().invoke(
+        app,
+        ["eval", "mme", "--data", str(tmp_path / "mme"), "--out", str(tmp_path / "results"), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    subtasks = json.loads(result.stdout)["subtasks"]
+    scores = {name.lower(): subtasks[name]["score"] for name in subtasks}
+    assert set(scores) == {name.lower() for name in MME_SUBTASKS}, scores
+    assert all(score >= 170 for score in scores.values()), scores
 
 
 def test_the_readme_command_in_a_fresh_process():
