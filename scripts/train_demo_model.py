@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--save-every-minutes", type=float, default=0.0, help="save the checkpoint this often while training (0: not)"
     )
-    p.add_argument("--device", default="cpu", help='where to train: "cpu" or "cuda" (the checkpoint is the same)')
+    p.add_argument("--device", default="cpu", help='where to train: "cpu" or "cuda" (same checkpoint layout)')
     p.add_argument(
         "--workers", type=int, default=0, help="processes drawing and laying out batches (0: the training process)"
     )
@@ -196,7 +196,8 @@ def build_untrained(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size % 14:
         raise SystemExit("--image-size must be a multiple of the 14-pixel patch")
     texts = list(corpus_texts())
-    # the first training samples too: the texts follow a small grammar, so these reach every word piece it writes
+    # the first training samples too: the texts follow a small grammar, so these cover its word pieces (a piece
+    # missed would still be encoded, from smaller pieces: every single byte is in the vocabulary)
     for i in range(min(args.steps * args.batch_size, VOCAB_SAMPLES)):
         sample = make_sample(args.seed, i, size=args.image_size, with_image=False)
         texts += ["\n" + sample["question"], sample["answer"]]
