@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from belle_vl_tools import BelleVL
+from belle_vl_tools.demo_data import make_sample
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_demo_model.py"
 
@@ -61,8 +62,6 @@ def test_a_short_run_writes_a_loadable_published_checkpoint(trainer, tmp_path, c
     assert {"config.json", "generation_config.json", "qwen.tiktoken", "model.safetensors"} <= names
     runtime = BelleVL.from_pretrained(out)
     picture = tmp_path / "p.png"
-    from belle_vl_tools.demo_data import make_sample
-
     make_sample(5, 0)["image"].save(picture)
     assert runtime.ask(picture, "What color is the circle?", max_new_tokens=2, do_sample=False).usage.completion_tokens
     # a time budget ends the chat training early and still saves
