@@ -15,9 +15,11 @@ One generation runs at a time per model (a lock), so a ``BelleVL`` is safe to ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -110,6 +112,33 @@ def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settin
     config.use_cache = True
     config.return_dict_in_generate = True
     return _Settings(config=config, stop=list(stop), seed=seed)
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """While a checkpoint loads: with ``quiet``, no progress bars (transformers', the Hub's), no transformers info
+    or warnings and no Python warnings; the earlier settings come back afterwards."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    bars, hub_bars = transformers_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    level = transformers_logging.get_verbosity()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers_logging.set_verbosity(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -326,6 +355,7 @@ class BelleVL(VisionTasks):
         vision_cache_size: int = 64,
         prefix_cache_size: int = 2,
         max_context_tokens: int = 32768,
+        verbose: bool = False,
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
@@ -334,6 +364,7 @@ class BelleVL(VisionTasks):
         ``dtype`` defaults to the checkpoint's precision flags (fp32 on a CPU); ``device`` ("cpu", "cuda",
         "cuda:1") places the whole model, ``device_map`` ("auto", ...) spreads it; ``quantization_config`` (e.g.
         ``BitsAndBytesConfig(load_in_4bit=True)``) quantizes the language model and keeps the vision tower as is.
+        Loading is quiet (no progress bars, transformers' info and warnings, or Python warnings) unless ``verbose``.
         """
         model_kwargs.pop("trust_remote_code", None)
         if dtype is not None:
@@ -355,8 +386,9 @@ class BelleVL(VisionTasks):
         path = str(path_or_hub_id)
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json: point at a checkpoint folder (config.json, weights).")
-        model = QWenLMHeadModel.from_pretrained(path, **model_kwargs)
-        processor = QWenVLProcessor.from_pretrained(path)
+        with _quiet_loading(not verbose):
+            model = QWenLMHeadModel.from_pretrained(path, **model_kwargs)
+            processor = QWenVLProcessor.from_pretrained(path)
         return cls(
             model,
             processor,
