@@ -1,9 +1,9 @@
 """belle-vl-tools: Belle-VL (Qwen-VL architecture) on current transformers, as a chat model and as agent tools.
 
-Importing the package registers the model's classes with transformers' Auto classes when torch and transformers
-are installed, so ``AutoConfig``, ``AutoModelForCausalLM``, ``AutoTokenizer`` and ``AutoProcessor`` load
-published checkpoints without ``trust_remote_code``. The light parts (images, errors, the backend interface)
-import without torch or transformers.
+Importing the package imports neither torch nor transformers. It registers the model's classes with
+transformers' Auto classes as soon as transformers' Auto machinery is imported (or at once if it already is), so
+``AutoConfig``, ``AutoModelForCausalLM``, ``AutoModelForImageTextToText``, ``AutoTokenizer``, ``AutoProcessor`` and
+``pipeline`` load published checkpoints without ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._registration import install_import_hook, register_auto_classes
 from .backend import Backend, ChatResult, LocateResult, StreamChunk, Usage, VisionTasks
 from .errors import (
     BelleVLError,
@@ -51,29 +52,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def register_auto_classes() -> bool:
-    """Register config, causal LM, tokenizer and processor with transformers' Auto classes (idempotent).
-
-    Returns False when torch or transformers is not installed.
-    """
-    try:
-        import torch  # noqa: F401
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
-    except ImportError:
-        return False
-    from .configuration_qwen_vl import QWenConfig
-    from .modeling_qwen_vl import QWenLMHeadModel
-    from .processing_qwen_vl import QWenVLProcessor
-    from .tokenization_qwen_vl import QWenTokenizer
-
-    AutoConfig.register("qwen", QWenConfig, exist_ok=True)
-    AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
-    AutoTokenizer.register(QWenConfig, tokenizer_class=QWenTokenizer, exist_ok=True)
-    AutoProcessor.register(QWenConfig, QWenVLProcessor, exist_ok=True)
-    return True
-
-
-register_auto_classes()
+install_import_hook()
 
 if TYPE_CHECKING:
     from .configuration_qwen_vl import QWenConfig
