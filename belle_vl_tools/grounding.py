@@ -405,6 +405,77 @@ def _color(index: int) -> tuple[int, int, int]:
     return (round(r * 255), round(g * 255), round(b * 255))
 
 
+# Outline colors to choose from: the palette plus black and white, so one always stands out.
+_CANDIDATES = (*_PALETTE, (0, 0, 0), (255, 255, 255))
+# Below this distance (see _distance; 0 to about 765) a color does not stand out from the pixels under it.
+_GOOD_CONTRAST = 150.0
+
+
+def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """How different two colors look ("redmean" weighted RGB distance: cheap, and closer to the eye than plain
+    RGB distance)."""
+    rmean = (a[0] + b[0]) / 2
+    dr, dg, db = a[0] - b[0], a[1] - b[1], a[2] - b[2]
+    return math.sqrt((2 + rmean / 256) * dr * dr + 4 * dg * dg + (2 + (255 - rmean) / 256) * db * db)
+
+
+def _pixels_under(image: Image.Image, rect: tuple[int, int, int, int], band: int) -> list[tuple[int, ...]]:
+    """A sample (at most a few hundred) of the RGB pixels in a ``band``-wide strip along the rectangle's edges."""
+    left, top, right, bottom = rect
+    img_w, img_h = image.size
+    strips = [
+        (left - band, top - band, right + band, top + band),
+        (left - band, bottom - band, right + band, bottom + band),
+        (left - band, top - band, left + band, bottom + band),
+        (right - band, top - band, right + band, bottom + band),
+    ]
+    pixels: list[tuple[int, ...]] = []
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    for x1, y1, x2, y2 in strips:
+        x1, y1 = max(0, x1), max(0, y1)
+        x2, y2 = min(img_w, x2 + 1), min(img_h, y2 + 1)
+        if x2 <= x1 or y2 <= y1:
+            continue
+        strip = rgb.crop((x1, y1, x2, y2))
+        if strip.width * strip.height > 100:
+            scale = math.sqrt(100 / (strip.width * strip.height))
+            strip = strip.resize((max(1, round(strip.width * scale)), max(1, round(strip.height * scale))))
+        data = strip.tobytes()
+        pixels.extend(zip(data[0::3], data[1::3], data[2::3], strict=True))
+    return pixels
+
+
+def _contrast(color: tuple[int, int, int], pixels: Sequence[tuple[int, ...]]) -> float:
+    """How well ``color`` stands out from ``pixels``: the distance to the nearest tenth of them."""
+    if not pixels:
+        return float("inf")
+    distances = sorted(_distance(color, p) for p in pixels)
+    return distances[len(distances) // 10]
+
+
+def _pick_color(
+    pixels: Sequence[tuple[int, ...]], preferred: tuple[int, int, int] | None, taken: set[tuple[int, int, int]]
+) -> tuple[int, int, int]:
+    """The outline color for a box: ``preferred`` (its label's color so far) when it stands out from the pixels
+    under the outline, else the candidate that stands out most, other labels' colors last."""
+    if preferred is not None and _contrast(preferred, pixels) >= _GOOD_CONTRAST:
+        return preferred
+    ranked = sorted(
+        _CANDIDATES,
+        key=lambda c: (c in taken, -min(_contrast(c, pixels), _GOOD_CONTRAST * 1.5), _CANDIDATES.index(c)),
+    )
+    return ranked[0]
+
+
+def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: Font, max_width: int) -> tuple[str, tuple[float, ...]]:
+    """The label, shortened with "..." until it is at most ``max_width`` pixels wide, and its bounding box."""
+    shown, bbox = _measure(draw, text, font)
+    while bbox[2] - bbox[0] > max_width and len(text) > 1:
+        text = text[:-1]
+        shown, bbox = _measure(draw, text.rstrip() + "...", font)
+    return shown, bbox
+
+
 def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
     r, g, b = background
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
@@ -423,20 +494,23 @@ def draw_boxes(
     image: Image.Image,
     boxes: Sequence[Box],
     *,
-    width: int = 3,
+    width: int | None = None,
     font_size: int | None = None,
 ) -> Image.Image:
     """A copy of ``image`` with each box outlined and labelled; ``image`` itself is left unchanged.
 
-    Boxes are in pixels of this image (parse with its width and height). Each distinct label gets its own
-    color; the label is written on a filled background just above the box, or inside its top edge when there
-    is no room above. ``width`` is the outline width in pixels; ``font_size`` defaults to about 1/32 of the
-    shorter image side (at least 14). A font with Chinese glyphs is used when one is installed. RGB and RGBA
-    images keep their mode; other modes are converted to RGB.
+    Boxes are in pixels of this image (parse with its width and height). Each outline gets a color that stands out
+    from the pixels under it (its label's color when that one does, so a label keeps its color across boxes where
+    it can), drawn over a thin dark or light edge so it shows on any picture. The label is written small on a
+    filled background just above the box, or inside its top edge when there is no room above, and always inside
+    the picture (shortened with "..." when it would be wider). ``width`` is the outline width in pixels (default:
+    about 1/150 of the shorter side, 1 to 4); ``font_size`` defaults to about 1/20 of the shorter image side
+    (8 to 20 pixels). A font with Chinese glyphs is used when one is installed. RGB and RGBA images keep their
+    mode; other modes are converted to RGB.
     """
     if not isinstance(image, Image.Image):
         raise ImageError(f"image must be a PIL.Image.Image; got {type(image).__name__}.")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
         raise ImageError(f"width (the outline width in pixels) must be a positive integer; got {width!r}.")
     if font_size is not None and (isinstance(font_size, bool) or not isinstance(font_size, int) or font_size < 1):
         raise ImageError(f"font_size must be a positive integer or None (automatic); got {font_size!r}.")
@@ -449,32 +523,41 @@ def draw_boxes(
     img_w, img_h = canvas.size
     if not boxes or img_w == 0 or img_h == 0:
         return canvas
+    original = canvas.copy()  # colors are chosen against the picture, not against outlines drawn before
     draw = ImageDraw.Draw(canvas)
-    size = font_size if font_size is not None else max(14, round(min(img_w, img_h) / 32))
+    shorter = min(img_w, img_h)
+    line = width if width is not None else max(1, min(4, round(shorter / 150)))
+    size = font_size if font_size is not None else max(8, min(20, round(shorter / 20)))
     font = _load_font(size)
     pad = max(1, size // 6)
 
     colors: dict[str, tuple[int, int, int]] = {}
     placed: list[tuple[Box, tuple[int, int, int, int], tuple[int, int, int]]] = []
     for box in boxes:
-        color = colors.setdefault(box.label, _color(len(colors)))
         x1, y1, x2, y2 = _ordered(box.x1, box.y1, box.x2, box.y2)
         left = min(max(round(x1), 0), img_w - 1)
         top = min(max(round(y1), 0), img_h - 1)
         right = min(max(round(x2), 0), img_w - 1)
         bottom = min(max(round(y2), 0), img_h - 1)
-        draw.rectangle((left, top, right, bottom), outline=color, width=width)
+        pixels = _pixels_under(original, (left, top, right, bottom), line + 1)
+        taken = {c for label, c in colors.items() if label != box.label}
+        color = _pick_color(pixels, colors.get(box.label), taken)
+        colors.setdefault(box.label, color)
+        edge = _text_color(color)  # black under light colors, white under dark ones
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), outline=edge, width=line + 2)
+        draw.rectangle((left, top, right, bottom), outline=color, width=line)
         placed.append((box, (left, top, right, bottom), color))
 
     # Labels go on top of every outline.
     for box, (left, top, _right, _bottom), color in placed:
         if not box.label:
             continue
-        text, (tl, tt, tr, tb) = _measure(draw, box.label, font)
-        label_w = math.ceil(tr - tl) + 2 * pad
-        label_h = math.ceil(tb - tt) + 2 * pad
+        text, (tl, tt, tr, tb) = _fit_label(draw, box.label, font, img_w - 2 * pad)
+        label_w = min(img_w, math.ceil(tr - tl) + 2 * pad)
+        label_h = min(img_h, math.ceil(tb - tt) + 2 * pad)
         lx = max(0, min(left, img_w - label_w))
         ly = top - label_h if top - label_h >= 0 else top
+        ly = max(0, min(ly, img_h - label_h))
         draw.rectangle((lx, ly, lx + label_w - 1, ly + label_h - 1), fill=color)
         draw.text((lx + pad - tl, ly + pad - tt), text, fill=_text_color(color), font=font)
     return canvas

@@ -315,6 +315,42 @@ def test_draw_boxes_handles_boxes_outside_and_no_boxes():
     assert draw_boxes(image, []).tobytes() == image.tobytes()
 
 
+def _outline_pixels(out, box_rect, line):
+    left, top, right, bottom = box_rect
+    return [out.getpixel((x, top + line // 2)) for x in range(left + 4, right - 4)] + [
+        out.getpixel((left + line // 2, y)) for y in range(top + 4, bottom - 4)
+    ]
+
+
+@pytest.mark.parametrize("background", [(230, 25, 75), (220, 20, 20), (255, 255, 255), (0, 0, 0), (60, 180, 75)])
+def test_draw_boxes_outline_stands_out_from_the_picture_under_it(background):
+    # A box drawn over a shape of the palette's first color (crimson) used to vanish into it.
+    image = Image.new("RGB", (200, 160), WHITE)
+    image.paste(background, (20, 20, 180, 140))
+    out = draw_boxes(image, [Box("the shape", 30, 30, 170, 130, (0, 0, 0, 0))], width=3)
+    pixels = _outline_pixels(out, (30, 30, 170, 130), 3)
+    assert pixels and all(grounding._distance(p, background) > 150 for p in pixels), (background, pixels[:3])
+
+
+def test_draw_boxes_same_label_keeps_its_color_where_it_stands_out():
+    image = Image.new("RGB", (300, 120), WHITE)
+    boxes = [Box("a", 10, 10, 90, 100, (0, 0, 0, 0)), Box("a", 200, 10, 290, 100, (0, 0, 0, 0))]
+    out = draw_boxes(image, boxes, width=2)
+    assert out.getpixel((10, 50)) == out.getpixel((200, 50))
+
+
+def test_draw_boxes_labels_stay_small_and_inside_a_small_picture():
+    image = Image.new("RGB", (96, 80), WHITE)
+    label = "a very long label that is much wider than the picture"
+    out = draw_boxes(image, [Box(label, 30, 2, 95, 70, (0, 0, 0, 0))])
+    assert out.size == (96, 80)
+    # Above the bottom outline, the label (at the top, inside the box) is the only filled band.
+    painted_rows = [y for y in range(66) if sum(out.getpixel((x, y)) != WHITE for x in range(40, 90)) > 30]
+    assert painted_rows and max(painted_rows) < 80 * 0.2, painted_rows
+    # It is shortened, not cut off at the picture's edge: the right edge keeps a margin of the label's fill.
+    assert out.getpixel((95, 5)) != WHITE
+
+
 def test_draw_boxes_refuses_bad_arguments():
     image = Image.new("RGB", (10, 10))
     with pytest.raises(ImageError, match="PIL"):

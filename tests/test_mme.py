@@ -219,3 +219,14 @@ def test_run_mme_writes_official_files_scores_them_and_resumes(tmp_path):
     # a changed limit means other questions: that subtask runs again (only the factory is lazy)
     limited = run_mme(lambda: oracle, tmp_path / "set", tmp_path / "out", limit=1, subtasks=["count"], progress=False)
     assert list(limited.subtasks) == ["count"] and limited.subtasks["count"].questions == 2
+
+
+def test_only_the_scored_categories_are_printed(tmp_path):
+    rows = [_row(f"e_{i}.jpg", t, t.lower()) for i in range(2) for t in ("Yes", "No")]
+    (tmp_path / "existence.txt").write_text("\n".join(rows) + "\n")
+    scores = score_results(tmp_path)
+    table = scores.table()
+    assert "| **Perception** | **200.00** |" in table and "| --Existence | 200.00 |" in table
+    assert "Cognition" not in table and "Commonsense" not in table  # no "Cognition 0.00" for what was not run
+    data = scores.as_dict()
+    assert data["perception"] == pytest.approx(200.0) and data["cognition"] is None

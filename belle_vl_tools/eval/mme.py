@@ -209,10 +209,16 @@ class MMEScores:
     def missing(self) -> list[str]:
         return [t for t in SUBTASKS if t not in self.subtasks]
 
+    def scored(self, category: Literal["perception", "cognition"]) -> bool:
+        """Whether any subtask of the category (``"perception"`` or ``"cognition"``) was scored."""
+        names = PERCEPTION if category == "perception" else COGNITION
+        return any(t in self.subtasks for t in names)
+
     def as_dict(self) -> dict[str, Any]:
+        """The scores as plain data; a category with no scored subtask has the total None (not 0)."""
         return {
-            "perception": self.perception,
-            "cognition": self.cognition,
+            "perception": self.perception if self.scored("perception") else None,
+            "cognition": self.cognition if self.scored("cognition") else None,
             "subtasks": {t: s.as_dict() for t, s in self.subtasks.items()},
             "missing": self.missing,
         }
@@ -227,12 +233,15 @@ def _number(value: float) -> str:
 
 def format_table(scores: MMEScores) -> str:
     """The Markdown table of the Belle-VL model card: Category | Score, the Perception and Cognition totals in
-    bold and each subtask under its total; subtasks without a score show "-" (the totals add up the others)."""
+    bold and each subtask under its total. Only categories with a scored subtask are shown; their subtasks without
+    a score show "-" (the totals add up the others)."""
     lines = ["| Category | Score |", "|---|---|"]
     for title, names, total in (
         ("Perception", PERCEPTION, scores.perception),
         ("Cognition", COGNITION, scores.cognition),
     ):
+        if not scores.scored("perception" if names is PERCEPTION else "cognition"):
+            continue
         lines.append(f"| **{title}** | **{_number(total)}** |")
         for name in names:
             score = scores.subtasks.get(name)
