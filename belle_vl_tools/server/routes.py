@@ -1,0 +1,582 @@
+"""The HTTP routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``.
+
+Every answer and stream chunk is an object of the ``openai`` package (``ChatCompletion``, ``ChatCompletionChunk``,
+``Completion``, ``Model``) dumped to JSON; streams go out as server-sent events through sse-starlette.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionTokenLogprob,
+)
+from openai.types.chat import chat_completion as cc
+from openai.types.chat import chat_completion_chunk as chunk_types
+from openai.types.chat.chat_completion_token_logprob import TopLogprob
+from openai.types.completion_choice import Logprobs as CompletionLogprobs
+from sse_starlette.sse import EventSourceResponse
+
+from ..backend import Usage
+from ..images import ImagePolicy
+from .errors import APIError, api_error
+from .generation import Delta, Generator, Output, TokenLogprob, check_features
+from .media import MediaPool
+from .metrics import Metrics
+from .protocol import ChatRequest, Sampling, TextRequest, parse_chat_request, parse_completion_request, parse_json
+from .structured import Answer, plan
+
+__all__ = ["ServerConfig", "ServerState", "build_router"]
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Settings of one app (see :func:`~belle_vl_tools.server.create_app`)."""
+
+    model_name: str
+    aliases: frozenset[str]
+    api_key: str | None
+    image_policy: ImagePolicy
+    max_request_bytes: int
+    max_images_per_request: int
+    max_tokens_limit: int
+    default_max_tokens: int | None
+    vocab_size: int | None = None
+
+
+@dataclasses.dataclass
+class ServerState:
+    """What the routes share."""
+
+    config: ServerConfig
+    generator: Generator
+    media: MediaPool
+    metrics: Metrics
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading it all when it says its length)."""
+    declared = request.headers.get("content-length")
+    too_big = APIError(
+        413,
+        f"The request body is larger than this server's limit of {limit:,} bytes: send smaller or fewer images.",
+        code="request_too_large",
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building openai objects
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _usage(prompt: int, completion: int) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _sum_usage(outputs: Sequence[Output]) -> CompletionUsage:
+    prompt = sum({i: o.usage.prompt_tokens for i, o in enumerate(outputs)}.values()) if outputs else 0
+    return _usage(prompt, sum(o.usage.completion_tokens for o in outputs))
+
+
+def _chat_logprobs(entries: Sequence[TokenLogprob] | None, top: int) -> cc.ChoiceLogprobs | None:
+    if entries is None:
+        return None
+    return cc.ChoiceLogprobs(
+        content=[
+            ChatCompletionTokenLogprob(
+                token=e.token,
+                bytes=e.bytes,
+                logprob=e.logprob,
+                top_logprobs=[TopLogprob(token=t, bytes=b, logprob=lp) for t, b, lp in e.top[:top]],
+            )
+            for e in entries
+        ],
+        refusal=None,
+    )
+
+
+def _tool_calls(answer: Answer) -> list[ChatCompletionMessageFunctionToolCall] | None:
+    if not answer.tool_calls:
+        return None
+    return [ChatCompletionMessageFunctionToolCall.model_validate(call) for call in answer.tool_calls]
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj.model_dump(mode="json", exclude_unset=True), ensure_ascii=False)
+
+
+class _ChunkMaker:
+    """The ``ChatCompletionChunk`` objects of one streamed completion."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def chunk(self, choices: list[chunk_types.Choice], usage: CompletionUsage | None = None) -> dict[str, str]:
+        fields: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            fields["usage"] = usage
+        return {"data": _dump(ChatCompletionChunk(**fields))}
+
+    def delta(
+        self,
+        index: int,
+        *,
+        role: bool = False,
+        content: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        logprobs: cc.ChoiceLogprobs | None = None,
+        finish_reason: str | None = None,
+    ) -> dict[str, str]:
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+        if content is not None:
+            delta["content"] = content
+        if tool_calls:
+            delta["tool_calls"] = [
+                chunk_types.ChoiceDeltaToolCall(
+                    index=i,
+                    id=call["id"],
+                    type="function",
+                    function=chunk_types.ChoiceDeltaToolCallFunction(**call["function"]),
+                )
+                for i, call in enumerate(tool_calls)
+            ]
+        choice: dict[str, Any] = {
+            "index": index,
+            "delta": chunk_types.ChoiceDelta(**delta),
+            "finish_reason": finish_reason,
+        }
+        if logprobs is not None:
+            choice["logprobs"] = chunk_types.ChoiceLogprobs(content=logprobs.content, refusal=None)
+        else:
+            choice["logprobs"] = None
+        return self.chunk([chunk_types.Choice(**choice)])
+
+
+DONE = {"data": "[DONE]"}
+
+
+def _error_event(error: APIError) -> dict[str, str]:
+    return {"data": json.dumps(error.body(), ensure_ascii=False)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merging the streams of n choices
+# ---------------------------------------------------------------------------------------------------------------
+
+
+async def _merged(streams: Sequence[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) pairs from several streams as they come; an error in one ends all."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((index, delta, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+        finally:
+            await queue.put((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            index, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is None:
+                open_streams -= 1
+                continue
+            yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for stream in streams:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(BaseException):
+                    await close()
+
+
+async def _first_then_rest(events: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+    """The first item (so that an error before it is an ordinary error response) and an iterator over all."""
+    iterator = aiter(events)
+    first = await anext(iterator)
+
+    async def rest() -> AsyncIterator[Any]:
+        yield first
+        async for item in iterator:
+            yield item
+
+    return first, rest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_router(state: ServerState) -> APIRouter:
+    """The routes of one app over ``state``."""
+    router = APIRouter()
+    config = state.config
+    generator = state.generator
+    metrics = state.metrics
+
+    def model_card() -> Model:
+        return Model(id=config.model_name, object="model", created=state.created, owned_by="belle-vl-tools")
+
+    @router.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": config.model_name,
+            "waiting": generator.waiting,
+            "running": generator.running,
+            "media": state.media.stats(),
+        }
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card().model_dump(mode="json")]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id not in config.aliases:
+            raise APIError(404, f"The model {model_id!r} does not exist on this server.", code="model_not_found")
+        return model_card().model_dump(mode="json")
+
+    async def load_pictures(request: Request, chat: ChatRequest) -> None:
+        client = request.client.host if request.client else "unknown"
+
+        async def one(index: int, part_index: int, url: str) -> None:
+            param = f"messages[{index}].content"
+            try:
+                picture = await state.media.load(url, config.image_policy, client, param)
+            except APIError:
+                raise
+            except Exception as exc:
+                raise api_error(exc, param) from None
+            chat.messages[index]["content"][part_index] = {"type": "image", "image": picture}
+
+        tasks = [asyncio.ensure_future(one(*source)) for source in chat.image_sources]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def count_tokens(outputs: Sequence[Output]) -> None:
+        usage = _sum_usage(outputs)
+        metrics.prompt_tokens.inc(usage.prompt_tokens)
+        metrics.completion_tokens.inc(usage.completion_tokens)
+
+    async def complete_all(request: Request, messages: list[dict[str, Any]], samplings: list[Sampling]) -> list[Output]:
+        tasks = [
+            asyncio.ensure_future(generator.complete(messages, sampling, request.is_disconnected))
+            for sampling in samplings
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrived = time.monotonic()
+        body = parse_json(await read_body(request, config.max_request_bytes))
+        chat = parse_chat_request(
+            body,
+            model_name=config.model_name,
+            aliases=config.aliases,
+            max_tokens_limit=config.max_tokens_limit,
+            default_max_tokens=config.default_max_tokens,
+            max_images=config.max_images_per_request,
+            vocab_size=config.vocab_size,
+        )
+        if chat.image_sources:
+            await load_pictures(request, chat)
+        try:
+            planned = plan(chat)
+        except Exception as exc:
+            raise api_error(exc, "messages") from None
+        check_features(generator, planned.sampling)
+        samplings = [planned.sampling.for_choice(i) for i in range(chat.n)]
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        top = chat.sampling.top_logprobs
+
+        if chat.stream and not planned.whole_answer_first:
+            return await stream_chat(chat, planned.messages, samplings, request_id, arrived)
+
+        try:
+            outputs = await complete_all(request, planned.messages, samplings)
+        except asyncio.CancelledError:
+            return Response(status_code=499)
+        except Exception as exc:
+            raise api_error(exc) from None
+        count_tokens(outputs)
+        answers = [planned.parse(o.text, o.finish_reason) for o in outputs]
+        if not chat.stream:
+            completion = ChatCompletion(
+                id=request_id,
+                object="chat.completion",
+                created=int(time.time()),
+                model=config.model_name,
+                choices=[
+                    cc.Choice(
+                        index=i,
+                        message=ChatCompletionMessage(
+                            role="assistant", content=answer.content, tool_calls=_tool_calls(answer)
+                        ),
+                        logprobs=_chat_logprobs(output.logprobs, top),
+                        finish_reason=answer.finish_reason,  # type: ignore[arg-type]
+                    )
+                    for i, (answer, output) in enumerate(zip(answers, outputs, strict=True))
+                ],
+                usage=_sum_usage(outputs),
+                system_fingerprint=None,
+            )
+            return JSONResponse(completion.model_dump(mode="json", exclude_unset=True))
+
+        maker = _ChunkMaker(request_id, config.model_name, chat.include_usage)
+
+        async def replay() -> AsyncIterator[dict[str, str]]:
+            for i, (answer, output) in enumerate(zip(answers, outputs, strict=True)):
+                yield maker.delta(i, role=True, content="")
+                if answer.content:
+                    yield maker.delta(i, content=answer.content, logprobs=_chat_logprobs(output.logprobs, top))
+                if answer.tool_calls:
+                    yield maker.delta(i, tool_calls=answer.tool_calls)
+                yield maker.delta(i, finish_reason=answer.finish_reason)
+            if chat.include_usage:
+                yield maker.chunk([], _sum_usage(outputs))
+            yield DONE
+
+        return EventSourceResponse(replay(), headers={"Cache-Control": "no-cache"})
+
+    async def stream_chat(
+        chat: ChatRequest,
+        messages: list[dict[str, Any]],
+        samplings: list[Sampling],
+        request_id: str,
+        arrived: float,
+    ) -> Response:
+        streams = [generator.stream(messages, sampling) for sampling in samplings]
+        merged = _merged(streams)
+        try:
+            _, events = await _first_then_rest(merged)
+        except StopAsyncIteration:
+            events = _merged([])
+        except Exception as exc:
+            await merged.aclose()
+            raise api_error(exc) from None
+        metrics.first_token.observe(time.monotonic() - arrived)
+        maker = _ChunkMaker(request_id, config.model_name, chat.include_usage)
+        top = chat.sampling.top_logprobs
+
+        async def relay() -> AsyncIterator[dict[str, str]]:
+            usage: dict[int, Usage] = {}
+            try:
+                for i in range(len(samplings)):
+                    yield maker.delta(i, role=True, content="")
+                async for index, delta in events:
+                    logprobs = _chat_logprobs(delta.logprobs, top) if delta.logprobs else None
+                    if delta.text or logprobs is not None:
+                        yield maker.delta(index, content=delta.text, logprobs=logprobs)
+                    if delta.finish_reason is not None:
+                        usage[index] = delta.usage or Usage()
+                        yield maker.delta(index, finish_reason=delta.finish_reason)
+            except Exception as exc:
+                yield _error_event(api_error(exc))
+                yield DONE
+                return
+            finally:
+                with contextlib.suppress(BaseException):
+                    await events.aclose()  # type: ignore[attr-defined]
+            outputs = [Output("", "stop", u) for u in usage.values()]
+            count_tokens(outputs)
+            if chat.include_usage:
+                yield maker.chunk([], _sum_usage(outputs))
+            yield DONE
+
+        return EventSourceResponse(relay(), headers={"Cache-Control": "no-cache"})
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        arrived = time.monotonic()
+        body = parse_json(await read_body(request, config.max_request_bytes))
+        text_request = parse_completion_request(
+            body,
+            model_name=config.model_name,
+            aliases=config.aliases,
+            max_tokens_limit=config.max_tokens_limit,
+            vocab_size=config.vocab_size,
+        )
+        check_features(generator, text_request.sampling)
+        jobs = [
+            ([{"role": "user", "content": prompt}], text_request.sampling.for_choice(j))
+            for prompt in text_request.prompts
+            for j in range(text_request.n)
+        ]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        if text_request.stream:
+            return await stream_text(text_request, jobs, request_id, arrived)
+        tasks = [
+            asyncio.ensure_future(generator.complete(messages, sampling, request.is_disconnected))
+            for messages, sampling in jobs
+        ]
+        try:
+            outputs = list(await asyncio.gather(*tasks))
+        except asyncio.CancelledError:
+            return Response(status_code=499)
+        except Exception as exc:
+            raise api_error(exc) from None
+        finally:
+            for task in tasks:
+                task.cancel()
+        count_tokens(outputs)
+        completion = Completion(
+            id=request_id,
+            object="text_completion",
+            created=int(time.time()),
+            model=config.model_name,
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=output.text,
+                    logprobs=_text_logprobs(output.logprobs, text_request.logprobs),
+                    finish_reason=output.finish_reason,  # type: ignore[arg-type]
+                )
+                for i, output in enumerate(outputs)
+            ],
+            usage=_usage(
+                sum(o.usage.prompt_tokens for o in outputs[:: text_request.n]),
+                sum(o.usage.completion_tokens for o in outputs),
+            ),
+        )
+        return JSONResponse(completion.model_dump(mode="json", exclude_unset=True))
+
+    async def stream_text(
+        text_request: TextRequest, jobs: list[tuple[list[dict[str, Any]], Sampling]], request_id: str, arrived: float
+    ) -> Response:
+        merged = _merged([generator.stream(messages, sampling) for messages, sampling in jobs])
+        try:
+            _, events = await _first_then_rest(merged)
+        except StopAsyncIteration:
+            events = _merged([])
+        except Exception as exc:
+            await merged.aclose()
+            raise api_error(exc) from None
+        metrics.first_token.observe(time.monotonic() - arrived)
+        created = int(time.time())
+
+        def chunk(choices: list[CompletionChoice], usage: CompletionUsage | None = None) -> dict[str, str]:
+            fields: dict[str, Any] = {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": config.model_name,
+                "choices": choices,
+            }
+            if text_request.include_usage:
+                fields["usage"] = usage
+            return {"data": _dump(Completion(**fields))}
+
+        async def relay() -> AsyncIterator[dict[str, str]]:
+            usage: dict[int, Usage] = {}
+            try:
+                async for index, delta in events:
+                    if delta.text or delta.finish_reason is not None or delta.logprobs:
+                        yield chunk(
+                            [
+                                CompletionChoice(
+                                    index=index,
+                                    text=delta.text,
+                                    logprobs=_text_logprobs(delta.logprobs, text_request.logprobs)
+                                    if delta.logprobs
+                                    else None,
+                                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+                                )
+                            ]
+                        )
+                    if delta.finish_reason is not None:
+                        usage[index] = delta.usage or Usage()
+            except Exception as exc:
+                yield _error_event(api_error(exc))
+                yield DONE
+                return
+            finally:
+                with contextlib.suppress(BaseException):
+                    await events.aclose()  # type: ignore[attr-defined]
+            outputs = [Output("", "stop", u) for u in usage.values()]
+            count_tokens(outputs)
+            if text_request.include_usage:
+                prompt = sum(u.prompt_tokens for i, u in usage.items() if i % text_request.n == 0)
+                yield chunk([], _usage(prompt, sum(u.completion_tokens for u in usage.values())))
+            yield DONE
+
+        return EventSourceResponse(relay(), headers={"Cache-Control": "no-cache"})
+
+    return router
+
+
+def _text_logprobs(entries: Sequence[TokenLogprob] | None, top: int | None) -> CompletionLogprobs | None:
+    if entries is None or top is None:
+        return None
+    offsets, position = [], 0
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t: lp for t, _, lp in e.top[:top]} for e in entries],
+        text_offset=offsets,
+    )

@@ -1,0 +1,170 @@
+"""Tools and response formats: how a request's ``tools`` / ``tool_choice`` / ``response_format`` become a prompt and
+generation settings, and how the model's reply becomes OpenAI ``content`` / ``tool_calls``.
+
+The server has no logic of its own here: it asks the core's tool-call session (:mod:`belle_vl_tools.react`, with
+grammar-constrained decoding from :mod:`belle_vl_tools.constrained`) when that is installed, and the ReAct protocol
+of :mod:`belle_vl_tools.toolcalls` otherwise. :func:`plan` is the one switch between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from collections.abc import Callable
+from typing import Any
+
+from .protocol import ChatRequest, Sampling
+
+__all__ = ["Answer", "Plan", "extract_json", "plan"]
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+@dataclasses.dataclass
+class Answer:
+    """What goes into a choice: content, tool calls (OpenAI dicts), finish reason."""
+
+    content: str | None
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class Plan:
+    """How to ask the model, and how to read its reply.
+
+    ``whole_answer_first``: the reply must be complete before anything is sent (it is parsed for tool calls or
+    JSON); a streamed request then gets the parsed answer as a few chunks.
+    """
+
+    messages: list[dict[str, Any]]
+    sampling: Sampling
+    whole_answer_first: bool
+    parse: Callable[[str, str], Answer]
+
+
+def extract_json(text: str) -> str | None:
+    """The first JSON object written in ``text`` (fences and stray words around it ignored), or None."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start >= 0:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return text[start:end]
+        start = text.find("{", end)
+    return None
+
+
+def _react_session_available() -> bool:
+    return importlib.util.find_spec("belle_vl_tools.react") is not None
+
+
+def plan(request: ChatRequest) -> Plan:
+    """The plan for ``request`` (the messages already hold their loaded pictures)."""
+    if (request.tools or request.format_type != "text") and _react_session_available():
+        planned = _plan_with_session(request)
+        if planned is not None:
+            return planned
+    return _plan_with_toolcalls(request)
+
+
+def _plan_with_session(request: ChatRequest) -> Plan | None:
+    """The core tool-call session's plan, or None when its interface is not the one this server knows."""
+    from .. import react
+
+    prepare = getattr(react, "prepare_openai_request", None)
+    if prepare is None:
+        return None
+    prepared = prepare(
+        request.messages,
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        response_format=request.response_format,
+    )
+    sampling = dataclasses.replace(
+        request.sampling,
+        stop=[*request.sampling.stop, *getattr(prepared, "stop", [])],
+        processors=[*request.sampling.processors, *getattr(prepared, "processors", [])],
+    )
+
+    def parse(text: str, finish_reason: str) -> Answer:
+        reply = prepared.parse(text)
+        calls = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+            }
+            for call in getattr(reply, "tool_calls", ())
+        ]
+        if not request.parallel_tool_calls:
+            calls = calls[:1]
+        content = getattr(reply, "content", None)
+        return Answer(content if content or not calls else None, calls, "tool_calls" if calls else finish_reason)
+
+    return Plan(prepared.messages, sampling, True, parse)
+
+
+def _json_instruction(request: ChatRequest) -> str | None:
+    if request.format_type == "json_object":
+        return "Answer with one JSON object and nothing else."
+    if request.format_type == "json_schema":
+        schema = json.dumps(request.json_schema, ensure_ascii=False)
+        return f"Answer with one JSON object that follows this JSON schema, and nothing else: {schema}"
+    return None
+
+
+def _plan_with_toolcalls(request: ChatRequest) -> Plan:
+    messages = request.messages
+    instruction = _json_instruction(request)
+    if instruction is not None:
+        messages = [dict(m) for m in messages]
+        if messages[0]["role"] == "system":
+            text = messages[0]["content"]
+            if isinstance(text, list):
+                text = "\n".join(p["text"] for p in text if p.get("type") == "text")
+            messages[0]["content"] = f"{text}\n{instruction}" if text else instruction
+        else:
+            messages.insert(0, {"role": "system", "content": f"{DEFAULT_SYSTEM}\n{instruction}"})
+    uses_tools = bool(request.tools) and request.tool_choice != "none"
+    sampling = request.sampling
+    if uses_tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        from ..toolcalls import render_tool_messages
+
+        messages = render_tool_messages(messages, request.tools, request.tool_choice)
+    if uses_tools:
+        from ..toolcalls import STOP_SEQUENCES
+
+        sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *STOP_SEQUENCES])
+
+    def parse(text: str, finish_reason: str) -> Answer:
+        if uses_tools:
+            from ..toolcalls import parse_reply
+
+            parsed = parse_reply(text, request.tools)
+            if parsed.tool_calls:
+                calls = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+                    }
+                    for call in parsed.tool_calls
+                ]
+                if not request.parallel_tool_calls:
+                    calls = calls[:1]
+                return Answer(parsed.content or None, calls, "tool_calls")
+            text = parsed.content if not parsed.invalid_tool_calls else text
+        if request.format_type in ("json_object", "json_schema"):
+            found = extract_json(text)
+            if found is not None:
+                text = found
+        return Answer(text, [], finish_reason)
+
+    whole_first = uses_tools or request.format_type != "text"
+    return Plan(messages, sampling, whole_first, parse)
