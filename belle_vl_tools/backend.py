@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from . import prompts
-from .grounding import Box, parse_boxes
+from .grounding import Box
+from .tasks import get_task
 
 Message = dict[str, Any]
 FinishReason = Literal["stop", "length"]
@@ -121,7 +121,7 @@ class Backend(Protocol):
 
 
 def image_message(image: Any, text: str) -> list[Message]:
-    """A one-turn conversation: one picture and a text."""
+    """A one-turn conversation in transformers' form: one picture and a text."""
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
 
 
@@ -173,29 +173,46 @@ class VisionTasks:
         **generation: Any,
     ) -> ChatResult:
         """A description of the picture."""
-        return self._with_image(image, prompts.describe_prompt(detail, language), generation)
+        return self._run_text_task("describe", image, {"detail": detail, "language": language}, generation)
 
     def ask(self, image: Any, question: str, **generation: Any) -> ChatResult:
         """The answer to a question about the picture."""
-        return self._with_image(image, prompts.ask_prompt(question), generation)
+        return self._run_text_task("ask", image, {"question": question}, generation)
 
     def read_text(self, image: Any, language: Literal["en", "zh"] = "en", **generation: Any) -> ChatResult:
         """The text visible in the picture."""
-        return self._with_image(image, prompts.read_text_prompt(language), generation)
+        return self._run_text_task("read_text", image, {"language": language}, generation)
 
-    def locate(self, image: Any, phrase: str, language: Literal["en", "zh"] = "en", **generation: Any) -> LocateResult:
-        """Boxes around what ``phrase`` names, parsed from the model's ``<ref>…</ref><box>…</box>`` answer."""
+    def locate(
+        self, image: Any, phrase: str, language: Literal["en", "zh"] | None = None, **generation: Any
+    ) -> LocateResult:
+        """Boxes around what ``phrase`` names, parsed from the model's ``<ref>…</ref><box>…</box>`` answer
+        (``language`` None: the phrase's own language)."""
         from .images import load_image
 
+        task = get_task("locate")
+        arguments = {"phrase": phrase, "language": language}
+        prompt_messages = task.messages(None, **arguments)  # a bad phrase fails before the picture is read
         picture = load_image(image, getattr(self, "image_policy", None))
-        result = self.chat(image_message(picture, prompts.locate_prompt(phrase, language)), **generation)
-        width, height = picture.size
-        boxes = parse_boxes(result.text, width, height, default_label=phrase)
-        return LocateResult(phrase=phrase, boxes=boxes, text=result.text, image_size=(width, height), image=picture)
+        result = self.chat(_with_picture(prompt_messages, picture), **generation)
+        boxes = task.read(result.text, picture.size, arguments)
+        return LocateResult(phrase=phrase, boxes=boxes, text=result.text, image_size=picture.size, image=picture)
 
-    def _with_image(self, image: Any, prompt: str, generation: dict[str, Any]) -> ChatResult:
-        """The answer to ``prompt`` about one picture, carrying the picture as given."""
-        return replace(self.chat(image_message(image, prompt), **generation), image=image)
+    def _run_text_task(
+        self, name: str, image: Any, arguments: dict[str, Any], generation: dict[str, Any]
+    ) -> ChatResult:
+        """The answer to a one-picture task, carrying the picture as given."""
+        messages = get_task(name).messages(image, **arguments)
+        return replace(self.chat(messages, **generation), image=image)
+
+
+def _with_picture(messages: list[Any], picture: Any) -> list[Any]:
+    """A task conversation with its picture part set to ``picture``."""
+    from .messages import ImagePart
+
+    [message] = messages
+    parts = tuple(ImagePart(picture) if isinstance(p, ImagePart) else p for p in message.parts)
+    return [replace(message, parts=parts)]
 
 
 def _is_pil(image: Any) -> bool:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from .backend import ChatResult, StreamChunk, Usage, VisionTasks
+from .messages import Message, parse_messages
 
-from .configuration_qwen_vl import QWenConfig
-from .modeling_qwen_vl import QWenLMHeadModel
-from .tokenization_qwen_vl import qwen_vocab_file
+if TYPE_CHECKING:
+    import torch
 
 Layout = Literal["safetensors", "sharded", "bin", "bin-single"]
 
@@ -102,7 +103,7 @@ def write_tiny_checkpoint(
     layout: Layout = "safetensors",
     visual: bool | dict[str, Any] = True,
     vocab_file: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     shards: int = 3,
     **config_overrides: Any,
 ) -> Path:
@@ -111,8 +112,16 @@ def write_tiny_checkpoint(
     ``layout``: "safetensors" (one model.safetensors), "sharded" (safetensors shards + index), "bin" (sharded
     pytorch_model-*.bin + index, as Belle-VL ships) or "bin-single" (pytorch_model.bin). ``visual=False`` writes a
     text-only Qwen-Chat-style checkpoint; a dict overrides entries of the tiny ``visual`` block; other keyword
-    arguments override config.json entries. The same ``seed`` gives the same weights in every layout.
+    arguments override config.json entries. The same ``seed`` gives the same weights in every layout; ``dtype``
+    defaults to float32.
     """
+    import torch
+
+    from .configuration_qwen_vl import QWenConfig
+    from .modeling_qwen_vl import QWenLMHeadModel
+    from .tokenization_qwen_vl import qwen_vocab_file
+
+    dtype = torch.float32 if dtype is None else dtype
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     vocab = Path(vocab_file) if vocab_file is not None else qwen_vocab_file()
@@ -152,6 +161,7 @@ def write_tiny_checkpoint(
 
 
 def _write_weights(out: Path, state: dict[str, torch.Tensor], layout: Layout, shards: int) -> None:
+    import torch
     from safetensors.torch import save_file
 
     if layout == "safetensors":
@@ -202,3 +212,91 @@ def write_test_pictures(folder: str | os.PathLike) -> dict[str, Path]:
         paths[name] = folder / f"{name}.png"
         image.save(paths[name])
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A backend without a model, for tests of everything above the runtime
+# ---------------------------------------------------------------------------------------------------------------
+
+Reply = str | Sequence[str] | Callable[[list[Message]], str]
+
+
+class ScriptedBackend(VisionTasks):
+    """A backend that answers from a script and records every call; no model, no torch.
+
+    ``reply`` is one fixed text, a list of texts given out in turn, or a function of the (parsed) messages.
+    ``error`` is raised by every call instead; ``gate``, when given, is waited on before answering (to hold
+    calls in flight). Streams are cut into pieces of ``chunk`` characters. Each call is recorded in ``calls``
+    as (messages parsed into the core message model, generation settings).
+    """
+
+    def __init__(
+        self,
+        reply: Reply = "ok",
+        *,
+        model_name: str = "scripted",
+        error: BaseException | None = None,
+        gate: Any = None,
+        usage: Usage | None = None,
+        chunk: int = 5,
+    ) -> None:
+        self._reply = list(reply) if isinstance(reply, list | tuple) else reply
+        self.model_name = model_name
+        self.error = error
+        self.gate = gate
+        self.usage = usage
+        self.chunk = chunk
+        self.calls: list[tuple[list[Message], dict[str, Any]]] = []
+
+    # --- what the tests read -----------------------------------------------------------------------------------
+    def messages(self, call: int = -1) -> list[Message]:
+        """The messages of one call."""
+        return self.calls[call][0]
+
+    def text(self, call: int = -1) -> str:
+        """All text of one call's messages, joined by newlines."""
+        return "\n".join(message.text for message in self.messages(call))
+
+    def pictures(self, call: int = -1) -> list[Any]:
+        """The picture sources of one call, in order."""
+        return [source for message in self.messages(call) for source in message.images]
+
+    # --- the backend interface ---------------------------------------------------------------------------------
+    def _answer(self, messages: Any, generation: dict[str, Any]) -> tuple[str, Usage]:
+        parsed = parse_messages(messages)
+        self.calls.append((parsed, dict(generation)))
+        if self.gate is not None and not self.gate.wait(30):
+            raise TimeoutError("ScriptedBackend: the gate was never opened")
+        if self.error is not None:
+            raise self.error
+        if isinstance(self._reply, list):
+            if not self._reply:
+                raise AssertionError("ScriptedBackend: no scripted answer left")
+            text = self._reply.pop(0)
+        elif callable(self._reply):
+            text = self._reply(parsed)
+        else:
+            text = self._reply
+        images = sum(len(m.images) for m in parsed)
+        return text, self.usage or Usage(10, max(1, len(text.split())), images)
+
+    def chat(self, messages: Any, **generation: Any) -> ChatResult:
+        text, usage = self._answer(messages, generation)
+        return ChatResult(text, "stop", usage, self.model_name)
+
+    def stream(self, messages: Any, **generation: Any) -> Iterator[StreamChunk]:
+        text, usage = self._answer(messages, generation)
+        pieces = [text[i : i + self.chunk] for i in range(0, len(text), self.chunk)] or [""]
+        for piece in pieces[:-1]:
+            yield StreamChunk(piece)
+        yield StreamChunk(pieces[-1], "stop", usage)
+
+    async def achat(self, messages: Any, **generation: Any) -> ChatResult:
+        return self.chat(messages, **generation)
+
+    async def astream(self, messages: Any, **generation: Any) -> AsyncIterator[StreamChunk]:
+        for piece in self.stream(messages, **generation):
+            yield piece
+
+    def generate_batch(self, conversations: Sequence[Any], **generation: Any) -> list[ChatResult]:
+        return [self.chat(conversation, **generation) for conversation in conversations]

@@ -18,17 +18,18 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from . import prompts
-from .backend import Backend, ChatResult, image_message
+from .backend import Backend, ChatResult
 from .errors import BelleVLError, ImageNotFoundError
-from .grounding import draw_boxes, parse_boxes
+from .grounding import Box, draw_boxes
 from .images import ImagePolicy, describe_source, load_image
+from .messages import Message
+from .tasks import get_task
 from .toolcalls import ToolSpec
 
 __all__ = [
@@ -190,18 +191,27 @@ class ReadTextInput(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The tool class
+# The tools: each one a registered vision task with an argument schema
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _Task:
-    """What one tool does: build the conversation from a loaded picture, and turn the answer into a result."""
+@dataclass(frozen=True)
+class _ToolTask:
+    """A tool on top of a registered vision task: its argument schema and how its arguments map to the task's."""
 
-    def messages(self, picture: Any, args: BaseModel) -> list[dict[str, Any]]:
-        raise NotImplementedError
+    schema: type[BaseModel]
+    task: str
+    arguments: Callable[[Any], dict[str, Any]]
+
+    def messages(self, picture: Any, args: BaseModel) -> list[Message]:
+        return get_task(self.task).messages(picture, **self.arguments(args))
 
     def result(self, answer: ChatResult, picture: Any, args: BaseModel, label: str) -> ToolResult:
-        return ToolResult(text=answer.text.strip(), data=_answer_data(answer, label))
+        arguments = self.arguments(args)
+        read = get_task(self.task).read(answer.text, picture.size, arguments)
+        if self.task != "locate":
+            return ToolResult(text=read, data=_answer_data(answer, label))
+        return _located(answer, picture, arguments["phrase"], read, label)
 
 
 def _answer_data(answer: ChatResult, label: str) -> dict[str, Any]:
@@ -214,73 +224,36 @@ def _answer_data(answer: ChatResult, label: str) -> dict[str, Any]:
     }
 
 
-class _Describe(_Task):
-    def messages(self, picture: Any, args: DescribeImageInput) -> list[dict[str, Any]]:  # type: ignore[override]
-        return image_message(picture, prompts.describe_prompt(args.detail, args.language))
+def _located(answer: ChatResult, picture: Any, phrase: str, boxes: list[Box], label: str) -> ToolResult:
+    width, height = picture.size
+    data = {**_answer_data(answer, label), "image_size": [width, height], "boxes": [box.as_dict() for box in boxes]}
+    if not boxes:
+        text = (
+            f"No box found for {phrase!r} in {label} ({width}x{height} pixels). "
+            f"The model answered: {answer.text.strip()!r}"
+        )
+    else:
+        listed = "; ".join(
+            f"{box.label}: [{round(box.x1)}, {round(box.y1)}, {round(box.x2)}, {round(box.y2)}]" for box in boxes
+        )
+        text = (
+            f"Found {len(boxes)} box{'es' if len(boxes) != 1 else ''} in {label} ({width}x{height} pixels), "
+            f"as [x1, y1, x2, y2] in pixels: {listed}"
+        )
+    return ToolResult(text=text, artifact=draw_boxes(picture, boxes), data=data)
 
 
-class _Ask(_Task):
-    def messages(self, picture: Any, args: VisualQAInput) -> list[dict[str, Any]]:  # type: ignore[override]
-        return image_message(picture, prompts.ask_prompt(args.question))
-
-
-class _ReadText(_Task):
-    def messages(self, picture: Any, args: ReadTextInput) -> list[dict[str, Any]]:  # type: ignore[override]
-        return image_message(picture, prompts.read_text_prompt("en"))
-
-
-class _Locate(_Task):
-    def messages(self, picture: Any, args: LocateObjectsInput) -> list[dict[str, Any]]:  # type: ignore[override]
-        language = prompts.detect_language(args.description)
-        return image_message(picture, prompts.locate_prompt(args.description, language))
-
-    def result(self, answer: ChatResult, picture: Any, args: LocateObjectsInput, label: str) -> ToolResult:  # type: ignore[override]
-        width, height = picture.size
-        boxes = parse_boxes(answer.text, width, height, default_label=args.description)
-        drawn = draw_boxes(picture, boxes)
-        data = {
-            **_answer_data(answer, label),
-            "image_size": [width, height],
-            "boxes": [box.as_dict() for box in boxes],
-        }
-        if not boxes:
-            text = (
-                f"No box found for {args.description!r} in {label} ({width}x{height} pixels). "
-                f"The model answered: {answer.text.strip()!r}"
-            )
-        else:
-            listed = "; ".join(
-                f"{box.label}: [{round(box.x1)}, {round(box.y1)}, {round(box.x2)}, {round(box.y2)}]" for box in boxes
-            )
-            text = (
-                f"Found {len(boxes)} box{'es' if len(boxes) != 1 else ''} in {label} ({width}x{height} pixels), "
-                f"as [x1, y1, x2, y2] in pixels: {listed}"
-            )
-        return ToolResult(text=text, artifact=drawn, data=data)
-
-
-_TASKS: dict[str, tuple[type[BaseModel], _Task, str]] = {
-    "describe_image": (
-        DescribeImageInput,
-        _Describe(),
-        "Describe a picture: what it shows, briefly or in detail, in English or Chinese.",
-    ),
-    "visual_qa": (
-        VisualQAInput,
-        _Ask(),
-        "Answer a question about a picture (what, how many, which color, where, ...).",
-    ),
-    "locate_objects": (
-        LocateObjectsInput,
-        _Locate(),
-        "Find something in a picture and return its bounding boxes in pixels, as [x1, y1, x2, y2].",
-    ),
-    "read_text": (
-        ReadTextInput,
-        _ReadText(),
-        "Read the text visible in a picture (signs, documents, screenshots, labels).",
-    ),
+_TASKS: dict[str, _ToolTask] = {
+    "describe_image": _ToolTask(DescribeImageInput, "describe", lambda a: {"detail": a.detail, "language": a.language}),
+    "visual_qa": _ToolTask(VisualQAInput, "ask", lambda a: {"question": a.question}),
+    "locate_objects": _ToolTask(LocateObjectsInput, "locate", lambda a: {"phrase": a.description}),
+    "read_text": _ToolTask(ReadTextInput, "read_text", lambda a: {"language": "en"}),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tool class
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class BelleVLTool:
@@ -299,14 +272,14 @@ class BelleVLTool:
     ) -> None:
         if name not in _TASKS:
             raise ValueError(f"Unknown tool {name!r}: choose from {', '.join(TOOL_NAMES)}.")
-        schema, task, default_description = _TASKS[name]
+        task = _TASKS[name]
         self.name = name
         self.model = model
         self.policy = policy if policy is not None else ImagePolicy()
         self.store = store if store is not None else ImageStore()
         self.generation = {**DEFAULT_TOOL_GENERATION, **(generation or {})}
-        self.description = description or default_description
-        self.args_schema: type[BaseModel] = schema
+        self.description = description or get_task(task.task).summary
+        self.args_schema: type[BaseModel] = task.schema
         self._task = task
 
     def __repr__(self) -> str:

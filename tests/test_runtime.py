@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from belle_vl_tools import BelleVL, ImageNotFoundError, PromptError
-from belle_vl_tools.backend import ChatResult, LocateResult, VisionTasks
-from belle_vl_tools.testing import write_tiny_checkpoint
+from belle_vl_tools.backend import LocateResult
+from belle_vl_tools.testing import ScriptedBackend, write_tiny_checkpoint
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8}
 
@@ -251,29 +251,15 @@ def test_labels_train_the_model(tiny_dir):
     assert losses[-1] < losses[0]
 
 
-class ScriptedBackend(VisionTasks):
-    """A backend whose answer is fixed: checks the vision tasks' prompts and box conversion."""
-
-    model_name = "scripted"
-
-    def __init__(self, answer: str) -> None:
-        self.answer = answer
-        self.seen: list = []
-
-    def chat(self, messages, **generation):
-        self.seen.append(messages)
-        return ChatResult(self.answer)
-
-
 def test_vision_tasks_on_any_backend(pictures):
     backend = ScriptedBackend("<ref>the circle</ref><box>(100,200),(500,600)</box>")
     located = backend.locate(pictures["red"], "the circle")
     assert isinstance(located, LocateResult) and located.image_size == (96, 80)
     (box,) = located.boxes
     assert (box.label, box.x1, box.y1, box.x2, box.y2) == ("the circle", 9.6, 16.0, 48.0, 48.0)
-    assert 'detection box of "the circle"' in backend.seen[-1][0]["content"][1]["text"]
+    assert 'detection box of "the circle"' in backend.messages()[0].parts[1].text
     backend.describe(pictures["red"], detail="detailed", language="zh")
-    assert backend.seen[-1][0]["content"][1]["text"] == "详细描述一下这张图"
+    assert backend.messages()[0].parts[1].text == "详细描述一下这张图"
 
 
 def test_tasks_run_on_the_runtime(runtime, pictures):

@@ -9,16 +9,17 @@ import http.server
 import io
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from belle_vl_tools.backend import ChatResult, Usage
+from belle_vl_tools.backend import Usage
 from belle_vl_tools.errors import BackendError
 from belle_vl_tools.images import ImagePolicy
+from belle_vl_tools.testing import ScriptedBackend
 from belle_vl_tools.toolcalls import ToolSpec
 from belle_vl_tools.tools import TOOL_NAMES, BelleVLTool, ImageStore, ToolResult, UnknownImageHandleError, make_tools
 
@@ -31,28 +32,15 @@ def _png(color: str, size: tuple[int, int] = (40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-class SpyBackend:
+class SpyBackend(ScriptedBackend):
     """A backend that records what it is asked and answers with a fixed text (no model)."""
 
-    model_name = "spy"
-
     def __init__(self, answer: str = "an answer", error: BaseException | None = None) -> None:
-        self.answer = answer
-        self.error = error
-        self.calls: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
-
-    def chat(self, messages: Sequence[dict[str, Any]], **generation: Any) -> ChatResult:
-        self.calls.append((list(messages), generation))
-        if self.error is not None:
-            raise self.error
-        return ChatResult(self.answer, "stop", Usage(10, 3, 1), self.model_name)
-
-    async def achat(self, messages: Sequence[dict[str, Any]], **generation: Any) -> ChatResult:
-        return self.chat(messages, **generation)
+        super().__init__(answer, model_name="spy", error=error, usage=Usage(10, 3, 1))
 
     def picture(self, call: int = -1) -> Image.Image:
-        [part] = [p for p in self.calls[call][0][0]["content"] if p["type"] == "image"]
-        return part["image"]
+        [picture] = self.pictures(call)
+        return picture
 
 
 @pytest.fixture()
@@ -306,7 +294,7 @@ def test_prompts_and_generation_reach_the_backend(root: Path) -> None:
     tools["describe_image"].run(image=path, detail="detailed", language="zh")
     tools["visual_qa"].run(image=path, question="How many circles?")
     tools["read_text"].run(image=path)
-    texts = [call[0][0]["content"][1]["text"] for call in spy.calls]
+    texts = [messages[0].parts[1].text for messages, _ in spy.calls]
     assert texts[0] == "详细描述一下这张图" and "How many circles?" in texts[1] and texts[2] != texts[1]
     assert all(call[1] == {"temperature": 0, "max_new_tokens": 7} for call in spy.calls)
 
@@ -327,7 +315,7 @@ def test_locate_returns_pixel_boxes_and_a_drawing(root: Path) -> None:
     assert isinstance(drawn, Image.Image) and drawn.size == (200, 100)
     assert drawn.getpixel((20, 40)) != (255, 255, 255)  # the left edge of the box is drawn
     assert drawn.getpixel((180, 90)) == (255, 255, 255)  # far from the box nothing changed
-    assert 'Output the detection box of "the red car"' in spy.calls[0][0][0]["content"][1]["text"]
+    assert 'Output the detection box of "the red car"' in spy.messages(0)[0].parts[1].text
 
 
 def test_locate_without_boxes(root: Path) -> None:
