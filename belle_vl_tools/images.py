@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import http.client
@@ -38,11 +40,12 @@ import socket
 import ssl
 import stat
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -139,9 +142,16 @@ class ImagePolicy:
 
     Attributes:
         allowed_roots: Folders local files must lie in, or ``None`` for any local path. Paths are resolved with
-            symbolic links followed before the check, so ``../`` tricks and links pointing outside are refused.
+            symbolic links followed before the check, so ``../`` tricks and links pointing outside are refused;
+            the file is then opened one path component at a time below the allowed folder, never following a
+            symbolic link, so a folder swapped for a link between the check and the open cannot lead outside.
             Relative paths are taken relative to the current working directory. Defaults to ``(Path.cwd(),)``.
+            Error messages of a confined policy name paths relative to the allowed folder, never its absolute
+            location.
         allow_local_files: Whether local paths are read at all.
+        allow_hard_links: Whether a confined policy (``allowed_roots`` set) reads files with more than one hard
+            link. Off by default: a hard link inside an allowed folder may name a file that also lies outside it,
+            which no path check can see. Ignored when ``allowed_roots`` is ``None``.
         allow_urls: Whether ``http://`` and ``https://`` URLs are fetched. ``file://`` and every other scheme are
             always refused (pass a plain path instead).
         allow_private_urls: Whether URLs may reach loopback, private, link-local, reserved, multicast or
@@ -155,10 +165,14 @@ class ImagePolicy:
             to :data:`DEFAULT_IMAGE_FORMATS`.
         max_bytes: Largest encoded image in bytes (files, bytes, base64 after decoding, downloads).
         max_pixels: Largest ``width * height``, checked from the header before pixels are decoded (the
-            decompression bomb guard). Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 million)
-            applies too: images above it are refused even when ``max_pixels`` is higher.
+            decompression bomb guard). Every frame, page and embedded picture of a container (ICO/CUR icons and
+            their embedded PNGs, TIFF pages, GIF/APNG/WebP animation frames) is checked from its header too, and
+            Pillow's own bomb check refuses anything larger while this policy's image is decoded. Pillow's limit
+            (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 million) applies too: images above it are refused even when
+            ``max_pixels`` is higher.
         url_timeout: Seconds each network operation of a download may take.
-        url_total_timeout: Seconds a whole download, redirects included, may take.
+        url_total_timeout: Seconds a whole download may take: connecting, the TLS handshake, the response
+            headers, every redirect and the body together (checked on every read and write of the socket).
         max_redirects: Redirects the default fetcher follows (each hop re-checked against this policy).
         fetcher: ``fetcher(url, policy) -> bytes`` used for allowed URLs instead of :func:`fetch_url`. The URL has
             passed :func:`check_url` (scheme, ``allow_urls``, literal addresses) but host names are not resolved
@@ -168,6 +182,7 @@ class ImagePolicy:
 
     allowed_roots: tuple[Path, ...] | None = dataclasses.field(default_factory=_cwd_roots)
     allow_local_files: bool = True
+    allow_hard_links: bool = False
     allow_urls: bool = False
     allow_private_urls: bool = False
     allowed_url_hosts: frozenset[str] = frozenset()
@@ -374,6 +389,268 @@ def _check_pillow_limit(size: tuple[int, int], label: str) -> None:
         )
 
 
+# --- pixel limits inside containers -----------------------------------------------------------------------------
+#
+# Pillow checks an image's size against the global ``PIL.Image.MAX_IMAGE_PIXELS`` when it opens a file, when it
+# opens a picture embedded in another (an ICO's PNG or BMP icons) and when frames of some formats grow the canvas;
+# below twice that limit it only warns. Changing the global would be visible to every thread (and to other code in
+# the process), so the policy's limit is applied per thread instead: while a load runs, Pillow's check function
+# first refuses, as an error, any size over the limit of the policy this thread is loading under; other threads
+# and other code see Pillow's own behaviour. Frame, page and icon sizes of containers are also read from their
+# headers by the small walkers below before anything is decoded.
+
+_limits = threading.local()
+_hook_lock = threading.Lock()
+_MAX_CONTAINER_ENTRIES = 4096  # icons, pages, frames or chunks looked at per file; more pages/icons are refused
+_MAX_CHUNKS = 200_000  # PNG chunks / GIF blocks walked at most (a guard against pathological files)
+
+
+class _FrameTooLarge(Image.DecompressionBombError):
+    """Raised by the bomb check hook: an embedded picture or frame is over the policy's limit."""
+
+    def __init__(self, size: tuple[int, int], limit: int) -> None:
+        super().__init__(f"an embedded picture or frame of {size[0]}x{size[1]} pixels is over the limit of {limit:,}")
+        self.size = size
+        self.limit = limit
+
+
+def _install_bomb_check_hook() -> None:
+    """Wrap ``PIL.Image._decompression_bomb_check`` (once) so that it honours the calling thread's load limit."""
+    original = getattr(Image, "_decompression_bomb_check", None)
+    if original is None or getattr(original, "_belle_vl_hook", False):
+        return
+    with _hook_lock:
+        original = Image._decompression_bomb_check
+        if getattr(original, "_belle_vl_hook", False):
+            return
+
+        def checked(size: tuple[int, int]) -> None:
+            limit = getattr(_limits, "pixels", None)
+            if limit is not None and int(size[0]) * int(size[1]) > limit:
+                raise _FrameTooLarge((int(size[0]), int(size[1])), limit)
+            original(size)
+
+        checked._belle_vl_hook = True  # type: ignore[attr-defined]
+        checked.__wrapped__ = original  # type: ignore[attr-defined]
+        Image._decompression_bomb_check = checked
+
+
+def _effective_pixel_limit(policy: ImagePolicy) -> int:
+    """The policy's ``max_pixels``, or Pillow's ``MAX_IMAGE_PIXELS`` when that is lower."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    return min(policy.max_pixels, pillow) if pillow else policy.max_pixels
+
+
+@contextlib.contextmanager
+def _pixel_limit(limit: int) -> Iterator[None]:
+    """Within the block, Pillow's bomb check refuses (raises) sizes over ``limit`` in this thread."""
+    _install_bomb_check_hook()
+    previous = getattr(_limits, "pixels", None)
+    _limits.pixels = limit if previous is None else min(previous, limit)
+    try:
+        yield
+    finally:
+        _limits.pixels = previous
+
+
+def _u16le(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 2], "little")
+
+
+def _u24le(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 3], "little")
+
+
+def _u32le(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 4], "little")
+
+
+def _u32be(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 4], "big")
+
+
+def _png_frames(data: bytes, start: int = 0) -> Iterator[tuple[str, int, int]]:
+    """IHDR and (for APNG) every fcTL frame size of the PNG starting at ``start``."""
+    if data[start : start + 8] != b"\x89PNG\r\n\x1a\n":
+        return
+    offset = start + 8
+    animated = False
+    for _ in range(_MAX_CHUNKS):
+        if offset + 8 > len(data):
+            return
+        length = _u32be(data, offset)
+        kind = data[offset + 4 : offset + 8]
+        body = offset + 8
+        if kind == b"IHDR" and length >= 8:
+            yield "the PNG header", _u32be(data, body), _u32be(data, body + 4)
+        elif kind == b"acTL":
+            animated = True
+        elif kind == b"fcTL" and length >= 12:
+            yield "an APNG frame", _u32be(data, body + 4), _u32be(data, body + 8)
+        elif kind == b"IDAT" and not animated:
+            return  # a still PNG: nothing after the pixel data is decoded
+        elif kind == b"IEND":
+            return
+        offset = body + length + 4
+
+
+def _gif_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """The logical screen and every frame of a GIF (a frame reaching past the screen grows Pillow's canvas)."""
+    if len(data) < 13 or data[:6] not in (b"GIF87a", b"GIF89a"):
+        return
+    screen_w, screen_h = _u16le(data, 6), _u16le(data, 8)
+    yield "the GIF screen", screen_w, screen_h
+    flags = data[10]
+    offset = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    steps = 0
+    while offset < len(data) and steps < _MAX_CHUNKS:
+        steps += 1
+        marker = data[offset]
+        if marker == 0x2C:  # image descriptor
+            if offset + 10 > len(data):
+                return
+            left, top = _u16le(data, offset + 1), _u16le(data, offset + 3)
+            width, height = _u16le(data, offset + 5), _u16le(data, offset + 7)
+            yield "a GIF frame", max(screen_w, left + width), max(screen_h, top + height)
+            local = data[offset + 9]
+            offset += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1  # + LZW minimum code size
+        elif marker == 0x21:  # extension: label, then sub-blocks
+            offset += 2
+        elif marker == 0x3B:  # trailer
+            return
+        else:
+            return  # damaged: Pillow decides
+        while offset < len(data) and steps < _MAX_CHUNKS:  # sub-blocks up to the zero-length terminator
+            steps += 1
+            size = data[offset]
+            offset += 1 + size
+            if size == 0:
+                break
+
+
+def _webp_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """The canvas, every animation frame and every bitstream size of a WebP file."""
+    if len(data) < 16 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return
+    offset = 12
+    for _ in range(_MAX_CONTAINER_ENTRIES):
+        if offset + 8 > len(data):
+            return
+        kind, length = data[offset : offset + 4], _u32le(data, offset + 4)
+        body = offset + 8
+        if kind == b"VP8X" and length >= 10:
+            yield "the WebP canvas", _u24le(data, body + 4) + 1, _u24le(data, body + 7) + 1
+        elif kind == b"ANMF" and length >= 16:
+            yield "a WebP animation frame", _u24le(data, body + 6) + 1, _u24le(data, body + 9) + 1
+        elif kind == b"VP8 " and length >= 10 and data[body + 3 : body + 6] == b"\x9d\x01\x2a":
+            yield "the WebP picture", _u16le(data, body + 6) & 0x3FFF, _u16le(data, body + 8) & 0x3FFF
+        elif kind == b"VP8L" and length >= 5 and data[body] == 0x2F:
+            bits = _u32le(data, body + 1)
+            yield "the WebP picture", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        offset = body + length + (length & 1)
+
+
+def _ico_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """Every icon of an ICO/CUR file, read from the icon's own header (embedded PNG or BMP), not the directory."""
+    if len(data) < 6 or data[:2] != b"\x00\x00" or _u16le(data, 2) not in (1, 2):
+        return
+    count = _u16le(data, 4)
+    if count > _MAX_CONTAINER_ENTRIES:
+        raise _TooManyFrames("icons", count)
+    for index in range(count):
+        entry = 6 + 16 * index
+        if entry + 16 > len(data):
+            return
+        offset = _u32le(data, entry + 12)
+        head = data[offset : offset + 24]
+        if head[:8] == b"\x89PNG\r\n\x1a\n":
+            yield from ((f"icon {index + 1} (an embedded PNG)", w, h) for _, w, h in _png_frames(data, offset))
+        elif len(head) >= 12:
+            width = abs(int.from_bytes(head[4:8], "little", signed=True))
+            height = abs(int.from_bytes(head[8:12], "little", signed=True))
+            yield f"icon {index + 1} (an embedded bitmap)", width, height
+
+
+def _tiff_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """The size of every page (IFD) of a TIFF file, classic or BigTIFF."""
+    order = {b"II": "little", b"MM": "big"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return
+    magic = int.from_bytes(data[2:4], order)
+    if magic == 42:
+        big, offset = False, int.from_bytes(data[4:8], order)
+    elif magic == 43 and len(data) >= 16:
+        big, offset = True, int.from_bytes(data[8:16], order)
+    else:
+        return
+    count_size, entry_size, next_size = (8, 20, 8) if big else (2, 12, 4)
+    types = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8: the value sits in the entry
+    seen: set[int] = set()
+    page = 0
+    while offset and offset not in seen and offset + count_size <= len(data):
+        seen.add(offset)
+        page += 1
+        if page > _MAX_CONTAINER_ENTRIES:
+            raise _TooManyFrames("pages", page)
+        entries = int.from_bytes(data[offset : offset + count_size], order)
+        start = offset + count_size
+        end = start + entries * entry_size
+        if end + next_size > len(data) or entries > 100_000:
+            return
+        size = {256: 0, 257: 0}
+        for at in range(start, end, entry_size):
+            tag = int.from_bytes(data[at : at + 2], order)
+            width = types.get(int.from_bytes(data[at + 2 : at + 4], order))
+            if tag in size and width is not None:
+                value_at = at + (12 if big else 8)
+                size[tag] = int.from_bytes(data[value_at : value_at + width], order)
+        yield f"page {page}", size[256], size[257]
+        offset = int.from_bytes(data[end : end + next_size], order)
+
+
+class _TooManyFrames(Exception):
+    def __init__(self, what: str, count: int) -> None:
+        super().__init__(f"{count} {what}")
+        self.what = what
+        self.count = count
+
+
+_FRAME_WALKERS: dict[str, Callable[[bytes], Iterator[tuple[str, int, int]]]] = {
+    "PNG": _png_frames,
+    "GIF": _gif_frames,
+    "WEBP": _webp_frames,
+    "ICO": _ico_frames,
+    "CUR": _ico_frames,
+    "TIFF": _tiff_frames,
+}
+
+
+def _check_container(data: bytes, fmt: str | None, limit: int, policy: ImagePolicy, label: str) -> None:
+    """Refuse a file any of whose frames, pages or embedded pictures is over ``limit`` pixels (headers only)."""
+    walker = _FRAME_WALKERS.get(fmt or "")
+    if walker is None:
+        return
+    try:
+        for what, width, height in walker(data):
+            if width * height > limit:
+                raise ImageTooLargeError(
+                    f"{_cap(label)} holds {what} of {width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{_limit_text(policy, limit)}. Only the first picture is used, but a file hiding a huge one "
+                    "is refused before anything is decoded: re-export the picture on its own."
+                )
+    except _TooManyFrames as exc:
+        raise ImageTooLargeError(
+            f"{_cap(label)} holds more than {_MAX_CONTAINER_ENTRIES:,} {exc.what}; only the first picture is used. "
+            "Re-export the picture on its own."
+        ) from None
+
+
+def _limit_text(policy: ImagePolicy, limit: int) -> str:
+    if limit < policy.max_pixels:
+        return f"PIL.Image.MAX_IMAGE_PIXELS={limit:,}"
+    return f"ImagePolicy.max_pixels={policy.max_pixels:,}"
+
+
 def _pillow_formats() -> frozenset[str]:
     Image.init()  # cheap after the first call; plugins registered later (e.g. HEIF) are seen too
     return frozenset(Image.OPEN)
@@ -408,10 +685,11 @@ def _sniff_hint(data: bytes) -> str:
     return ""
 
 
-def _unidentified_message(data: bytes, policy: ImagePolicy, label: str) -> str:
+def _unidentified_message(data: bytes, policy: ImagePolicy, label: str, private: bool = False) -> str:
     formats = _open_formats(policy)
     kind = _magic_name(data)
-    message = f"{_cap(label)} ({len(data):,} bytes) is not a readable image"
+    size = "" if private else f" ({len(data):,} bytes)"
+    message = f"{_cap(label)}{size} is not a readable image"
     if formats is not None:
         message += f" in one of the allowed formats ({', '.join(formats)})"
     message += "."
@@ -429,30 +707,44 @@ def _unidentified_message(data: bytes, policy: ImagePolicy, label: str) -> str:
     return message
 
 
-def _decode_bytes(data: bytes, policy: ImagePolicy, label: str) -> Image.Image:
-    """Decode encoded image bytes to a fresh RGB image, or raise an ImageError subclass."""
+def _decode_bytes(data: bytes, policy: ImagePolicy, label: str, *, private: bool = False) -> Image.Image:
+    """Decode encoded image bytes to a fresh RGB image, or raise an ImageError subclass.
+
+    ``private``: the data is a local file's; messages then do not tell its size (the file may be anything, e.g. a
+    prompt naming ``/etc/passwd``).
+    """
     if not data:
         raise ImageDecodeError(f"{_cap(label)} is empty (0 bytes): there is no image in it.")
     _check_bytes(len(data), policy, label)
+    limit = _effective_pixel_limit(policy)
     try:
-        with Image.open(io.BytesIO(data), formats=_open_formats(policy)) as image:
+        with _pixel_limit(limit), Image.open(io.BytesIO(data), formats=_open_formats(policy)) as image:
             _check_pixels(image.size, policy, label)  # header only: no pixel is decoded yet
             _check_pillow_limit(image.size, label)
+            _check_container(data, image.format, limit, policy, label)
             image.load()
             _check_pixels(image.size, policy, label)
             return _finish(image, policy, label, owned=True)
     except (ImageError, MemoryError):
         raise
+    except _FrameTooLarge as exc:
+        width, height = exc.size
+        raise ImageTooLargeError(
+            f"{_cap(label)} is or holds a picture of {width}x{height} = {width * height:,} pixels, over the limit "
+            f"of {_limit_text(policy, exc.limit)} (the decompression-bomb guard); it was refused before being "
+            "decoded. Downscale the image first."
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(
             f"{_cap(label)} is too large to decode safely: {exc} Downscale the image first (Pillow's own limit, "
             f"PIL.Image.MAX_IMAGE_PIXELS, applies besides ImagePolicy.max_pixels={policy.max_pixels:,})."
         ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(_unidentified_message(data, policy, label)) from exc
+        raise ImageDecodeError(_unidentified_message(data, policy, label, private)) from exc
     except Exception as exc:  # PIL, zlib and codec errors of every kind: corrupt or truncated data
+        size = "" if private else f" ({len(data):,} bytes)"
         raise ImageDecodeError(
-            f"{_cap(label)} ({len(data):,} bytes) could not be decoded ({type(exc).__name__}: {_short(str(exc))}). "
+            f"{_cap(label)}{size} could not be decoded ({type(exc).__name__}: {_short(str(exc))}). "
             "The data is probably corrupt or truncated: re-export it as PNG or JPEG."
         ) from exc
 
@@ -720,17 +1012,41 @@ def _decode_data_url(url: str, policy: ImagePolicy) -> bytes:
 
 
 def _is_within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    """Whether ``path`` is ``root`` or below it (both absolute and normalised; compared as strings, which is
+    exact for such paths and much cheaper than walking ``path.parents``)."""
+    text, base = str(path), str(root)
+    return text == base or text.startswith(base if base.endswith(os.sep) else base + os.sep)
 
 
-def _roots_text(roots: tuple[Path, ...]) -> str:
-    return ", ".join(str(r) for r in roots) if roots else "none"
+def _roots_text(roots: tuple[Path, ...], confined: bool) -> str:
+    """The allowed folders for a message: full paths for a trusted caller's policy, only the folder names for a
+    confined one (its messages reach agents and clients, who must not learn the server's folders)."""
+    if not roots:
+        return "none"
+    return ", ".join(repr(r.name or str(r)) if confined else str(r) for r in roots)
 
 
-def _resolve_local_path(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[Path, str]:
+def _shown_path(text: str, resolved: Path | None, policy: ImagePolicy) -> str:
+    """How a path appears in messages. Under a confined policy a relative path is shown as given and an absolute
+    one relative to its allowed folder, so that messages never carry the server's absolute folders."""
+    roots = policy.allowed_roots
+    if roots is None or not (os.path.isabs(text) or text.startswith("~")):
+        return repr(_short(text, 200))
+    lexical = Path(os.path.abspath(os.path.expanduser(text)))
+    for candidate in (lexical, resolved):
+        for root in roots if candidate is not None else ():
+            if _is_within(candidate, root):
+                relative = os.path.relpath(candidate, root).replace(os.sep, "/")
+                return repr(_short(relative, 200))
+    return repr(_short(text, 200))  # outside every allowed folder: the caller's own text
+
+
+def _locate(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[Path, str, Path | None]:
+    """The resolved path, its form for messages, and the allowed folder it lies in (``None`` when unconfined)."""
     text = os.fsdecode(raw)
     shown = repr(_short(text, 200))
     if not policy.allow_local_files:
+        shown = _shown_path(text, None, policy) if "\x00" not in text else shown
         raise ImageAccessDeniedError(
             f"Refused to read the local path {shown}: reading local files is disabled by "
             "ImagePolicy(allow_local_files=False). Pass the image as base64 or a data URL instead."
@@ -739,30 +1055,92 @@ def _resolve_local_path(raw: str | os.PathLike[str], policy: ImagePolicy) -> tup
         raise ImageNotFoundError("The image source is an empty string: pass a path, URL, data URL or base64 data.")
     if "\x00" in text:
         raise ImageNotFoundError(f"The path {shown} contains a NUL character, so it cannot name a file.")
+    roots = policy.allowed_roots
     try:
         resolved = Path(text).expanduser().resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, unusable names
-        raise ImageNotFoundError(f"The path {shown} cannot be resolved ({exc}).") from exc
-    roots = policy.allowed_roots
-    if roots is not None and not any(_is_within(resolved, root) for root in roots):
+        detail = "a loop of symbolic links or an unusable name" if roots is not None else str(exc)
+        raise ImageNotFoundError(f"The path {shown} cannot be resolved ({detail}).") from exc
+    if roots is None:
+        return resolved, shown, None
+    shown = _shown_path(text, resolved, policy)
+    root = next((r for r in roots if _is_within(resolved, r)), None)
+    if root is None:
         raise ImageAccessDeniedError(
             f"Refused to read {shown}: it lies outside the folders images may be read from "
-            f"({_roots_text(roots)}); '..' and symbolic links are resolved before this check. Pass a path inside "
-            "one of them, or (if you configure the tool) add its folder to ImagePolicy(allowed_roots=...)."
+            f"({_roots_text(roots, True)}); '..' and symbolic links are resolved before this check. Pass a path "
+            "inside one of them, or (if you configure the tool) add its folder to ImagePolicy(allowed_roots=...)."
         )
+    return resolved, shown, root
+
+
+def _resolve_local_path(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[Path, str]:
+    """The resolved path and its form for messages; raises when the policy refuses the path."""
+    resolved, shown, _root = _locate(raw, policy)
     return resolved, shown
 
 
-def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[bytes, str]:
-    resolved, shown = _resolve_local_path(raw, policy)
-    label = f"the file {shown}"
-    flags = os.O_RDONLY
-    for name in ("O_BINARY", "O_NONBLOCK", "O_NOCTTY", "O_NOFOLLOW", "O_CLOEXEC"):
-        flags |= getattr(os, name, 0)
+def _flag(name: str) -> int:
+    return getattr(os, name, 0)
+
+
+_FILE_FLAGS = os.O_RDONLY | _flag("O_BINARY") | _flag("O_NONBLOCK") | _flag("O_NOCTTY") | _flag("O_CLOEXEC")
+_DIR_FLAGS = os.O_RDONLY | _flag("O_DIRECTORY") | _flag("O_NOFOLLOW") | _flag("O_CLOEXEC")
+_CONFINED_OPEN = (
+    os.open in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY")
+)  # openat() with O_NOFOLLOW per component: POSIX systems
+
+
+class _PathChanged(OSError):
+    """A path component turned into a symbolic link between the check and the open."""
+
+
+def _open_beneath(root: Path, resolved: Path) -> int:
+    """Open ``resolved`` (a path without symbolic links, inside ``root``) one component at a time from a file
+    descriptor of ``root``, following no symbolic link, so no rename or swap made meanwhile can lead outside."""
+    parts = Path(os.path.relpath(resolved, root)).parts if resolved != root else ()
+    if not parts:
+        raise IsADirectoryError(str(resolved))
+    fd = os.open(root, _DIR_FLAGS)
     try:
-        fd = os.open(resolved, flags)
+        for part in parts[:-1]:
+            try:
+                inner = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise _PathChanged(exc.errno, exc.strerror) from exc
+                raise
+            os.close(fd)
+            fd = inner
+        try:
+            return os.open(parts[-1], _FILE_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _PathChanged(exc.errno, exc.strerror) from exc
+            raise
+    finally:
+        os.close(fd)
+
+
+def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[bytes, str]:
+    resolved, shown, root = _locate(raw, policy)
+    label = f"the file {shown}"
+    try:
+        if root is not None and _CONFINED_OPEN:
+            fd = _open_beneath(root, resolved)
+        else:
+            fd = os.open(resolved, _FILE_FLAGS | _flag("O_NOFOLLOW"))
+    except _PathChanged as exc:
+        raise ImageAccessDeniedError(
+            f"Refused to read {shown}: a folder or file on its path was replaced by a symbolic link while it was "
+            "being opened. Pass a path to a regular file inside the allowed folders."
+        ) from exc
     except FileNotFoundError as exc:
-        where = "" if Path(os.fsdecode(raw)).is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        where = ""
+        if root is None and not Path(os.fsdecode(raw)).is_absolute():
+            where = f" (relative to the current folder {Path.cwd()})"
+        elif root is not None:
+            where = " in the folders images may be read from"
         raise ImageNotFoundError(
             f"No such file: {shown}{where}. Check the spelling and the folder, or pass the image as a URL or "
             "base64 data."
@@ -776,6 +1154,10 @@ def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[
     except PermissionError as exc:
         raise ImageAccessDeniedError(f"The operating system does not allow reading {shown} ({exc.strerror}).") from exc
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageAccessDeniedError(
+                f"Refused to read {shown}: it is a symbolic link that changed while being opened."
+            ) from exc
         raise ImageNotFoundError(f"Cannot open {shown}: {exc.strerror or exc}.") from exc
     try:
         info = os.fstat(fd)
@@ -785,7 +1167,13 @@ def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[
             )
         if not stat.S_ISREG(info.st_mode):
             raise ImageNotFoundError(f"{shown} is not a regular file (a device, pipe or socket): pass an image file.")
-        _check_bytes(info.st_size, policy, label)
+        if root is not None and not policy.allow_hard_links and info.st_nlink > 1:
+            raise ImageAccessDeniedError(
+                f"Refused to read {shown}: the file has {info.st_nlink} hard links, and a hard link inside the "
+                "allowed folders may name a file that lies outside them. Pass a copy of the image, or (if you "
+                "configure the tool) allow it with ImagePolicy(allow_hard_links=True)."
+            )
+        _check_file_bytes(info.st_size, policy, label)
         chunks: list[bytes] = []
         total = 0
         while total <= policy.max_bytes:
@@ -794,7 +1182,7 @@ def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[
                 break
             chunks.append(chunk)
             total += len(chunk)
-        _check_bytes(total, policy, label)  # the file grew while being read
+        _check_file_bytes(total, policy, label)  # the file grew while being read
         return b"".join(chunks), label
     except ImageError:
         raise
@@ -802,6 +1190,15 @@ def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[
         raise ImageNotFoundError(f"Reading {shown} failed: {exc.strerror or exc}.") from exc
     finally:
         os.close(fd)
+
+
+def _check_file_bytes(size: int, policy: ImagePolicy, label: str) -> None:
+    """The byte limit for a local file; the message does not tell the file's size (it may not be an image)."""
+    if size > policy.max_bytes:
+        raise ImageTooLargeError(
+            f"{_cap(label)} is larger than the limit of ImagePolicy.max_bytes={policy.max_bytes:,} bytes. "
+            "Compress or downscale the image first, or raise max_bytes."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -947,18 +1344,119 @@ def check_url(url: str, policy: ImagePolicy, *, resolve: bool = False) -> str:
     return url
 
 
+class _DeadlineExceeded(TimeoutError):
+    """The whole download ran past ``ImagePolicy.url_total_timeout``."""
+
+
+class _Deadline:
+    """A monotonic deadline for one download, and the per-operation timeout."""
+
+    def __init__(self, total: float, per_operation: float) -> None:
+        self.end = time.monotonic() + total
+        self.per_operation = per_operation
+
+    def timeout(self) -> float:
+        """Seconds the next socket operation may take; raises once the deadline has passed."""
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise _DeadlineExceeded("the total download deadline has passed")
+        return min(self.per_operation, remaining)
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every connect, read and write waits at most until the download's deadline."""
+
+    _deadline: _Deadline | None = None
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            super().settimeout(self._deadline.timeout())
+
+    def connect(self, address: Any) -> None:
+        self._arm()
+        super().connect(address)
+
+    def recv(self, *args: Any) -> bytes:
+        self._arm()
+        return super().recv(*args)
+
+    def recv_into(self, *args: Any) -> int:
+        self._arm()
+        return super().recv_into(*args)
+
+    def send(self, *args: Any) -> int:
+        self._arm()
+        return super().send(*args)
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # one deadline check per write, so a slow reader cannot stretch a large send
+            sent = self.send(view[: 1 << 16], *args)
+            view = view[sent:]
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """The TLS counterpart of :class:`_DeadlineSocket` (handshake, reads and writes)."""
+
+    _deadline: _Deadline | None = None
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            super().settimeout(self._deadline.timeout())
+
+    def do_handshake(self, *args: Any, **kwargs: Any) -> None:
+        self._arm()
+        super().do_handshake(*args, **kwargs)
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        self._arm()
+        return super().read(*args, **kwargs)
+
+    def write(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().write(*args, **kwargs)
+
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        self._arm()
+        return super().recv(*args, **kwargs)
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().recv_into(*args, **kwargs)
+
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().send(*args, **kwargs)
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            sent = self.send(view[: 1 << 16], *args)
+            view = view[sent:]
+
+
 def _guarded_connect(
-    address: tuple[str, int], timeout: Any = None, source_address: Any = None, *, policy: ImagePolicy
+    address: tuple[str, int],
+    timeout: Any = None,
+    source_address: Any = None,
+    *,
+    policy: ImagePolicy,
+    deadline: _Deadline | None = None,
 ) -> socket.socket:
-    """``socket.create_connection`` that checks every resolved address first and connects only to those."""
+    """``socket.create_connection`` that checks every resolved address first and connects only to those; with a
+    ``deadline``, the socket enforces it on every later operation too."""
     host, port = address
     infos = _resolve_checked(_normalise_host(host), port, policy)
     errors: list[OSError] = []
     for family, kind, proto, _canonical, sockaddr in infos:
-        sock = socket.socket(family, kind, proto)
+        sock = _DeadlineSocket(family, kind, proto)
         try:
             if isinstance(timeout, (int, float)):
                 sock.settimeout(timeout)
+            sock._deadline = deadline
             if source_address:
                 sock.bind(source_address)
             sock.connect(sockaddr)
@@ -966,48 +1464,64 @@ def _guarded_connect(
         except OSError as exc:
             errors.append(exc)
             sock.close()
+            if isinstance(exc, _DeadlineExceeded):
+                break
     raise errors[-1] if errors else OSError(f"cannot connect to {host!r}")
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args: Any, policy: ImagePolicy, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: ImagePolicy, deadline: _Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_guarded_connect, policy=policy)
+        self._create_connection = functools.partial(_guarded_connect, policy=policy, deadline=deadline)
 
 
 class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, policy: ImagePolicy, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: ImagePolicy, deadline: _Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_guarded_connect, policy=policy)
+        self._deadline = deadline
+        self._create_connection = functools.partial(_guarded_connect, policy=policy, deadline=deadline)
+
+    def connect(self) -> None:
+        # As http.client's, with the handshake started only once the deadline is attached to the TLS socket.
+        http.client.HTTPConnection.connect(self)
+        server_hostname = self._tunnel_host or self.host
+        sock = self._context.wrap_socket(self.sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+        sock._deadline = self._deadline
+        self.sock = sock
+        sock.do_handshake()
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: ImagePolicy) -> None:
+    def __init__(self, policy: ImagePolicy, deadline: _Deadline | None = None) -> None:
         super().__init__()
         self._policy = policy
+        self._deadline = deadline
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self._policy), req)
+        factory = functools.partial(_GuardedHTTPConnection, policy=self._policy, deadline=self._deadline)
+        return self.do_open(factory, req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: ImagePolicy) -> None:
+    def __init__(self, policy: ImagePolicy, deadline: _Deadline | None = None) -> None:
         self._ssl_context = ssl.create_default_context()
+        self._ssl_context.sslsocket_class = _DeadlineSSLSocket
         super().__init__(context=self._ssl_context)
         self._policy = policy
+        self._deadline = deadline
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        factory = functools.partial(_GuardedHTTPSConnection, policy=self._policy)
+        factory = functools.partial(_GuardedHTTPSConnection, policy=self._policy, deadline=self._deadline)
         return self.do_open(factory, req, context=self._ssl_context)
 
 
-def _build_opener(policy: ImagePolicy) -> urllib.request.OpenerDirector:
+def _build_opener(policy: ImagePolicy, deadline: _Deadline | None = None) -> urllib.request.OpenerDirector:
     # Only the two guarded handlers: no proxies from the environment (the address checks must see the real
     # destination), no automatic redirects (each hop is checked here), no HTTP error processing (statuses are
     # handled below).
     opener = urllib.request.OpenerDirector()
-    opener.add_handler(_GuardedHTTPHandler(policy))
-    opener.add_handler(_GuardedHTTPSHandler(policy))
+    opener.add_handler(_GuardedHTTPHandler(policy, deadline))
+    opener.add_handler(_GuardedHTTPSHandler(policy, deadline))
     return opener
 
 
@@ -1041,10 +1555,20 @@ def _check_content_type(value: str | None, shown: str) -> None:
         )
 
 
-def _fetch_error(shown: str, exc: BaseException) -> ImageError:
+def _fetch_error(
+    shown: str, exc: BaseException, policy: ImagePolicy | None = None, budget: _Deadline | None = None
+) -> ImageError:
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, ImageError):
         return reason
+    expired = isinstance(reason, _DeadlineExceeded) or (
+        isinstance(reason, (TimeoutError, socket.timeout)) and budget is not None and budget.expired()
+    )
+    if expired and policy is not None:
+        return ImageFetchError(
+            f"Fetching {shown} took longer than ImagePolicy.url_total_timeout={policy.url_total_timeout:g} s "
+            "(connecting, headers, redirects and body together). Try again later or use another URL."
+        )
     if isinstance(reason, (TimeoutError, socket.timeout)):
         return ImageFetchError(f"Fetching {shown} timed out. Try again later or use another URL.")
     if isinstance(reason, ssl.SSLError):
@@ -1065,12 +1589,16 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
     Checks the URL with :func:`check_url` on every hop and follows at most ``policy.max_redirects`` redirects
     itself. Host names are resolved and every address checked right before connecting, and the connection goes
     only to a checked address. Environment proxies are not used. Each network operation waits at most
-    ``policy.url_timeout`` seconds, the whole download ``policy.url_total_timeout``. Reads at most
+    ``policy.url_timeout`` seconds; the whole download (connect, TLS handshake, response headers, every redirect
+    and the body) ends within ``policy.url_total_timeout`` seconds, a monotonic deadline checked by the socket on
+    every read and write (name resolution, done by the system resolver, is not interruptible). A plain blocking
+    function: servers run it in a thread pool of their own. Reads at most
     ``policy.max_bytes + 1`` bytes. Raises :class:`ImageAccessDeniedError`, :class:`ImageTooLargeError` or
     :class:`ImageFetchError` (bad status, obviously non-image content type, network errors, timeouts).
     """
-    deadline = time.monotonic() + policy.url_total_timeout
-    opener = _build_opener(policy)
+    budget = _Deadline(policy.url_total_timeout, policy.url_timeout)
+    deadline = budget.end
+    opener = _build_opener(policy, budget)
     current = url.strip()
     for _hop in range(policy.max_redirects + 1):
         current = check_url(current, policy)
@@ -1081,11 +1609,11 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
             method="GET",
         )
         try:
-            response = opener.open(request, timeout=policy.url_timeout)
+            response = opener.open(request, timeout=budget.timeout())
         except (ImageError, MemoryError):
             raise
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            error = _fetch_error(shown, exc)
+            error = _fetch_error(shown, exc, policy, budget)
             if error is getattr(exc, "reason", None):  # our own refusal, raised while connecting
                 raise error from None
             raise error from exc
@@ -1114,7 +1642,7 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
             except (ImageError, MemoryError):
                 raise
             except (http.client.HTTPException, OSError, ValueError) as exc:
-                raise _fetch_error(shown, exc) from exc
+                raise _fetch_error(shown, exc, policy, budget) from exc
     raise ImageFetchError(
         f"Fetching {_describe_url(url)} failed: more than ImagePolicy.max_redirects={policy.max_redirects} redirects."
         " Use the final URL of the image directly."
@@ -1127,9 +1655,7 @@ def _read_limited(response: http.client.HTTPResponse, policy: ImagePolicy, shown
     total = 0
     while True:
         if time.monotonic() > deadline:
-            raise ImageFetchError(
-                f"Fetching {shown} took longer than ImagePolicy.url_total_timeout={policy.url_total_timeout:g} s."
-            )
+            raise _fetch_error(shown, _DeadlineExceeded(), policy)
         chunk = read(min(1 << 16, policy.max_bytes + 1 - total))
         if not chunk:
             return b"".join(chunks)
@@ -1196,7 +1722,7 @@ def _path_exists(text: str) -> bool:
 
 def _load_path(path: str | os.PathLike[str], policy: ImagePolicy) -> Image.Image:
     data, label = _read_local_file(path, policy)
-    return _decode_bytes(data, policy, label)
+    return _decode_bytes(data, policy, label, private=True)
 
 
 def _load_bytes(data: bytes | bytearray | memoryview, policy: ImagePolicy) -> Image.Image:

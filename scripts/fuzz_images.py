@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Fuzz ``load_image`` with mutated and truncated small image files.
 
-Small valid PNG, JPEG, GIF, BMP, WEBP and TIFF files are made in memory; each case applies one to three random
-mutations (bit flips, byte overwrites, insertions, deletions, duplicated spans, truncation) to one of them and
-feeds the result to ``load_image(bytes)``. The contract: every case either loads (an RGB image) or raises an
-``ImageError`` subclass, and finishes within the time limit. Cases are reproducible from ``(seed, index)``.
+Small valid PNG, JPEG, GIF, BMP, WEBP, TIFF and ICO files (animated PNG/WebP/GIF, multi-page TIFF and icons with
+PNG and BMP entries among them) and small container "bombs" (an ICO with an embedded PNG, an APNG frame, a second
+TIFF page, a GIF frame or a WebP canvas far larger than the first picture) are made in memory; each case applies
+one to three random mutations (bit flips, byte overwrites, insertions, deletions, duplicated spans, truncation)
+to one of them and feeds the result to ``load_image(bytes)``. The contract: every case either loads (an RGB
+image) or raises an ``ImageError`` subclass, and finishes within the time limit. Cases are reproducible from
+``(seed, index)``.
 
     python scripts/fuzz_images.py --count 10000 --seed 1
     python scripts/fuzz_images.py --seed 1 --case 4711      # rerun one case and show what happened
@@ -91,7 +94,181 @@ def build_corpus() -> dict[str, bytes]:
         "tiff-deflate": _encode(rgba, "TIFF", compression="tiff_adobe_deflate"),
         "tiff-16bit": _encode(gray16, "TIFF"),
     }
+    corpus.update(build_container_corpus())
     return corpus
+
+
+def build_seed_corpus() -> dict[str, bytes]:
+    """What the fuzzer mutates: the valid files of :func:`build_corpus` and the bombs of
+    :func:`build_bomb_corpus` (small files whose headers promise a huge picture)."""
+    return {**build_corpus(), **build_bomb_corpus()}
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def zeros_zlib(count: int) -> bytes:
+    """A valid zlib stream of ``count`` zero bytes, made in a fraction of a second whatever ``count``.
+
+    One megabyte of zeros is compressed once, ending in a full flush (so the segment stands alone), and repeated;
+    the checksum is computed over the whole.
+    """
+    block = 1 << 20
+    head = zlib.compressobj(9, zlib.DEFLATED, -15)
+    segment = head.compress(bytes(block)) + head.flush(zlib.Z_FULL_FLUSH)
+    full, rest = divmod(count, block)
+    last = zlib.compressobj(9, zlib.DEFLATED, -15)
+    tail = (last.compress(bytes(rest)) if rest else b"") + last.flush(zlib.Z_FINISH)
+    checksum = 1
+    zeros = bytes(block)
+    for _ in range(full):
+        checksum = zlib.adler32(zeros, checksum)
+    checksum = zlib.adler32(bytes(rest), checksum)
+    return b"\x78\xda" + segment * full + tail + checksum.to_bytes(4, "big")
+
+
+def _pixels(width: int, height: int, complete: bool) -> bytes:
+    """Compressed 8-bit gray rows (each with its PNG filter byte) for a ``width`` x ``height`` picture; when not
+    ``complete``, only the first 2 KiB of that stream (the header still promises the whole picture)."""
+    if complete:
+        return zeros_zlib((width + 1) * height)
+    return zeros_zlib(min((width + 1) * height, 1 << 24))[:2048]
+
+
+def gray_png(width: int, height: int, *, complete: bool = True) -> bytes:
+    """An all-black 8-bit gray PNG of any size (its pixel data compresses about 1000:1)."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes((8, 0, 0, 0, 0))
+    return (
+        PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", _pixels(width, height, complete)) + _chunk(b"IEND", b"")
+    )
+
+
+def ico_with_png(width: int, height: int, *, complete: bool = True) -> bytes:
+    """An ICO whose directory says 16x16 but whose only icon is an embedded ``width`` x ``height`` PNG."""
+    png = gray_png(width, height, complete=complete)
+    entry = bytes((16, 16, 0, 0)) + (1).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    entry += len(png).to_bytes(4, "little") + (22).to_bytes(4, "little")
+    return b"\x00\x00\x01\x00\x01\x00" + entry + png
+
+
+def apng_with_frame(width: int, height: int, *, complete: bool = True) -> bytes:
+    """A 16x16 APNG whose second frame claims ``width`` x ``height`` pixels."""
+
+    def fctl(sequence: int, w: int, h: int) -> bytes:
+        fields = [sequence, w, h, 0, 0]
+        return _chunk(b"fcTL", b"".join(v.to_bytes(4, "big") for v in fields) + bytes((0, 1, 0, 100, 0, 0)))
+
+    ihdr = (16).to_bytes(4, "big") * 2 + bytes((8, 0, 0, 0, 0))
+    first = zlib.compress(bytes(17 * 16))
+    return (
+        PNG_SIGNATURE
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"acTL", (2).to_bytes(4, "big") + (0).to_bytes(4, "big"))
+        + fctl(0, 16, 16)
+        + _chunk(b"IDAT", first)
+        + fctl(1, width, height)
+        + _chunk(b"fdAT", (2).to_bytes(4, "big") + _pixels(width, height, complete))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def tiff_with_page(width: int, height: int, *, complete: bool = True) -> bytes:
+    """A little-endian TIFF: a 16x16 gray first page, then a deflate-compressed ``width`` x ``height`` page."""
+    small = bytes(16 * 16)
+    big = zeros_zlib(width * height) if complete else zeros_zlib(min(width * height, 1 << 24))[:2048]
+
+    def ifd(w: int, h: int, compression: int, strip_offset: int, strip_size: int, next_ifd: int) -> bytes:
+        entries = [
+            (256, 4, w),
+            (257, 4, h),
+            (258, 3, 8),
+            (259, 3, compression),
+            (262, 3, 1),
+            (273, 4, strip_offset),
+            (277, 3, 1),
+            (278, 4, h),
+            (279, 4, strip_size),
+        ]
+        out = len(entries).to_bytes(2, "little")
+        for tag, kind, value in entries:
+            out += tag.to_bytes(2, "little") + kind.to_bytes(2, "little") + (1).to_bytes(4, "little")
+            out += value.to_bytes(2, "little") + b"\x00\x00" if kind == 3 else value.to_bytes(4, "little")
+        return out + next_ifd.to_bytes(4, "little")
+
+    ifd_size = 2 + 9 * 12 + 4
+    first_ifd = 8
+    second_ifd = first_ifd + ifd_size
+    small_at = second_ifd + ifd_size
+    big_at = small_at + len(small)
+    return (
+        b"II*\x00"
+        + first_ifd.to_bytes(4, "little")
+        + ifd(16, 16, 1, small_at, len(small), second_ifd)
+        + ifd(width, height, 8, big_at, len(big), 0)
+        + small
+        + big
+    )
+
+
+def gif_with_frame(width: int, height: int) -> bytes:
+    """A 16x16 GIF whose second frame descriptor claims ``width`` x ``height`` pixels (its data is one block)."""
+    screen = b"GIF89a" + (16).to_bytes(2, "little") * 2 + bytes((0x80, 0, 0)) + bytes(6)  # 2-colour table
+    first = b"\x2c" + bytes(4) + (16).to_bytes(2, "little") * 2 + b"\x00" + b"\x02\x02\x8c\x01\x00"
+    second = b"\x2c" + bytes(4) + width.to_bytes(2, "little") + height.to_bytes(2, "little") + b"\x00"
+    return screen + first + second + b"\x02\x02\x8c\x01\x00" + b"\x3b"
+
+
+def webp_with_canvas(width: int, height: int) -> bytes:
+    """An animated WebP with one 4x4 frame on a ``width`` x ``height`` canvas (the decoder allocates the canvas)."""
+    still = _encode(_picture(4, 4), "WEBP", lossless=True)
+    bitstream = still[12:]  # the VP8L chunk
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return kind + len(payload).to_bytes(4, "little") + payload + b"\x00" * (len(payload) & 1)
+
+    vp8x = bytes((0x02, 0, 0, 0)) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    anim = bytes(4) + (0).to_bytes(2, "little")
+    frame = bytes(6) + (3).to_bytes(3, "little") * 2 + (100).to_bytes(3, "little") + b"\x00" + bitstream
+    body = b"WEBP" + chunk(b"VP8X", vp8x) + chunk(b"ANIM", anim) + chunk(b"ANMF", frame)
+    return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+
+def build_container_corpus() -> dict[str, bytes]:
+    """Small valid containers: ICO with PNG and BMP icons, an animated PNG, an animated WebP, a two-page TIFF."""
+    rgb = _picture()
+    ico = io.BytesIO()
+    rgb.save(ico, "ICO", sizes=[(16, 16), (24, 24)])
+    frames = [_picture(), _picture().transpose(Image.Transpose.FLIP_TOP_BOTTOM)]
+    apng = io.BytesIO()
+    frames[0].save(apng, "PNG", save_all=True, append_images=frames[1:], duration=40)
+    webp = io.BytesIO()
+    frames[0].save(webp, "WEBP", save_all=True, append_images=frames[1:], duration=40, lossless=True)
+    tiff = io.BytesIO()
+    frames[0].save(tiff, "TIFF", save_all=True, append_images=frames[1:])
+    return {
+        "ico-icons": ico.getvalue(),
+        "png-animated": apng.getvalue(),
+        "webp-animated": webp.getvalue(),
+        "tiff-pages": tiff.getvalue(),
+    }
+
+
+def build_bomb_corpus(side: int = 7000, *, complete: bool = False) -> dict[str, bytes]:
+    """Containers hiding a ``side`` x ``side`` picture behind a small first one (49 million pixels by default,
+    over the default ``max_pixels``); every one must be refused with ``ImageTooLargeError``.
+
+    ``complete=False`` keeps the files small (the pixel data is cut after 2 KiB): the header still promises the
+    whole picture, which is what the guards look at; ``complete=True`` makes real bombs that inflate in full.
+    """
+    return {
+        "ico-bomb-png": ico_with_png(side, side, complete=complete),
+        "png-bomb-apng-frame": apng_with_frame(side, side, complete=complete),
+        "tiff-bomb-page2": tiff_with_page(side, side, complete=complete),
+        "gif-bomb-frame": gif_with_frame(min(side, 65535), min(side, 65535)),
+        "webp-bomb-canvas": webp_with_canvas(min(side, 16384), min(side, 16384)),
+        "png-bomb": gray_png(side, side, complete=complete),
+    }
 
 
 # --- mutations --------------------------------------------------------------------------------------------------
@@ -275,7 +452,7 @@ def fuzz(
 ) -> FuzzReport:
     """Run ``count`` cases; collect outcome counts, the slowest case and every contract violation."""
     policy = policy or ImagePolicy.trusted()
-    corpus = corpus or build_corpus()
+    corpus = corpus or build_seed_corpus()
     outcomes: collections.Counter = collections.Counter()
     by_format: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     slowest: Outcome | None = None
@@ -306,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")  # Pillow warns about every damaged metadata block; the outcome is what counts
 
     if args.case is not None:
-        case = make_case(build_corpus(), args.seed, args.case)
+        case = make_case(build_seed_corpus(), args.seed, args.case)
         result = run_case(case, ImagePolicy.trusted())
         print(f"case {case.index}: {case.name}, {case.mutation}, {len(case.data)} bytes")
         print(f"-> {result.outcome} in {result.seconds * 1000:.1f} ms: {result.detail}")

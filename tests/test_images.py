@@ -1048,11 +1048,18 @@ def _fuzz_script():
 
 def test_fuzz_mutated_files(recwarn):
     fuzz_images = _fuzz_script()
-    corpus = fuzz_images.build_corpus()
+    valid = fuzz_images.build_corpus()
+    bombs = fuzz_images.build_bomb_corpus()
+    corpus = fuzz_images.build_seed_corpus()
+    assert corpus == {**valid, **bombs}
     formats = {name.split("-", 1)[0] for name in corpus}
-    assert formats == {"png", "jpeg", "gif", "bmp", "webp", "tiff"}
-    for name, data in corpus.items():  # the corpus itself is valid
+    assert formats == {"png", "jpeg", "gif", "bmp", "webp", "tiff", "ico"}
+    for name, data in valid.items():  # the valid part of the corpus loads
         assert load_image(data).mode == "RGB", name
+    for name, data in bombs.items():  # and every bomb is refused by size, before decoding
+        with pytest.raises(ImageTooLargeError, match="pixels"):
+            load_image(data)
+            pytest.fail(f"{name} loaded")
     start = time.monotonic()
     report = fuzz_images.fuzz(3000, seed=20240611, time_limit=2.0, corpus=corpus)
     assert report.count == 3000 and sum(report.outcomes.values()) == 3000
