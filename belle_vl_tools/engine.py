@@ -1,0 +1,703 @@
+"""Iteration-level batching over the model's forward: requests join and leave a running batch between steps.
+
+:class:`BatchEngine` runs one decoding loop in a worker thread. Every step it
+
+1. drops the rows whose consumer went away (task cancelled, stream closed, client disconnected),
+2. prefills the requests that arrived since the last step (one left-padded forward) and merges their KV cache
+   into the running batch, so a new request waits for at most one step, not for the batch to end,
+3. runs one forward for all rows (one new token each; per-row positions and dynamic-NTK factors, left padding
+   masked), and
+4. picks each row's next token with that row's own settings (penalties, logit bias, row processors such as a
+   grammar, then greedy or seeded sampling), hands the row's consumer an :class:`EngineEvent`, and lets
+   finished rows leave the batch.
+
+Requests with different settings share one batch; a greedy answer equals the same request answered alone by
+:meth:`BelleVL.chat <belle_vl_tools.runtime.BelleVL.chat>` with ``temperature=0``; a seeded request draws from its
+own ``torch.Generator``, so its answer does not depend on its batch companions. See ``docs/batching.md`` for why
+this is not transformers' own continuous batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from queue import SimpleQueue
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .backend import Usage
+from .errors import BelleVLError, PromptError
+from .modeling_qwen_vl import CACHE_FIELD
+from .processing_qwen_vl import ChatInputs
+from .runtime import BelleVL, _Answer
+
+#: Seeds ``torch.Generator.manual_seed`` accepts.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+@runtime_checkable
+class RowProcessor(Protocol):
+    """Changes one row's next-token logits (1-D, vocabulary-sized) given the ids generated so far.
+
+    Returns the new logits (it may modify and return its argument). Set a logit to ``-inf`` to forbid a token:
+    grammar-constrained decoding is a row processor.
+    """
+
+    def __call__(self, generated_ids: list[int], logits: torch.Tensor) -> torch.Tensor: ...
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings; ``None`` takes the checkpoint's generation_config.json value.
+
+    * ``temperature`` 0 is greedy; ``top_p`` in (0, 1]; ``top_k`` 0 means no top-k.
+    * ``presence_penalty`` / ``frequency_penalty`` (-2 to 2) follow OpenAI: the logit of a token already generated
+      ``c`` times drops by ``presence_penalty + c * frequency_penalty``.
+    * ``repetition_penalty`` (> 0) follows transformers: logits of tokens in the prompt or the answer are divided
+      by it (multiplied when negative).
+    * ``logit_bias`` (token id -> -100 to 100) is added to the logits.
+    * ``stop``: strings that end the answer (not included in it).
+    * ``logprobs`` / ``top_logprobs`` (0 to 20): log-probabilities of the chosen tokens (log-softmax of the
+      model's logits, before any processing) and of the most likely alternatives.
+    * ``seed``: the row's sampling draws from its own generator seeded with it (reproducible in any batch).
+    * ``processors``: :class:`RowProcessor` objects applied last, before the token is chosen.
+
+    Invalid values raise :class:`~belle_vl_tools.errors.PromptError` (a ``ValueError``) naming the field.
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    processors: list[RowProcessor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`PromptError` naming the first invalid field."""
+
+        def bad(name: str, rule: str) -> PromptError:
+            return PromptError(f"Invalid {name}={getattr(self, name)!r}: {rule}.")
+
+        if self.max_new_tokens is not None and not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
+            raise bad("max_new_tokens", "must be an integer >= 1")
+        if self.temperature is not None and not (_is_number(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "must be a finite number >= 0 (0 is greedy)")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise bad("top_p", "must be a number in (0, 1]")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
+            raise bad("top_k", "must be an integer >= 0 (0 disables top-k)")
+        if self.seed is not None and not (_is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX):
+            raise bad("seed", f"must be an integer from {_SEED_MIN} to {_SEED_MAX}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                raise bad(name, "must be a number from -2 to 2")
+        if self.repetition_penalty is not None and not (
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0
+        ):
+            raise bad("repetition_penalty", "must be a number > 0 (1 disables it)")
+        if not isinstance(self.logit_bias, dict):
+            raise bad("logit_bias", "must be a dict of token id -> bias")
+        for key, value in self.logit_bias.items():
+            if not (_is_int(key) and key >= 0):
+                raise PromptError(f"Invalid logit_bias key {key!r}: token ids are integers >= 0.")
+            if not (_is_number(value) and -100 <= value <= 100):
+                raise PromptError(f"Invalid logit_bias value {value!r} for token {key}: a number from -100 to 100.")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a string or a list of non-empty strings")
+        self.stop = list(self.stop)
+        if not isinstance(self.logprobs, bool):
+            raise bad("logprobs", "must be true or false")
+        if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20):
+            raise bad("top_logprobs", "must be an integer from 0 to 20")
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "needs logprobs=True")
+        if not isinstance(self.processors, list | tuple) or not all(callable(p) for p in self.processors):
+            raise bad("processors", "must be a list of callables (generated_ids, logits) -> logits")
+        self.processors = list(self.processors)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token: its text (invalid UTF-8 replaced), its bytes and its log-probability."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token with its log-probability and the most likely alternatives (``top_logprobs`` of them)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
+@dataclass
+class EngineEvent:
+    """What one decoding step produced for one request.
+
+    ``delta`` is new answer text (possibly empty: text that might still become part of a stop string, or half of
+    a UTF-8 character, is held back); ``token_ids`` the ids generated in this step, and ``logprobs`` one entry per
+    id when requested (the end-of-turn token that closes the answer is counted in ``usage`` but listed in
+    neither). The last event has ``finish_reason`` ("stop" or "length") and ``usage``.
+    """
+
+    delta: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class EngineResult:
+    """A whole answer: text (as :meth:`BelleVL.chat` gives it), finish reason, usage, ids and logprobs."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+class EngineClosedError(BelleVLError, RuntimeError):
+    """The engine was closed before the request finished."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests and rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Request:
+    """One submitted request: its laid-out prompt, resolved settings and where its events go."""
+
+    def __init__(
+        self, item: ChatInputs, params: SamplingParams, settings: dict[str, Any], sink: Callable[[Any], None]
+    ) -> None:
+        self.item = item
+        self.params = params
+        self.settings = settings
+        self.sink = sink
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def deliver(self, event: Any) -> None:
+        try:
+            self.sink(event)
+        except RuntimeError:  # the consumer's event loop is gone: nobody is listening any more
+            self.cancelled.set()
+
+
+class _Row:
+    """A request while it decodes: answer so far, penalty state, its generator and the token to feed next."""
+
+    def __init__(self, request: _Request, runtime: BelleVL, vocab: int, device: torch.device) -> None:
+        self.request = request
+        s = request.settings
+        self.answer = _Answer(runtime.tokenizer, runtime.stop_ids, request.params.stop)
+        self.max_new_tokens: int = s["max_new_tokens"]
+        self.greedy = s["temperature"] == 0
+        self.generator: torch.Generator | None = None
+        if not self.greedy:
+            self.generator = torch.Generator(device=device)
+            if request.params.seed is not None:
+                self.generator.manual_seed(request.params.seed % 2**64)
+            else:
+                self.generator.seed()
+        p = request.params
+        self.counts: torch.Tensor | None = None
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.seen: torch.Tensor | None = None
+        if s["repetition_penalty"] != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            ids = torch.tensor(request.item.input_ids, device=device)
+            self.seen[ids[ids < vocab]] = True
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if p.logit_bias:
+            keys = torch.tensor(list(p.logit_bias), device=device)
+            values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device)
+            self.bias = (keys, values)
+        self.next_token = -1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batch's KV cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _alpha_field(cache: Any) -> str:
+    # QWenCache keeps the rows' dynamic-NTK factors in ``ntk_alphas``; a plain DynamicCache carries them as an
+    # attribute the model reads back
+    return "ntk_alphas" if hasattr(cache, "ntk_alphas") else "qwen_ntk_alphas"
+
+
+def _get_alphas(cache: Any) -> list[float] | None:
+    alphas = getattr(cache, _alpha_field(cache), None)
+    return None if alphas is None else [float(a) for a in alphas]
+
+
+def _set_alphas(cache: Any, alphas: list[float]) -> None:
+    setattr(cache, _alpha_field(cache), [float(a) for a in alphas])
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if width == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = width
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class _BatchCache:
+    """The running batch's left-padded KV cache with its attention mask and per-row NTK factors."""
+
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [rows, cached length], 1 where a row holds a token
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def merge(self, cache: Any, mask: torch.Tensor) -> None:
+        """Append the rows of another cache (a prefill's) below the current ones."""
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat(
+                [_pad_left(mine.keys, width - old_len, -2), _pad_left(theirs.keys, width - new_len, -2)]
+            )
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width - old_len, -2), _pad_left(theirs.values, width - new_len, -2)]
+            )
+        self.mask = torch.cat([_pad_left(self.mask, width - old_len, 1), _pad_left(mask, width - new_len, 1)])
+        _set_alphas(self.cache, _get_alphas(self.cache) + _get_alphas(cache))
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (in this order) and drop the columns every remaining row has as padding."""
+        if not indices:
+            self.cache, self.mask = None, None
+            return
+        alphas = _get_alphas(self.cache)
+        index = torch.tensor(indices, device=self.mask.device)
+        self.mask = self.mask[index]
+        lead = int((self.mask.cumsum(1) == 0).all(0).sum())  # columns of padding in every row
+        self.mask = self.mask[:, lead:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, lead:]
+            layer.values = layer.values[index, :, lead:]
+        _set_alphas(self.cache, [alphas[i] for i in indices])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BatchEngine:
+    """Continuous (iteration-level) batching of chat requests over one :class:`BelleVL` runtime.
+
+    ``max_batch_size`` rows decode together; further requests wait in a queue and join as rows leave. Use
+    :meth:`stream` / :meth:`complete` from asyncio code, :meth:`stream_sync` / :meth:`complete_sync` from threads.
+    The engine starts its worker thread on first use (or :meth:`start`); :meth:`close` stops it.
+    """
+
+    def __init__(self, runtime: BelleVL, max_batch_size: int = 16) -> None:
+        if not _is_int(max_batch_size) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, not {max_batch_size!r}.")
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self._pending: deque[_Request] = deque()
+        self._rows: list[_Row] = []
+        self._batch = _BatchCache()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats = {"steps": 0, "prefills": 0, "joins": 0, "tokens": 0, "max_rows": 0}
+        lm_head = runtime.model.get_output_embeddings()
+        self._vocab = lm_head.weight.shape[0]
+        gc = runtime.generation_config
+        self._defaults = {
+            "max_new_tokens": gc.max_new_tokens or 512,
+            "temperature": (gc.temperature if gc.temperature is not None else 1.0) if gc.do_sample else 0.0,
+            "top_p": gc.top_p if gc.top_p is not None else 1.0,
+            "top_k": gc.top_k or 0,
+            "repetition_penalty": gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the decoding thread (idempotent)."""
+        with self._cv:
+            if self._closed:
+                raise EngineClosedError("This BatchEngine was closed; create a new one.")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="belle-vl-batch-engine", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop the decoding thread; requests still running or waiting get :class:`EngineClosedError`."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> BatchEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting to join the batch."""
+        return len(self._pending)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows decoding now."""
+        return len(self._rows)
+
+    # --- submitting -----------------------------------------------------------------------------------------------
+    def resolve(self, params: SamplingParams) -> dict[str, Any]:
+        """The request's settings with the checkpoint's defaults filled in; checks token ids against the vocabulary."""
+        params.validate()
+        settings = dict(self._defaults)
+        for key in settings:
+            value = getattr(params, key)
+            if value is not None:
+                settings[key] = value
+        for token in params.logit_bias:
+            if token >= self._vocab:
+                raise PromptError(
+                    f"Invalid logit_bias key {token}: this model's token ids go from 0 to {self._vocab - 1}."
+                )
+        return settings
+
+    def prepare(self, messages: Sequence[Any], system: str | None = None) -> ChatInputs:
+        """Lay out a conversation (pictures loaded under the runtime's image policy); raises on bad input."""
+        if any(not isinstance(m, dict) for m in messages or ()):
+            from .messages import to_content_lists  # the shared message model
+
+            messages = to_content_lists(list(messages))
+        return self.runtime.prepare(messages, system)
+
+    def submit(self, item: ChatInputs, params: SamplingParams, sink: Callable[[Any], None]) -> Callable[[], None]:
+        """Queue a prepared request; ``sink`` receives its events (then an exception if it fails). Returns a
+        function that cancels it."""
+        settings = self.resolve(params)
+        self.runtime._check_length(len(item.input_ids), settings["max_new_tokens"])
+        request = _Request(item, params, settings, sink)
+        self.start()
+        with self._cv:
+            if self._closed:
+                raise EngineClosedError("This BatchEngine was closed; create a new one.")
+            self._pending.append(request)
+            self._cv.notify_all()
+        return request.cancel
+
+    async def stream(
+        self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
+    ) -> AsyncIterator[EngineEvent]:
+        """Stream one answer; leaving the loop (or cancelling the task) takes the request out of the batch."""
+        params = params if params is not None else SamplingParams()
+        item = await asyncio.to_thread(self.prepare, messages, system)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = self.submit(item, params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            cancel()
+
+    async def complete(
+        self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
+    ) -> EngineResult:
+        """The whole answer (the request shares the batch while it decodes)."""
+        return _collect([event async for event in self.stream(messages, params, system=system)])
+
+    def stream_sync(
+        self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
+    ) -> Iterator[EngineEvent]:
+        """:meth:`stream` for threads; closing the iterator takes the request out of the batch."""
+        params = params if params is not None else SamplingParams()
+        item = self.prepare(messages, system)
+        queue: SimpleQueue = SimpleQueue()
+        cancel = self.submit(item, params, queue.put)
+        try:
+            while True:
+                event = queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            cancel()
+
+    def complete_sync(
+        self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
+    ) -> EngineResult:
+        """:meth:`complete` for threads."""
+        return _collect(list(self.stream_sync(messages, params, system=system)))
+
+    # --- the decoding loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._pending and not self._rows:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                free = self.max_batch_size - len(self._rows)
+                joining = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+            try:
+                self._drop_cancelled()
+                joining = [r for r in joining if not r.cancelled.is_set()]
+                if joining:
+                    self._prefill(joining)
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # a fault in the forward pass: fail the rows it concerned, keep serving
+                for row in self._rows:
+                    row.request.deliver(exc)
+                self._rows = []
+                self._batch = _BatchCache()
+        error = EngineClosedError("The BatchEngine was closed before this request finished.")
+        with self._cv:
+            waiting = list(self._pending) + [row.request for row in self._rows]
+            self._pending.clear()
+            self._rows = []
+            self._batch = _BatchCache()
+        for request in waiting:
+            request.deliver(error)
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if not row.request.cancelled.is_set()]
+        if len(keep) != len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._batch.keep(keep)
+
+    def _prefill(self, requests: list[_Request]) -> None:
+        runtime = self.runtime
+        device = runtime.device
+        items = [r.item for r in requests]
+        try:
+            batch = runtime.processor.collate([replace(it, images=[]) for it in items], return_tensors="pt")
+            kwargs: dict[str, Any] = {
+                "input_ids": batch["input_ids"].to(device),
+                "attention_mask": batch["attention_mask"].to(device),
+                "use_cache": True,
+                "logits_to_keep": 1,
+            }
+            with runtime._lock, torch.inference_mode():
+                features = runtime._image_features(items, [0] * len(items))
+                if features is not None:
+                    kwargs["image_features"] = features.to(device)
+                out = runtime.model(**kwargs)
+        except Exception as exc:  # this group's fault (e.g. an image the model cannot take): fail it only
+            for request in requests:
+                request.deliver(exc)
+            return
+        self.stats["prefills"] += 1
+        cache = getattr(out, CACHE_FIELD)
+        if _get_alphas(cache) is None:  # dynamic NTK off: every row rotates with factor 1
+            _set_alphas(cache, [1.0] * len(requests))
+        rows = [_Row(r, runtime, self._vocab, device) for r in requests]
+        finished = self._advance(rows, out.logits[:, -1].float())
+        keep = [i for i, row in enumerate(rows) if i not in finished]
+        if not keep:
+            return
+        part = _BatchCache()
+        part.cache, part.mask = cache, kwargs["attention_mask"].long()
+        if len(keep) != len(rows):
+            part.keep(keep)
+        if self._rows:
+            self.stats["joins"] += 1  # joined a batch that is decoding
+        self._batch.merge(part.cache, part.mask)
+        self._rows.extend(rows[i] for i in keep)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
+
+    def _step(self) -> None:
+        runtime = self.runtime
+        device = runtime.device
+        ids = torch.tensor([[row.next_token] for row in self._rows], device=device)
+        batch = self._batch
+        mask = torch.cat([batch.mask, batch.mask.new_ones(batch.rows, 1)], dim=1)
+        with runtime._lock, torch.inference_mode():
+            out = runtime.model(
+                input_ids=ids, attention_mask=mask, past_key_values=batch.cache, use_cache=True, logits_to_keep=1
+            )
+        batch.mask = mask
+        batch.cache = getattr(out, CACHE_FIELD)
+        self.stats["steps"] += 1
+        finished = self._advance(self._rows, out.logits[:, -1].float())
+        if finished:
+            keep = [i for i in range(len(self._rows)) if i not in finished]
+            self._rows = [self._rows[i] for i in keep]
+            batch.keep(keep)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> set[int]:
+        """Choose each row's next token, deliver its event; returns the indices of rows that finished."""
+        finished: set[int] = set()
+        for i, row in enumerate(rows):
+            if row.request.cancelled.is_set():
+                finished.add(i)
+                continue
+            try:
+                token, entry = self._choose(row, logits[i])
+            except Exception as exc:  # a row processor failed: that request fails, the batch goes on
+                row.request.deliver(exc)
+                finished.add(i)
+                continue
+            self.stats["tokens"] += 1
+            answer = row.answer
+            answer.push([token])
+            end_token = token in self.runtime.stop_ids
+            if row.counts is not None:
+                row.counts[token] += 1
+            if row.seen is not None:
+                row.seen[token] = True
+            ids = [] if end_token else [token]
+            entries = [entry] if entry is not None and not end_token else []
+            done = answer.finished or len(answer.ids) >= row.max_new_tokens
+            params = row.request.params
+            if done:
+                item = row.request.item
+                usage = Usage(
+                    prompt_tokens=len(item.input_ids), completion_tokens=len(answer.ids), images=item.num_images
+                )
+                event = EngineEvent(
+                    answer.rest(), ids, entries if params.logprobs else None, answer.finish_reason(), usage
+                )
+                finished.add(i)
+            else:
+                event = EngineEvent(answer.safe_delta(), ids, entries if params.logprobs else None)
+                row.next_token = token
+            row.request.deliver(event)
+        return finished
+
+    def _choose(self, row: _Row, raw: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """The row's next token from its raw logits, and its logprob entry when asked for."""
+        params, settings = row.request.params, row.request.settings
+        logits = raw.clone()
+        if row.seen is not None:
+            penalty = settings["repetition_penalty"]
+            picked = logits[row.seen]
+            logits[row.seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        if row.counts is not None:
+            logits -= row.counts * params.frequency_penalty + (row.counts > 0).float() * params.presence_penalty
+        if row.bias is not None:
+            logits.index_add_(0, row.bias[0], row.bias[1])
+        for processor in params.processors:
+            logits = processor(list(row.answer.ids), logits)
+        if row.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            token = _sample(logits, settings["temperature"], settings["top_k"], settings["top_p"], row.generator)
+        entry = None
+        if params.logprobs:
+            logprobs = torch.log_softmax(raw, dim=-1)
+            top = []
+            if params.top_logprobs:
+                values, indices = torch.topk(logprobs, params.top_logprobs)
+                top = [self._top(int(t), float(v)) for t, v in zip(indices.tolist(), values.tolist(), strict=True)]
+            chosen = self._top(token, float(logprobs[token]))
+            entry = TokenLogprob(chosen.token, chosen.bytes, chosen.logprob, top)
+        return token, entry
+
+    def _top(self, token: int, logprob: float) -> TopLogprob:
+        text, raw = token_text(self.runtime.tokenizer, token)
+        return TopLogprob(text, list(raw), logprob)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+    """Sample from ``logits`` / temperature restricted to the top-k, then the top-p nucleus (transformers' order)."""
+    scores = logits / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - top_p
+        remove[-1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(0, order, remove), -math.inf)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_text(tokenizer: Any, token: int) -> tuple[str, bytes]:
+    """Text (invalid UTF-8 replaced) and bytes of one token id, as OpenAI's logprob entries give them."""
+    piece = tokenizer._piece(int(token), False)
+    if piece is None:
+        return "", b""
+    if isinstance(piece, bytes):
+        return piece.decode("utf-8", errors="replace"), piece
+    return piece, piece.encode("utf-8")
+
+
+def _collect(events: list[EngineEvent]) -> EngineResult:
+    last = events[-1]
+    token_ids = [t for event in events for t in event.token_ids]
+    logprobs = None
+    if last.logprobs is not None:
+        logprobs = [entry for event in events for entry in (event.logprobs or [])]
+    text = "".join(event.delta for event in events)
+    return EngineResult(text, last.finish_reason or "stop", last.usage or Usage(), token_ids, logprobs)
+
+
+__all__ = [
+    "BatchEngine",
+    "EngineClosedError",
+    "EngineEvent",
+    "EngineResult",
+    "RowProcessor",
+    "SamplingParams",
+    "TokenLogprob",
+    "TopLogprob",
+    "token_text",
+]
