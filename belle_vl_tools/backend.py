@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -118,6 +120,65 @@ class Backend(Protocol):
     def astream(self, messages: Sequence[Message], **generation: Any) -> AsyncIterator[StreamChunk]: ...
 
     def generate_batch(self, conversations: Sequence[Sequence[Message]], **generation: Any) -> list[ChatResult]: ...
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_backend(obj: Any) -> bool:
+    """Whether ``obj`` is a loaded backend (a ``BelleVL``, a ``RemoteBelleVL`` or any object with ``chat`` and
+    ``model_name``); a transformers model (which has the model card's ``chat`` too) is not."""
+    if obj is None or isinstance(obj, str | os.PathLike):
+        return False
+    if hasattr(obj, "generate") and hasattr(obj, "config") and not hasattr(obj, "processor"):
+        return False  # a bare transformers model
+    return callable(getattr(obj, "chat", None)) and isinstance(getattr(obj, "model_name", None), str)
+
+
+def load_backend(model: Any = None, **load_kwargs: Any) -> Backend:
+    """The backend for a ``model=`` argument, the one rule every constructor follows.
+
+    ``model`` is a loaded backend (``BelleVL``, ``RemoteBelleVL``, or an adapter holding one as ``.backend``, such
+    as ``ChatBelleVL`` or the LlamaIndex ``BelleVL``), a checkpoint folder, a Hub id (``owner/name``), or None for
+    the shipped demo model; ``load_kwargs`` go to ``BelleVL.from_pretrained`` (``device``, ``dtype``, ...) when a
+    checkpoint is loaded. Anything else raises a TypeError (or a CheckpointError for a path that is neither a
+    folder nor a Hub id) saying what is accepted.
+    """
+    wrapped = getattr(model, "backend", None)
+    if is_backend(wrapped):
+        return wrapped
+    if is_backend(model):
+        if load_kwargs:
+            raise TypeError(
+                f"model= is already loaded, so {', '.join(sorted(load_kwargs))} cannot apply: pass them to "
+                "BelleVL.from_pretrained() instead, or pass a checkpoint folder as model=."
+            )
+        return model
+    if model is None or isinstance(model, str | os.PathLike):
+        from .errors import CheckpointError
+
+        text = None if model is None else os.fspath(model)
+        if text is not None and text.lower().startswith(("http://", "https://")):
+            raise CheckpointError(
+                f"model={text!r} is a URL: for a belle-vl server pass RemoteBelleVL({text!r}) as model=, "
+                "for a checkpoint pass its folder or Hub id."
+            )
+        if text is not None and not os.path.isdir(text) and not HUB_ID.fullmatch(text):
+            raise CheckpointError(
+                f"model={text!r} is not a checkpoint folder and not a Hub id (owner/name): check the path."
+            )
+        from .runtime import BelleVL
+
+        return BelleVL.from_pretrained(text, **load_kwargs)
+    if hasattr(model, "generate") and hasattr(model, "config"):
+        raise TypeError(
+            "model= got a bare transformers model: wrap it with its processor, BelleVL(model, processor), "
+            "or pass the checkpoint folder."
+        )
+    raise TypeError(
+        "model= takes a loaded backend (an object with chat() and model_name, such as BelleVL or RemoteBelleVL), "
+        f"a checkpoint folder or a Hub id (None: the demo model), not {type(model).__name__}."
+    )
 
 
 def image_message(image: Any, text: str) -> list[Message]:
@@ -229,4 +290,6 @@ __all__ = [
     "Usage",
     "VisionTasks",
     "image_message",
+    "is_backend",
+    "load_backend",
 ]

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from .backend import Backend, ChatResult
+from .backend import Backend, ChatResult, load_backend
 from .errors import BelleVLError, ImageNotFoundError
 from .grounding import Box, draw_boxes
 from .images import ImagePolicy, describe_source, load_image
@@ -355,23 +355,22 @@ def _exists_as_path(ref: str) -> bool:
 
 
 def make_tools(
-    model: Backend,
+    model: Backend | str | os.PathLike | None,
     policy: ImagePolicy | None = None,
     store: ImageStore | None = None,
     names: Sequence[str] | None = None,
     *,
     generation: dict[str, Any] | None = None,
 ) -> dict[str, BelleVLTool]:
-    """The vision tools over ``model`` (a loaded ``BelleVL`` or any :class:`~belle_vl_tools.backend.Backend`),
-    by name.
+    """The vision tools over ``model`` (a loaded ``BelleVL`` or any :class:`~belle_vl_tools.backend.Backend`, a
+    checkpoint folder or a Hub id; see :func:`~belle_vl_tools.backend.load_backend`), by name.
 
     ``policy`` decides which images the tools may read (default ``ImagePolicy()``: files under the current
     folder, no URLs); ``store`` resolves ``image_N`` handles (one is made if not given; all tools share it);
     ``names`` picks tools out of :data:`TOOL_NAMES`; ``generation`` overrides the greedy defaults
     (:data:`DEFAULT_TOOL_GENERATION`).
     """
-    if model is None or not callable(getattr(model, "chat", None)):
-        raise TypeError(f"make_tools needs a backend with a chat() method (e.g. BelleVL), got {model!r}.")
+    model = load_backend(model)
     wanted = list(TOOL_NAMES if names is None else names)
     unknown = [name for name in wanted if name not in _TASKS]
     if unknown:

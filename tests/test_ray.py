@@ -118,3 +118,16 @@ def test_ray_serve_replicas_answer_like_the_local_runtime(local_ray, tiny_dir, r
         assert sum(deployment.replica_states.values()) == 2
     finally:
         serve.delete("belle-vl")
+
+
+def test_ray_model_argument_is_a_folder_or_hub_id(tmp_path):
+    from belle_vl_tools.errors import CheckpointError
+    from belle_vl_tools.ray.data import check_model_path
+    from belle_vl_tools.testing import ScriptedBackend
+
+    check_model_path(str(tmp_path))  # a folder: fine
+    check_model_path("BELLE-2/BELLE-VL")  # a Hub id: fine
+    with pytest.raises(TypeError, match="cannot be copied into Ray's workers"):
+        check_model_path(ScriptedBackend())
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        check_model_path(str(tmp_path / "missing"))

@@ -292,3 +292,14 @@ def test_model_card_generation_arguments(runtime, tokenizer):
         stop_words_ids=[tokenizer.encode(stop)], append_history=False,
     )  # fmt: skip
     assert cut == full[: full.index(stop)].strip()
+
+
+def test_load_backend_loads_a_checkpoint_folder_and_refuses_a_bare_model(tiny_dir, runtime):
+    from belle_vl_tools.backend import load_backend
+    from belle_vl_tools.tools import make_tools
+
+    loaded = load_backend(str(tiny_dir))
+    assert isinstance(loaded, BelleVL) and loaded.model_name == tiny_dir.name
+    assert make_tools(str(tiny_dir), names=["visual_qa"])["visual_qa"].model.model_name == tiny_dir.name
+    with pytest.raises(TypeError, match="bare transformers model"):
+        load_backend(runtime.model)

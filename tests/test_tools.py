@@ -374,3 +374,27 @@ def test_policy_applies_over_the_tiny_checkpoint(tiny_tools, tmp_path: Path) -> 
     outside.write_bytes(_png("red"))
     result = tiny_tools["describe_image"].run(image=str(outside))
     assert result.is_error and "outside" in result.text
+
+
+# --- what model= accepts -------------------------------------------------------------------------------------------
+
+
+def test_model_argument_takes_a_backend_a_folder_or_a_hub_id_and_nothing_else(tmp_path: Path) -> None:
+    from belle_vl_tools.backend import load_backend
+    from belle_vl_tools.errors import CheckpointError
+
+    spy = SpyBackend()
+    assert load_backend(spy) is spy
+
+    class Adapter:  # e.g. ChatBelleVL or the LlamaIndex LLM: holds its backend
+        backend = spy
+
+    assert load_backend(Adapter()) is spy
+    with pytest.raises(CheckpointError, match="not a checkpoint folder and not a Hub id"):
+        load_backend(str(tmp_path / "no" / "such" / "folder"))
+    with pytest.raises(CheckpointError, match="RemoteBelleVL"):
+        load_backend("http://127.0.0.1:8000/v1")
+    with pytest.raises(TypeError, match="checkpoint folder or a Hub id"):
+        load_backend(42)
+    with pytest.raises(TypeError, match="already loaded"):
+        load_backend(spy, device="cuda")

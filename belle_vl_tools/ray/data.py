@@ -36,6 +36,26 @@ OutputFormat = Literal["jsonl", "parquet"]
 COLUMNS = ("path", "caption", "width", "height", "digest", "completion_tokens", "finish_reason", "error")
 
 
+def check_model_path(model: Any) -> None:
+    """Ray's workers each load their own copy, so ``model=`` must be a checkpoint folder or Hub id they can read."""
+    from ..backend import HUB_ID, is_backend
+
+    if is_backend(model):
+        raise TypeError(
+            "model= for Ray takes a checkpoint folder or Hub id that every worker can read: a loaded backend cannot "
+            "be copied into Ray's workers."
+        )
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError(
+            f"model= takes a checkpoint folder or a Hub id (None: the demo model), not {type(model).__name__}."
+        )
+    text = os.fspath(model)
+    if not os.path.isdir(text) and not HUB_ID.fullmatch(text):
+        raise CheckpointError(
+            f"model={text!r} is not a checkpoint folder and not a Hub id (owner/name): check the path."
+        )
+
+
 def _model_settings(model: str | os.PathLike | None) -> tuple[str, int | None]:
     """The checkpoint folder (the demo model when None) and its vision tower's input size (None: unknown, e.g. a
     Hub id; the actors then resize)."""
@@ -43,6 +63,7 @@ def _model_settings(model: str | os.PathLike | None) -> tuple[str, int | None]:
         from ..demo import default_model_path
 
         model = default_model_path()
+    check_model_path(model)
     path = Path(model)
     config = path / "config.json"
     if not config.is_file():

@@ -61,6 +61,10 @@ def build_app(
         num_gpus = _default_num_gpus()
     if device is None and num_gpus > 0:
         device = "cuda"
+    if model_path is not None:
+        from .data import check_model_path
+
+        check_model_path(model_path)
     path = None if model_path is None else os.fspath(model_path)
     if max_ongoing_requests is None:
         max_ongoing_requests = int(app_kwargs.get("max_queue", 64)) + int(app_kwargs.get("max_batch_size", 8))

@@ -12,6 +12,7 @@ import base64
 import io
 from typing import Any, ClassVar
 
+from belle_vl_tools.backend import load_backend
 from belle_vl_tools.tools import (
     TOOL_NAMES,
     BelleVLTool,
@@ -40,15 +41,9 @@ _IMAGE_ARGUMENT = "The image argument is a picture handle such as image_1, a fil
 
 
 def _backend(model: Any) -> Any:
-    """A backend from what the user passed: a loaded backend, a ChatBelleVL, or a checkpoint path (None: demo)."""
-    if model is None or isinstance(model, str):
-        from .chat_models import load_backend
-
-        return load_backend(model)
-    backend = getattr(model, "backend", None)  # a ChatBelleVL
-    if backend is not None and callable(getattr(backend, "chat", None)):
-        return backend
-    return model
+    """A backend from what the user passed: a loaded backend, a ChatBelleVL, a checkpoint folder or Hub id (None:
+    the demo model); the core's one rule, :func:`belle_vl_tools.backend.load_backend`."""
+    return load_backend(model)
 
 
 def _validation_message(error: Exception) -> str:

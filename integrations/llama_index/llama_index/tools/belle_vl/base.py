@@ -11,7 +11,7 @@ import io
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from belle_vl_tools.backend import Backend
+from belle_vl_tools.backend import load_backend
 from belle_vl_tools.errors import BelleVLError
 from belle_vl_tools.images import ImagePolicy
 from belle_vl_tools.tools import BelleVLTool, ImageStore, ToolResult, make_tools
@@ -32,8 +32,8 @@ class BelleVLToolSpec(BaseToolSpec):
     """The Belle-VL vision tools for LlamaIndex agents.
 
     Args:
-        model: A core backend (a loaded :class:`belle_vl_tools.BelleVL` or a remote client) or the ``BelleVL`` LLM
-            of ``llama_index.llms.belle_vl``.
+        model: A core backend (a loaded :class:`belle_vl_tools.BelleVL` or a remote client), the ``BelleVL`` LLM
+            of ``llama_index.llms.belle_vl``, a checkpoint folder or a Hub id (None: the demo model).
         image_policy: What pictures the tools may read; default ``ImagePolicy()``: files under the current folder
             only, no URLs.
         store: Pictures an agent may name by handle (``image_1``, ...); one is made when not given.
@@ -52,7 +52,7 @@ class BelleVLToolSpec(BaseToolSpec):
 
     def __init__(
         self,
-        model: Any,
+        model: Any = None,
         *,
         image_policy: ImagePolicy | None = None,
         store: ImageStore | None = None,
@@ -60,8 +60,7 @@ class BelleVLToolSpec(BaseToolSpec):
         generation: dict[str, Any] | None = None,
         return_images: bool = False,
     ) -> None:
-        backend = getattr(model, "backend", None)
-        backend = backend if isinstance(backend, Backend) else model
+        backend = load_backend(model)
         self.image_policy = image_policy if image_policy is not None else ImagePolicy()
         self.store = store if store is not None else ImageStore()
         self.return_images = return_images
