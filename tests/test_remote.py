@@ -113,7 +113,7 @@ def test_vision_tasks_and_tools_equal_the_local_backend(remote, runtime, picture
 def test_images_pass_the_local_policy_before_anything_is_sent(base_url, pictures, tmp_path):
     app_calls: list[Any] = []
     client = RemoteBelleVL(f"{base_url}/v1", model="tiny-remote", image_policy=ImagePolicy.restricted(tmp_path))
-    client.client.event_hooks["request"].append(app_calls.append)
+    client.http_client.event_hooks["request"].append(app_calls.append)
     with pytest.raises(ImageAccessDeniedError):
         client.chat(turn(str(pictures["red"]), "hi"), **GREEDY)
     with pytest.raises(ImageAccessDeniedError):
@@ -294,10 +294,139 @@ def test_a_stream_broken_midway_is_reported_not_repeated():
         calls.append(1)
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Breaking())
 
-    client = RemoteBelleVL("http://server.invalid/v1", model="m", max_retries=3, backoff=0.01)
-    client._client = httpx.Client(base_url=client.base_url, transport=httpx.MockTransport(handler))
+    client = RemoteBelleVL(
+        "http://server.invalid/v1", model="m", max_retries=3, backoff=0.01, transport=httpx.MockTransport(handler)
+    )
     received = []
     with pytest.raises(RemoteBackendError, match="broke after part of the answer"):
         for chunk in client.stream([{"role": "user", "content": "hi"}]):
             received.append(chunk.delta)
     assert received == ["hel"] and len(calls) == 1
+
+
+# --- the total deadline and the size limit ------------------------------------------------------------------------
+class RawServer:
+    """A loopback TCP server whose connections are answered by ``respond(socket, stop)`` in threads."""
+
+    def __init__(self, respond: Any) -> None:
+        import threading
+
+        self.stop = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.respond = respond
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)  # the request (small enough to come in one read)
+                self.respond(conn, self.stop)
+            except OSError:
+                pass
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def trickle_headers(conn: socket.socket, stop: Any) -> None:
+    """Headers one byte a second, never finished."""
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"a" * 10_000:
+        if stop.wait(1.0):
+            return
+        conn.sendall(bytes([byte]))
+
+
+def endless_body(conn: socket.socket, stop: Any) -> None:
+    """A chunked body that never ends."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 65536
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    while not stop.is_set():
+        conn.sendall(frame)
+
+
+def endless_events(conn: socket.socket, stop: Any) -> None:
+    """A server-sent event stream that never ends."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    event = b'data: {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [' + (
+        b'{"index": 0, "delta": {"content": "' + b"a" * 4000 + b'"}, "finish_reason": null}]}\n\n'
+    )
+    frame = f"{len(event):x}\r\n".encode() + event + b"\r\n"
+    while not stop.is_set():
+        conn.sendall(frame)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_a_server_trickling_headers_cannot_hold_a_call_past_its_deadline():
+    import time
+
+    with RawServer(trickle_headers) as server:
+        client = RemoteBelleVL(server.url, model="m", max_retries=3, backoff=0.01)
+
+        async def achat() -> Any:
+            return await client.achat(HI, timeout=3)
+
+        async def astream() -> list[Any]:
+            return [c async for c in client.astream(HI, timeout=3)]
+
+        calls = {
+            "chat": lambda: client.chat(HI, timeout=3),
+            "stream": lambda: list(client.stream(HI, timeout=3)),
+            "achat": lambda: asyncio.run(achat()),
+            "astream": lambda: asyncio.run(astream()),
+        }
+        for name, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(RemoteBackendError) as caught:
+                call()
+            elapsed = time.monotonic() - started
+            assert caught.value.code == "timeout" and "deadline of 3 s" in str(caught.value), name
+            assert 2.5 < elapsed < 4.5, (name, elapsed)  # 3 s, not retried after it
+
+
+def test_an_endless_answer_is_cut_at_the_size_limit_with_bounded_memory():
+    import tracemalloc
+
+    limit = 2 * 1024 * 1024
+
+    def check(client: RemoteBelleVL) -> None:
+        tracemalloc.start()
+        try:
+            for call in (lambda: client.chat(HI), lambda: list(client.stream(HI))):
+                with pytest.raises(RemoteBackendError) as caught:
+                    call()
+                assert caught.value.code == "response_too_large", str(caught.value)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * limit, peak  # the answer was never read past the limit
+        with pytest.raises(RemoteBackendError) as caught:
+            asyncio.run(client.achat(HI))
+        assert caught.value.code == "response_too_large"
+
+    for respond in (endless_body, endless_events):
+        with RawServer(respond) as server:
+            check(RemoteBelleVL(server.url, model="m", max_retries=2, timeout=60, max_response_bytes=limit))
