@@ -28,10 +28,11 @@ from queue import SimpleQueue
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
+from .constrained import Grammar, grammar_from, logits_processor
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .images import ImagePolicy
 from .modeling_qwen_vl import CACHE_FIELD, QWenLMHeadModel, ntk_alpha, stop_token_ids
@@ -39,7 +40,17 @@ from .processing_qwen_vl import DEFAULT_SYSTEM, ChatInputs, QWenVLImageProcessor
 from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
 
 #: Generation arguments understood by every backend (others pass through to ``transformers`` generate).
-GENERATION_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "stop", "seed")
+GENERATION_ARGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "do_sample",
+    "stop",
+    "seed",
+    "response_format",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,6 +63,7 @@ class _Settings:
     config: GenerationConfig
     stop: list[str]
     seed: int | None
+    grammar: Grammar | None = None
 
 
 def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settings:
@@ -71,6 +83,7 @@ def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settin
     seed = kwargs.pop("seed", None)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise PromptError(f"seed must be an integer, not {seed!r}.")
+    grammar = grammar_from(kwargs.pop("response_format", None))
     for key in ("stream", "streaming", "n"):
         kwargs.pop(key, None)
 
@@ -111,7 +124,7 @@ def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settin
         config.top_k = None
     config.use_cache = True
     config.return_dict_in_generate = True
-    return _Settings(config=config, stop=list(stop), seed=seed)
+    return _Settings(config=config, stop=list(stop), seed=seed, grammar=grammar)
 
 
 @contextlib.contextmanager
@@ -518,6 +531,14 @@ class BelleVL(VisionTasks):
         if settings.stop or cancel is not None:  # a per-step check only where one is needed
             criterion = _StopOnStrings(self.tokenizer, settings.stop, prompt_len, cancel or threading.Event())
             kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
+        if settings.grammar is not None:  # structured output: only tokens the grammar allows, then an end token
+            processor = logits_processor(
+                settings.grammar,
+                self.tokenizer,
+                vocab_size=self.model.config.vocab_size,
+                max_new_tokens=settings.config.max_new_tokens,
+            )
+            kwargs["logits_processor"] = LogitsProcessorList([processor])
         if features is not None:
             kwargs["image_features"] = features.to(self.device)
         if past is not None:
@@ -545,7 +566,11 @@ class BelleVL(VisionTasks):
         return ChatResult(answer.final_text(), answer.finish_reason(), usage, self.model_name)  # type: ignore[arg-type]
 
     def chat(self, messages: Sequence[Message], *, system: str | None = None, **generation: Any) -> ChatResult:
-        """Answer a conversation (messages in transformers' format); ``system`` replaces the default prompt."""
+        """Answer a conversation (messages in transformers' format); ``system`` replaces the default prompt.
+
+        ``response_format`` (``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {...}}``, a JSON
+        schema dict, a pydantic model class or a :class:`~belle_vl_tools.constrained.Grammar`) constrains the
+        answer while it is generated (also in :meth:`stream` and :meth:`generate_batch`)."""
         settings = _resolve_settings(self.generation_config, generation)
         item = self.prepare(messages, system)
         with self._lock:

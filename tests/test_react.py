@@ -7,11 +7,13 @@ import json
 import pytest
 
 from belle_vl_tools.errors import PromptError
-from belle_vl_tools.toolcalls import (
+from belle_vl_tools.messages import Message, TextPart
+from belle_vl_tools.react import (
     STOP_SEQUENCES,
     InvalidToolCall,
     ReplyStreamParser,
     ToolCall,
+    ToolSession,
     ToolSpec,
     parse_reply,
     react_instruction,
@@ -348,3 +350,80 @@ def test_stream_call_shows_nothing() -> None:
     shown, rest, parsed = _stream(["Thought: look\nAct", "ion: describe_image\nAction Input: ", '{"image": "image_1"}'])
     assert "".join(shown) + rest == ""
     assert parsed.tool_calls[0].name == "describe_image"
+
+
+# --- the session -------------------------------------------------------------------------------------------------
+
+
+def test_session_reads_every_tool_choice_form() -> None:
+    named = {"type": "function", "function": {"name": "visual_qa"}}
+    cases = [(None, "auto"), ("auto", "auto"), ("any", "required"), (True, "required"), ("required", "required")]
+    cases += [(False, "none"), ("none", "none"), ("visual_qa", named), (named, named)]
+    for given, expected in cases:
+        assert ToolSession.create(TOOLS, given).tool_choice == expected
+    with pytest.raises(PromptError, match="tool_choice"):
+        ToolSession.create(TOOLS, "sometimes")
+    with pytest.raises(PromptError, match="not among the tools"):
+        ToolSession.create(TOOLS, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(PromptError, match="needs tools"):
+        ToolSession.create([], "required")
+    with pytest.raises(PromptError, match="unique"):
+        ToolSession.create([DESCRIBE, DESCRIBE])
+
+
+def test_session_one_stop_rule_and_grammar_per_tool_choice() -> None:
+    messages = [{"role": "user", "content": "What is in image_1?"}]
+    for choice in ("auto", "required", "visual_qa"):
+        request = ToolSession.create(TOOLS, choice).prepare(messages, {"stop": ["Observation:", "END"]})
+        assert request.generation["stop"] == ["Observation:", "END"]  # added once, whenever a call may come
+        assert "Action Input" in request.messages[0]["content"]
+    request = ToolSession.create(TOOLS, "none").prepare(messages, {"temperature": 0})
+    assert request.generation == {"temperature": 0} and request.messages == messages
+
+    assert "response_format" not in ToolSession.create(TOOLS, "auto").prepare(messages).generation
+    forced = ToolSession.create(TOOLS, "required").prepare(messages).generation["response_format"]
+    assert forced.kind == "tool_call" and [name for name, _ in forced.tools] == ["describe_image", "visual_qa"]
+    named = ToolSession.create(TOOLS, "visual_qa").prepare(messages).generation["response_format"]
+    assert [name for name, _ in named.tools] == ["visual_qa"]
+    assert json.loads(named.tools[0][1])["required"] == ["image", "question"]
+    either = ToolSession.create(TOOLS, "auto", {"type": "json_object"}).grammar()
+    assert either.kind == "tool_call" and either.answer.kind == "json_object"
+    plain = ToolSession.create(None, None, {"type": "json_object"}).prepare(messages)
+    assert plain.generation["response_format"].kind == "json_object" and plain.messages == messages
+    with pytest.raises(PromptError, match="response_format"):
+        ToolSession.create().prepare(messages, {"response_format": {"type": "json_object"}})
+
+
+def test_session_parses_with_the_offered_tools_only() -> None:
+    reply = 'Thought: x\nAction: describe_image\nAction Input: {"image": "image_1"}'
+    assert ToolSession.create(TOOLS).parse(reply).tool_calls[0].name == "describe_image"
+    assert ToolSession.create(TOOLS, "visual_qa").parse(reply).invalid_tool_calls[0].error.startswith("Unknown tool")
+    assert ToolSession.create(TOOLS, "none").parse(reply).content == reply
+    parser = ToolSession.create().stream_parser()
+    assert parser.feed("Action: a") == "Action: a" and parser.finish()[1].content == "Action: a"
+
+
+def test_session_accepts_core_messages() -> None:
+    history = [
+        Message.user("What is in image_1?"),
+        Message.assistant("", [ToolCall("describe_image", {"image": "image_1"}, "c1")]),
+        Message("tool", (TextPart("A red circle."),), tool_call_id="c1"),
+    ]
+    request = ToolSession.create(TOOLS).prepare(history)
+    assert request.messages[1]["content"].endswith('Action Input: {"image": "image_1"}\nObservation: A red circle.')
+
+
+def test_forced_calls_from_a_random_model_are_always_valid(runtime) -> None:
+    """tool_choice="required" / named: whatever the weights, the reply is one call of an allowed tool whose
+    arguments hold every required field."""
+    question = [{"role": "user", "content": "What is in image_1?"}]
+    for choice in ("required", "visual_qa"):
+        session = ToolSession.create(TOOLS, choice)
+        request = session.prepare(question, {"temperature": 0, "max_new_tokens": 48})
+        reply = session.parse(runtime.chat(request.messages, **request.generation).text)
+        assert not reply.invalid_tool_calls and len(reply.tool_calls) == 1
+        call = reply.tool_calls[0]
+        assert call.name in ([spec.name for spec in TOOLS] if choice == "required" else ["visual_qa"])
+        spec = next(spec for spec in TOOLS if spec.name == call.name)
+        assert set(spec.parameters["required"]) <= set(call.arguments)
+        assert all(isinstance(value, str) for value in call.arguments.values())
