@@ -606,6 +606,212 @@ def serve(
     )
 
 
+def _default_caption_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "belle-vl" / "mcp-captions.sqlite"
+
+
+@app.command("mcp")
+@_handles_errors
+def mcp_command(
+    ctx: typer.Context,
+    http: Annotated[
+        bool, typer.Option("--http", help="Serve streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
+    ] = False,
+    host: Annotated[str, typer.Option(help="With --http: the address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="With --http: the port to listen on.")] = 8765,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BELLE_VL_API_KEY",
+            help="With --http: require 'Authorization: Bearer KEY' from MCP clients.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allow-root",
+            help="A folder the tools may read pictures from (repeat for several). [default: the current folder]",
+            show_default=False,
+        ),
+    ] = None,
+    allow_urls: Annotated[
+        bool, typer.Option("--allow-urls", help="Let the tools fetch http(s) image URLs (public addresses only).")
+    ] = False,
+    remote: Annotated[
+        str | None,
+        typer.Option(help="Use a `belle-vl serve` server at this URL instead of a local model.", show_default=False),
+    ] = None,
+    remote_api_key: Annotated[
+        str | None,
+        typer.Option(envvar="BELLE_VL_REMOTE_API_KEY", help="The --remote server's API key.", show_default=False),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="The caption cache of caption_folder (SQLite). [default: ~/.cache/belle-vl/mcp-captions.sqlite]",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="With --http: uvicorn's log level.")] = "info",
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+) -> None:
+    """Serve the vision tools to MCP hosts (Claude Desktop, IDE agents, LangChain, LlamaIndex, ...).
+
+    Tools: describe_image, visual_qa, locate_objects, read_text, add_image and caption_folder. Pictures are read
+    only inside the --allow-root folders (narrowed to the roots the host declares), URLs only with --allow-urls.
+    The model loads on the first call that needs it.
+    """
+    def given(name: str) -> bool:  # on the command line, not from the environment
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name == "COMMANDLINE"
+
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    if not http and given("api_key"):
+        raise typer.BadParameter(
+            "--api-key protects the --http transport; the key of a --remote server is --remote-api-key.",
+            param_hint="--api-key",
+        )
+    for name, value in (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype)):
+        if remote is not None and value is not None:
+            raise typer.BadParameter(f"{name} applies to a local model, not to a --remote server.", param_hint=name)
+    if remote is None and given("remote_api_key"):
+        raise typer.BadParameter("--remote-api-key needs --remote URL.", param_hint="--remote-api-key")
+    try:
+        from .mcp_server import VisionMCPServer
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in ("mcp", "anyio", "starlette", "uvicorn", "httpx"):
+            raise
+        _fail(f"The MCP server needs the mcp package ({exc}): pip install 'belle-vl-tools[mcp]'.")
+    if remote is not None:
+        from .backends.remote import RemoteBelleVL
+
+        backend: Any = RemoteBelleVL(remote, api_key=remote_api_key)
+        model_key: Any = lambda: f"{backend.base_url} {backend.resolve_model()}"  # noqa: E731
+    else:
+        backend = functools.partial(_load_backend, settings)
+        model_key = _model_key(settings)
+    server = VisionMCPServer(
+        backend,
+        allowed_roots=allow_root or [Path.cwd()],
+        allow_urls=allow_urls,
+        caption_cache=cache if cache is not None else _default_caption_cache(),
+        model_key=model_key,
+        generation=settings.generation,
+    )
+    if http:
+        server.serve_http(host=host, port=port, api_key=api_key, log_level=log_level)
+    else:
+        import anyio
+
+        anyio.run(server.run_stdio)
+
+
+def _login(value: str | None) -> tuple[str, str] | None:
+    """``--auth USER:PASSWORD`` as Gradio's (user, password) pair."""
+    if value is None:
+        return None
+    user, colon, password = value.partition(":")
+    if not colon or not user.strip() or not password:
+        raise typer.BadParameter("give the login as USER:PASSWORD, e.g. --auth alice:s3cret.", param_hint="--auth")
+    return user.strip(), password
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command("ui")
+@_handles_errors
+def ui_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 7860,
+    share: Annotated[
+        bool, typer.Option("--share", help="Also publish the page through a public Gradio share link.")
+    ] = False,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BELLE_VL_UI_AUTH",
+            help="Require this login (USER:PASSWORD) for the page and its API.",
+            show_default=False,
+        ),
+    ] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(help="Use a `belle-vl serve` server at this URL instead of a local model.", show_default=False),
+    ] = None,
+    remote_api_key: Annotated[
+        str | None,
+        typer.Option(envvar="BELLE_VL_REMOTE_API_KEY", help="The --remote server's API key.", show_default=False),
+    ] = None,
+    max_image_bytes: Annotated[int, typer.Option(min=1, help="Largest uploaded picture, in bytes.")] = 20 << 20,
+    max_image_pixels: Annotated[
+        int, typer.Option(min=1, help="Largest uploaded picture, in pixels (width x height).")
+    ] = 40_000_000,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Model calls run at once; more wait in the queue. [default: 1 for a local model, 8 with --remote]",
+            show_default=False,
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+) -> None:
+    """Chat about pictures in a web page (Gradio): upload, paste or drop pictures, ask, describe, read, locate.
+
+    Each browser keeps its own conversation. The page also offers /ask, /describe, /read_text and /locate to
+    scripts (gradio_client). Needs the `ui` extra: pip install 'belle-vl-tools[ui]'.
+    """
+    settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    for name, value in (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype)):
+        if remote is not None and value is not None:
+            raise typer.BadParameter(f"{name} applies to a local model, not to a --remote server.", param_hint=name)
+    key_source = ctx.get_parameter_source("remote_api_key")  # typer's own click: compare by name
+    if remote is None and key_source is not None and key_source.name == "COMMANDLINE":
+        raise typer.BadParameter("--remote-api-key needs --remote URL.", param_hint="--remote-api-key")
+    login = _login(auth)
+    try:
+        from . import ui as ui_module
+    except ImportError as exc:
+        _fail(f"The web chat needs Gradio ({exc}): pip install 'belle-vl-tools[ui]'.")
+    policy = ui_module.upload_policy(max_bytes=max_image_bytes, max_pixels=max_image_pixels)
+    if remote is not None:
+        from .backends.remote import RemoteBelleVL
+
+        backend: Any = RemoteBelleVL(remote, api_key=remote_api_key)
+    else:
+        backend = _load_backend(settings)
+    if login is None and (share or not _is_loopback(host)):
+        typer.echo("warning: the page is reachable from other machines and has no login; consider --auth.", err=True)
+    ui_module.launch(
+        backend,
+        host=host,
+        port=port,
+        share=share,
+        auth=login,
+        image_policy=policy,
+        concurrency_limit=concurrency or (8 if remote is not None else 1),
+        max_new_tokens=settings.max_new_tokens or 512,
+    )
+
+
 @eval_app.command("mme")
 @_handles_errors
 def eval_mme(
