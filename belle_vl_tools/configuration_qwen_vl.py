@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .checkpoint_checks import check_config
+
 #: The keys of the ``visual`` block, with Qwen-VL-Chat's values as defaults (Belle-VL differs in ``output_dim``).
 DEFAULT_VISUAL: dict[str, Any] = {
     "heads": 16,
@@ -69,6 +71,7 @@ class QWenConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        check_config(self)  # sizes within what the architecture admits, before anything is built
         if self.visual is not None:
             self.visual = {**DEFAULT_VISUAL, **self.visual}
             if self.visual["output_dim"] != self.hidden_size:

@@ -33,6 +33,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
 from .constrained import Grammar, grammar_from, logits_processor
+from .checkpoint_checks import check_checkpoint_folder, check_finite_weights
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .images import ImagePolicy
 from .modeling_qwen_vl import CACHE_FIELD, QWenLMHeadModel, ntk_alpha, stop_token_ids
@@ -369,6 +370,7 @@ class BelleVL(VisionTasks):
         prefix_cache_size: int = 2,
         max_context_tokens: int = 32768,
         verbose: bool = False,
+        check_weights: bool = False,
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
@@ -378,6 +380,9 @@ class BelleVL(VisionTasks):
         "cuda:1") places the whole model, ``device_map`` ("auto", ...) spreads it; ``quantization_config`` (e.g.
         ``BitsAndBytesConfig(load_in_4bit=True)``) quantizes the language model and keeps the vision tower as is.
         Loading is quiet (no progress bars, transformers' info and warnings, or Python warnings) unless ``verbose``.
+        The config's sizes (and, for a local folder, its vocabulary against the tokenizer file) are checked before
+        anything is built; ``check_weights=True`` also refuses weights holding NaN or infinities (it reads them all).
+        Problems raise :class:`CheckpointError` naming the key or weight.
         """
         model_kwargs.pop("trust_remote_code", None)
         if dtype is not None:
@@ -399,9 +404,12 @@ class BelleVL(VisionTasks):
         path = str(path_or_hub_id)
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json: point at a checkpoint folder (config.json, weights).")
+        check_checkpoint_folder(path)
         with _quiet_loading(not verbose):
             model = QWenLMHeadModel.from_pretrained(path, **model_kwargs)
             processor = QWenVLProcessor.from_pretrained(path)
+        if check_weights:
+            check_finite_weights(model)
         return cls(
             model,
             processor,
