@@ -382,3 +382,39 @@ def test_errors_about_files_that_are_not_images_do_not_tell_their_size(tmp_path)
         load_image(str(text), ImagePolicy.trusted(max_bytes=100))
     assert f"{size:,}" not in str(info.value) and str(size) not in str(info.value)
     assert "max_bytes=100" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. The model card's model.chat opens what its query names: explicitly, under a policy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from belle_vl_tools import BelleVL
+
+    return BelleVL.from_pretrained()  # the shipped demo model
+
+
+def test_model_card_chat_reads_under_the_trusted_policy_unless_given_one(demo, tmp_path):
+    model, tokenizer = demo.model, demo.tokenizer
+    notes = tmp_path / "notes.txt"
+    notes.write_text("secret: hunter2\n" * 50)
+    size = notes.stat().st_size
+    with pytest.raises(ImageDecodeError) as info:  # the documented behaviour: the file is opened...
+        model.chat(tokenizer, f"<img>{notes}</img>What is this?", max_new_tokens=2)
+    assert str(size) not in str(info.value) and f"{size:,}" not in str(info.value)  # ...but its size stays private
+    assert "hunter2" not in str(info.value)
+    restricted = ImagePolicy.restricted(tmp_path / "pictures")
+    with pytest.raises(ImageAccessDeniedError):
+        model.chat(tokenizer, f"<img>{notes}</img>What is this?", image_policy=restricted, max_new_tokens=2)
+    with pytest.raises(ImageAccessDeniedError):
+        list(model.chat_stream(tokenizer, f"<img>{notes}</img>What?", image_policy=restricted, max_new_tokens=2))
+    picture = tmp_path / "pictures" / "red.png"
+    picture.parent.mkdir()
+    picture.write_bytes(_png((255, 0, 0), (64, 64)))
+    answer, history = model.chat(tokenizer, f"<img>{picture}</img>What is this?", image_policy=restricted)
+    assert isinstance(answer, str) and len(history) == 1
+    tiny = ImagePolicy.restricted(tmp_path / "pictures", max_pixels=100)  # the given policy is the one applied
+    with pytest.raises(ImageTooLargeError, match="max_pixels=100"):
+        model.chat(tokenizer, f"<img>{picture}</img>What is this?", image_policy=tiny, max_new_tokens=2)
