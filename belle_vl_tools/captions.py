@@ -12,7 +12,16 @@ cache uses. The price is that every picture is decoded on every run (decoding is
 
 Crash safety: the cache runs in SQLite's WAL mode and each batch is written in one transaction, so a run that is
 killed keeps every batch it finished, and a new run picks up where it stopped. Rows are written with ``INSERT OR
-IGNORE`` on the primary key, so nothing is ever stored twice (the first caption of a key wins).
+IGNORE`` on the primary key, so nothing is ever stored twice (the first caption of a key wins). A cache file that
+is not a SQLite database, or that cannot be written, raises :class:`CaptionCacheError` (one line saying what to do).
+
+Concurrent runs: before captioning a picture a run takes a *lease* on its key in the cache (``lease_seconds``
+long, renewed with every batch). Another run that meets a leased key waits for that caption instead of making it
+again, and takes the key over when the lease expires or its holder (a process on this machine) is gone, so two
+runs over one folder split the work and a killed run's leases are reclaimed.
+
+Output files: :func:`partial_path` names a run's temporary output beside the final file and
+:func:`clean_partial_files` removes those of runs that were killed (their process is gone).
 
 Laziness: ``backend`` may be a callable that returns the backend; it is called only when the first picture that
 is not in the cache needs captioning, so a run over fully cached pictures never loads a model.
@@ -28,10 +37,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import sqlite3
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -39,17 +50,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import prompts
-from .errors import ImageError
+from .errors import BelleVLError, ImageError
 from .images import ImagePolicy, image_digest, load_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "CachedCaption",
     "CaptionCache",
+    "CaptionCacheError",
     "CaptionRecord",
     "caption_images",
     "checkpoint_key",
+    "clean_partial_files",
     "find_images",
+    "partial_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,6 +117,74 @@ CREATE TABLE IF NOT EXISTS captions (
 ) WITHOUT ROWID
 """
 
+_LEASES = """
+CREATE TABLE IF NOT EXISTS leases (
+    digest  TEXT NOT NULL,
+    model   TEXT NOT NULL,
+    prompt  TEXT NOT NULL,
+    owner   TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (digest, model, prompt)
+) WITHOUT ROWID
+"""
+
+#: How long a run's claim on a picture lasts unless renewed (each finished batch renews the claims it holds).
+DEFAULT_LEASE_SECONDS = 900.0
+
+
+class CaptionCacheError(BelleVLError):
+    """The caption cache cannot be used: its file is not a SQLite database, or it cannot be created or written."""
+
+
+def _cache_error(path: str, exc: BaseException) -> CaptionCacheError:
+    """One line that says what is wrong with the cache file ``path`` and what to do about it."""
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered
+    ):
+        return CaptionCacheError(
+            f"The caption cache {path} is damaged or not a caption cache ({text}): delete it (its captions will be "
+            "made again) or use another cache file."
+        )
+    if "readonly" in lowered or "read-only" in lowered or isinstance(exc, PermissionError):
+        return CaptionCacheError(
+            f"The caption cache {path} cannot be written ({text}): make the file and its folder writable, or use "
+            "another cache file."
+        )
+    if isinstance(exc, OSError) or "unable to open" in lowered:
+        return CaptionCacheError(
+            f"The caption cache {path} cannot be opened or created ({text}): check that its folder exists and is "
+            "writable (and not a file), or use another cache file."
+        )
+    return CaptionCacheError(f"The caption cache {path} failed ({text}): delete it or use another cache file.")
+
+
+def _owner_id() -> str:
+    """Who holds a lease: this machine, this process and this run."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    return False
+
+
+def _owner_gone(owner: str) -> bool:
+    """Whether the holder of a lease was a process on this machine that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    return pid != os.getpid() and _process_gone(pid)
+
+
 # SQLite limits the number of host parameters of one statement; look keys up in chunks below it.
 _LOOKUP_CHUNK = 400
 
@@ -127,15 +209,39 @@ class CaptionCache:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False, isolation_level=None)
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: a killed process loses no committed batch
-        conn.execute(_SCHEMA)
+        conn = None
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                if Path(self.path).is_dir():
+                    raise IsADirectoryError(21, "Is a folder, not a file", self.path)
+            conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False, isolation_level=None)
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: a killed process loses no committed batch
+            conn.execute(_SCHEMA)
+            conn.execute(_LEASES)
+            # Schema statements on an existing database write nothing; make sure this file takes writes now,
+            # not after the first batch was captioned.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                conn.close()
+            raise _cache_error(self.path, exc) from None
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _run(self, work: Any) -> Any:
+        """``work(connection)`` under the lock, with SQLite's errors turned into :class:`CaptionCacheError`."""
+        with self._lock:
+            conn = self._connect()
+            try:
+                return work(conn)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise _cache_error(self.path, exc) from None
 
     def close(self) -> None:
         with self._lock:
@@ -169,8 +275,8 @@ class CaptionCache:
         """The cached captions among ``digests`` for ``model`` and ``prompt``, by digest."""
         wanted = list(dict.fromkeys(digests))
         found: dict[str, CachedCaption] = {}
-        with self._lock:
-            conn = self._connect()
+
+        def work(conn: sqlite3.Connection) -> None:
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
                 chunk = wanted[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
@@ -181,19 +287,19 @@ class CaptionCache:
                 ).fetchall()
                 for row in rows:
                     found[row[0]] = CachedCaption(*row)
+
+        self._run(work)
         return found
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._connect().execute("SELECT COUNT(*) FROM captions").fetchone()[0])
+        return int(self._run(lambda conn: conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]))
 
     def __iter__(self) -> Iterator[CachedCaption]:
-        with self._lock:
-            rows = (
-                self._connect()
-                .execute("SELECT digest, model, prompt, caption, width, height, created FROM captions ORDER BY created")
-                .fetchall()
-            )
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT digest, model, prompt, caption, width, height, created FROM captions ORDER BY created"
+            ).fetchall()
+        )
         return iter([CachedCaption(*row) for row in rows])
 
     # --- writing -------------------------------------------------------------------------------------------------
@@ -209,8 +315,8 @@ class CaptionCache:
         values = [(d, m, p, c, int(w), int(h), now) for d, m, p, c, w, h in rows]
         if not values:
             return 0
-        with self._lock:
-            conn = self._connect()
+
+        def work(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -219,11 +325,88 @@ class CaptionCache:
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     values,
                 )
+                added = conn.total_changes - before
+                # The captions are in: nobody needs to wait for these keys any more.
+                conn.executemany(
+                    "DELETE FROM leases WHERE digest = ? AND model = ? AND prompt = ?",
+                    [(d, m, p) for d, m, p, *_ in values],
+                )
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            return conn.total_changes - before
+            return added
+
+        return int(self._run(work))
+
+    # --- leases (so concurrent runs do not caption one picture twice) ----------------------------------------------
+    def claim(
+        self, digest: str, model: str, prompt: str, owner: str, *, lease_seconds: float = DEFAULT_LEASE_SECONDS
+    ) -> CachedCaption | bool:
+        """Claim the key for ``owner`` before captioning it: the cached caption if there is one by now, True if the
+        claim is ``owner``'s (it was free, expired, already ``owner``'s, or its holder's process is gone), False if
+        another live run holds it."""
+
+        def work(conn: sqlite3.Connection) -> CachedCaption | bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT digest, model, prompt, caption, width, height, created FROM captions "
+                    "WHERE digest = ? AND model = ? AND prompt = ?",
+                    (digest, model, prompt),
+                ).fetchone()
+                if row is not None:
+                    conn.execute("ROLLBACK")
+                    return CachedCaption(*row)
+                lease = conn.execute(
+                    "SELECT owner, expires FROM leases WHERE digest = ? AND model = ? AND prompt = ?",
+                    (digest, model, prompt),
+                ).fetchone()
+                now = time.time()
+                if lease is not None and lease[0] != owner and lease[1] > now and not _owner_gone(lease[0]):
+                    conn.execute("ROLLBACK")
+                    return False
+                conn.execute(
+                    "INSERT OR REPLACE INTO leases (digest, model, prompt, owner, expires) VALUES (?, ?, ?, ?, ?)",
+                    (digest, model, prompt, owner, now + lease_seconds),
+                )
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return True
+
+        return self._run(work)
+
+    def renew(
+        self,
+        digests: Iterable[str],
+        model: str,
+        prompt: str,
+        owner: str,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    ) -> None:
+        """Extend ``owner``'s leases on these keys by ``lease_seconds`` from now."""
+        expires = time.time() + lease_seconds
+        rows = [(expires, d, model, prompt, owner) for d in digests]
+        if rows:
+            self._run(
+                lambda conn: conn.executemany(
+                    "UPDATE leases SET expires = ? WHERE digest = ? AND model = ? AND prompt = ? AND owner = ?", rows
+                )
+            )
+
+    def release(self, owner: str) -> None:
+        """Drop every lease ``owner`` still holds (a run that stops early lets others take its pictures now)."""
+        self._run(lambda conn: conn.execute("DELETE FROM leases WHERE owner = ?", (owner,)))
+
+    def leases(self) -> list[tuple[str, str, str, str, float]]:
+        """The leases held now: ``(digest, model, prompt, owner, expires)`` rows."""
+        return list(
+            self._run(lambda conn: conn.execute("SELECT digest, model, prompt, owner, expires FROM leases").fetchall())
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,6 +452,50 @@ def find_images(folder: str | os.PathLike[str], *, recursive: bool = True) -> li
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             found.append(path)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output files of runs
+# ---------------------------------------------------------------------------------------------------------------
+
+_PARTIAL_SUFFIX = ".partial"
+_STALE_PARTIAL_SECONDS = 7 * 24 * 3600.0  # a partial file this old is left over whoever wrote it
+
+
+def partial_path(out: str | os.PathLike[str]) -> Path:
+    """Where a run writes ``out`` before moving it into place: a hidden file beside it, named after this
+    process (``.NAME.PID.RANDOM.partial``), so :func:`clean_partial_files` can tell a killed run's leftovers."""
+    final = Path(out)
+    return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_PARTIAL_SUFFIX}")
+
+
+def clean_partial_files(out: str | os.PathLike[str]) -> list[Path]:
+    """Remove the partial files of ``out`` left by runs that were killed (their process is gone, or the file is
+    more than a week old); files of runs still going are kept. Returns the removed paths."""
+    final = Path(out)
+    removed = []
+    prefix = f".{final.name}."
+    folder = final.parent if str(final.parent) else Path(".")
+    if not folder.is_dir():
+        return removed
+    for candidate in folder.iterdir():
+        name = candidate.name
+        if not (name.startswith(prefix) and name.endswith(_PARTIAL_SUFFIX)):
+            continue
+        pid_text = name[len(prefix) : -len(_PARTIAL_SUFFIX)].split(".")[0]
+        try:
+            age = time.time() - candidate.stat().st_mtime
+        except OSError:
+            continue
+        gone = pid_text.isdigit() and int(pid_text) != os.getpid() and _process_gone(int(pid_text))
+        if gone or age > _STALE_PARTIAL_SECONDS:
+            try:
+                candidate.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(candidate)
+            logger.info("Removed %s, left over by a run that was stopped.", candidate)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,6 +617,7 @@ class _Entry:
     caption: str | None = None
     cached: bool = False
     skip: bool = False
+    waiting: bool = False  # another run holds the lease on this picture: wait for its caption
 
 
 def caption_images(
@@ -405,6 +633,8 @@ def caption_images(
     progress: bool | Callable[[CaptionRecord], None] = True,
     on_error: Literal["raise", "skip"] = "raise",
     image_policy: ImagePolicy | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    poll_seconds: float = 0.5,
     **generation: Any,
 ) -> Iterator[CaptionRecord]:
     """Yield a :class:`CaptionRecord` for each picture of ``paths``, in their order, lazily.
@@ -425,6 +655,8 @@ def caption_images(
         on_error: A picture that cannot be read (:class:`~belle_vl_tools.errors.ImageError`) raises ("raise"),
             or is logged and left out ("skip"). Backend errors always raise.
         image_policy: What may be read; default :meth:`ImagePolicy.trusted` (any local path).
+        lease_seconds: How long this run's claim on a picture it is captioning lasts (renewed every batch); a run
+            that meets another run's live claim waits for that caption, polling the cache every ``poll_seconds``.
         generation: Generation arguments for the backend; ``temperature`` defaults to 0 (greedy), so a caption
             depends on the picture, the model and the prompt only.
     """
@@ -441,9 +673,14 @@ def caption_images(
         raise ValueError("prompt must be a non-empty string.")
     generation.setdefault("temperature", 0)
     policy = image_policy or ImagePolicy.trusted()
+    if not lease_seconds > 0 or not poll_seconds > 0:
+        raise ValueError(f"lease_seconds and poll_seconds must be > 0; got {lease_seconds!r}, {poll_seconds!r}.")
     items = list(paths) if progress is True else paths
     total = len(items) if isinstance(items, Sequence) else None
-    return _caption_iter(items, lazy, cache, name, text, batch_size, progress, on_error, policy, generation, total)
+    leases = (lease_seconds, poll_seconds)
+    return _caption_iter(
+        items, lazy, cache, name, text, batch_size, progress, on_error, policy, generation, total, leases
+    )
 
 
 def _caption_iter(
@@ -458,9 +695,12 @@ def _caption_iter(
     policy: ImagePolicy,
     generation: dict[str, Any],
     total: int | None,
+    leases: tuple[float, float],
 ) -> Iterator[CaptionRecord]:
     own_cache = cache_arg is not None and not isinstance(cache_arg, CaptionCache)
     cache = CaptionCache(cache_arg) if own_cache else cache_arg  # type: ignore[arg-type]
+    lease_seconds, poll_seconds = leases
+    owner = _owner_id()
     callback = progress if callable(progress) else None
     # Entries wait in ``queue`` (input order) until their caption is known. Uncached pictures wait in ``pending``
     # (digest -> image), so a picture that appears twice is captioned once.
@@ -482,6 +722,7 @@ def _caption_iter(
             raise RuntimeError(f"The backend answered {len(answers)} of {len(digests)} conversations.")
         sizes = {e.digest: (e.width, e.height) for e in queue if e.digest in pending}
         if cache is not None:
+            cache.renew(digests, model, prompt, owner, lease_seconds=lease_seconds)
             cache.put_many((d, model, prompt, a, *sizes[d]) for d, a in zip(digests, answers, strict=True))
         made.update(zip(digests, answers, strict=True))
         for entry in queue:
@@ -489,7 +730,46 @@ def _caption_iter(
                 entry.caption = made[entry.digest]
         pending.clear()
 
+    def claim(entry: _Entry, image: Any) -> None:
+        """Caption ``entry`` in this run if its key is free; else wait for the run that holds it."""
+        got = cache.claim(entry.digest, model, prompt, owner, lease_seconds=lease_seconds) if cache else True
+        if isinstance(got, CachedCaption):
+            entry.caption, entry.cached, entry.waiting = got.caption, True, False
+        elif got:
+            entry.waiting = False
+            pending[entry.digest] = image
+        else:
+            entry.waiting = True
+
+    def check_waiting(take_over: bool) -> None:
+        """Pick up the captions other runs made for waiting entries; with ``take_over``, claim the keys whose
+        holder stopped (expired lease, process gone) and caption them here."""
+        waiting = [e for e in queue if e.waiting]
+        if not waiting or cache is None:
+            return
+        found = cache.get_many([e.digest for e in waiting], model, prompt)
+        for entry in waiting:
+            hit = found.get(entry.digest)
+            if hit is not None:
+                entry.caption, entry.cached, entry.waiting = hit.caption, True, False
+            elif entry.digest in made:
+                entry.caption, entry.waiting = made[entry.digest], False
+            elif entry.digest in pending:
+                entry.waiting = False
+            elif take_over:
+                try:
+                    image = load_image(Path(entry.path), policy)
+                except ImageError as exc:
+                    if on_error == "raise":
+                        raise
+                    logger.warning("Skipping %s: %s", entry.path, exc)
+                    entry.skip, entry.waiting = True, False
+                    continue
+                claim(entry, image)
+
     def ready() -> Iterator[CaptionRecord]:
+        if queue and queue[0].waiting:
+            check_waiting(take_over=False)
         while queue and (queue[0].caption is not None or queue[0].skip):
             entry = queue.popleft()
             if entry.skip:
@@ -525,13 +805,27 @@ def _caption_iter(
                     hit = cache.get(entry.digest, model, prompt) if cache is not None else None
                     if hit is not None:
                         entry.caption, entry.cached = hit.caption, True
+                    elif any(e.waiting and e.digest == entry.digest for e in queue):
+                        entry.waiting = True  # the same picture again, held by another run
                     else:
-                        pending[entry.digest] = image
-                if len(pending) >= batch_size or (pending and len(queue) >= max_waiting):
+                        claim(entry, image)
+                if len(pending) >= batch_size or (pending and len(queue) >= max_waiting and not queue[0].waiting):
                     flush_batch()
                 yield from ready()
             flush_batch()
             yield from ready()
+            # What is left waits for other runs: their captions, or their leases to lapse.
+            while queue:
+                check_waiting(take_over=True)
+                flush_batch()
+                before = len(queue)
+                yield from ready()
+                if queue and len(queue) == before and queue[0].waiting:
+                    time.sleep(poll_seconds)
     finally:
-        if own_cache and cache is not None:
-            cache.close()
+        try:
+            if cache is not None:
+                cache.release(owner)
+        finally:
+            if own_cache and cache is not None:
+                cache.close()

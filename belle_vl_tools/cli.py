@@ -1,8 +1,10 @@
 """The ``belle-vl`` command: ask about, describe, locate in and read pictures, chat, caption folders, run MME.
 
-Every command that needs the model loads it only when it has work for it: ``eval mme --results`` and a
-``caption`` run whose pictures are all cached never load it, and a bad picture path fails before any loading.
-The CLI reads any local file its user names (:meth:`ImagePolicy.trusted`).
+Starting is cheap: this module imports neither torch nor transformers, so ``--help``, ``--version``, ``eval mme
+--results`` and a ``caption`` run whose pictures are all cached answer at once. Every command that needs the model
+loads it only when it has work for it, and a bad picture, a bad ``--model`` or a bad ``--device`` fails before any
+loading. The CLI reads any local file its user names; pictures also come from stdin (``-``), as data URLs, and as
+http(s) URLs with ``--allow-urls`` (public addresses only, fetched under the image policy's guards).
 
 Exit codes: 0 success, 1 bad input or a failure with a typed error (one ``error: ...`` line on stderr, no
 traceback), 2 wrong usage (unknown option, missing argument), 130 interrupted.
@@ -11,26 +13,31 @@ traceback), 2 wrong usage (unknown option, missing argument), 130 interrupted.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
+import re
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from . import __version__, prompts
-from .backend import ChatResult, image_message
-from .errors import BelleVLError, CheckpointError
-from .images import ImagePolicy, load_image
+from . import __version__
+from .errors import BelleVLError, CheckpointError, ImageAccessDeniedError, ImageNotFoundError
+
+if TYPE_CHECKING:
+    from .backend import ChatResult
+    from .images import ImagePolicy
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 MODEL_PANEL = "Model options"
+GENERATION_PANEL = "Generation options"
+PICTURE_PANEL = "Picture options"
 
 
 class Detail(str, Enum):
@@ -80,6 +87,67 @@ MaxNewTokensOpt = Annotated[
     typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.", rich_help_panel=MODEL_PANEL),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Show the libraries' warnings and progress bars while the model loads.",
+        show_default=False,
+    ),
+]
+TemperatureOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Sampling temperature; 0 answers greedily (the same answer every time). [default: the model's]",
+        rich_help_panel=GENERATION_PANEL,
+        show_default=False,
+    ),
+]
+TopPOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--top-p",
+        max=1.0,
+        help="Sample from the smallest set of tokens whose probabilities add up to this. [default: the model's]",
+        rich_help_panel=GENERATION_PANEL,
+        show_default=False,
+    ),
+]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(help="Seed of the sampler, for answers that repeat.", rich_help_panel=GENERATION_PANEL),
+]
+AllowUrlsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-urls",
+        help="Fetch pictures given as http(s) URLs (public addresses only).",
+        rich_help_panel=PICTURE_PANEL,
+        show_default=False,
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels",
+        min=1,
+        help="Largest picture accepted, in pixels (width x height). [default: 40,000,000]",
+        rich_help_panel=PICTURE_PANEL,
+        show_default=False,
+    ),
+]
+MaxImageBytesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-image-bytes",
+        min=1,
+        help="Largest picture file accepted, in bytes. [default: 20 MiB]",
+        rich_help_panel=PICTURE_PANEL,
+        show_default=False,
+    ),
+]
 
 
 @dataclass
@@ -89,15 +157,81 @@ class Settings:
     dtype: DType | None = None
     max_new_tokens: int | None = None
     json: bool = False
+    verbose: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    allow_urls: bool = False
+    max_pixels: int | None = None
+    max_image_bytes: int | None = None
 
     def merged(self, **local: Any) -> Settings:
-        """These settings with the options given to the command itself taking precedence."""
-        values = {k: v for k, v in local.items() if v not in (None, False)}
+        """These settings with the options given to the command itself taking precedence (an option left out,
+        None or False, keeps the earlier value; 0 is a value)."""
+        values = {k: v for k, v in local.items() if v is not None and v is not False}
         return Settings(**{**self.__dict__, **values})
 
     @property
     def generation(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {}
+        """The generation arguments the user set (the model's own defaults hold for the others)."""
+        names = ("max_new_tokens", "temperature", "top_p", "seed")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    @property
+    def image_policy(self) -> ImagePolicy:
+        """What the CLI may read: any local file; http(s) URLs only with ``--allow-urls``."""
+        from .images import ImagePolicy
+
+        limits = {"max_pixels": self.max_pixels, "max_bytes": self.max_image_bytes}
+        return ImagePolicy.trusted(allow_urls=self.allow_urls, **{k: v for k, v in limits.items() if v is not None})
+
+
+# Options every model command takes besides the model ones; added to each command's signature by
+# ``_with_options`` (and taken by the root too), gathered into the root's Settings before the command runs.
+_PICTURE_OPTIONS: dict[str, Any] = {
+    "allow_urls": (AllowUrlsOpt, False),
+    "max_pixels": (MaxPixelsOpt, None),
+    "max_image_bytes": (MaxImageBytesOpt, None),
+}
+_GENERATION_OPTIONS: dict[str, Any] = {
+    "temperature": (TemperatureOpt, None),
+    "top_p": (TopPOpt, None),
+    "seed": (SeedOpt, None),
+}
+_VERBOSE_OPTION: dict[str, Any] = {"verbose": (VerboseOpt, False)}
+
+
+def _with_options(*groups: dict[str, Any]) -> Callable[[F], F]:
+    """Add the options of ``groups`` to a command (keyword-only, after its own); their values are merged into the
+    root's :class:`Settings` (so ``_settings`` sees them) instead of being passed to the command."""
+    extra = {name: spec for group in groups for name, spec in group.items()}
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func, eval_str=True)
+        params = list(signature.parameters.values())
+        params += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (annotation, default) in extra.items()
+        ]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name, None) for name in extra}
+            ctx = kwargs.get("ctx")
+            if ctx is not None and hasattr(ctx, "find_root"):
+                root = ctx.find_root()
+                base = root.obj if isinstance(root.obj, Settings) else Settings()
+                root.obj = base.merged(**values)
+            return func(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {
+            **{p.name: p.annotation for p in params},
+            "return": signature.return_annotation,
+        }
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 app = typer.Typer(
@@ -106,12 +240,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-eval_app = typer.Typer(
-    help="Run benchmarks and score their answers.", no_args_is_help=True, rich_markup_mode="markdown"
-)
+eval_app = typer.Typer(help="Run benchmarks and score their answers.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(eval_app, name="eval")
 
 
@@ -122,6 +254,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
+@_with_options(_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION)
 def _root(
     ctx: typer.Context,
     model: ModelOpt = None,
@@ -137,7 +270,8 @@ def _root(
 
     The model options may come before the command or after it: belle-vl --model DIR ask photo.jpg "Who is there?"
     """
-    ctx.obj = Settings(model, device, dtype, max_new_tokens, json_output)
+    base = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+    ctx.obj = base.merged(model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
 
 
 def _settings(ctx: typer.Context, **local: Any) -> Settings:
@@ -146,9 +280,52 @@ def _settings(ctx: typer.Context, **local: Any) -> Settings:
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
+def _one_line(message: str, limit: int = 600) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    typer.echo(f"error: {_one_line(message)}", err=True)
     raise typer.Exit(code)
+
+
+# The image loader's hints speak to Python callers (ImagePolicy fields); on the command line they name flags.
+_HINTS: tuple[tuple[str, str], ...] = (
+    (r"ImagePolicy\.max_pixels=([\d,]+)", r"--max-pixels \1"),
+    (r"raise both that limit and ImagePolicy\.max_pixels", "use a smaller picture"),
+    (r"raise max_pixels", "raise --max-pixels"),
+    (r"ImagePolicy\.max_bytes=([\d,]+)", r"--max-image-bytes \1"),
+    (r"raise max_bytes", "raise --max-image-bytes"),
+    (r"enable URLs with ImagePolicy\(allow_urls=True\)", "add --allow-urls to fetch it"),
+    (r"\(if you configure the tool\) ", ""),
+    (r", or add the format to ImagePolicy\(allowed_formats=\.\.\.\)", ""),
+    (r" If it is another format Pillow can read, allow it with ImagePolicy\(allowed_formats=None\)\.", ""),
+    (
+        r"; to allow this host, configure ImagePolicy\([^;]*?\) or ImagePolicy\([^)]*\)\.",
+        ", or download it and pass the file.",
+    ),
+    (
+        r"pass the image as a URL or base64 data",
+        "pass '-' with the picture on stdin, a data URL, or an http(s) URL with --allow-urls",
+    ),
+    (r"Pass a local path or base64 data instead", "Pass a local path or a data URL instead"),
+    (r"a data URL or base64 data", "a data URL or '-' (stdin)"),
+    (r" \(local paths are checked against ImagePolicy\.allowed_roots\)", ""),
+    (r"or use another cache file", "or name another one with --cache PATH"),
+)
+
+
+def _cli_hints(message: str) -> str:
+    """``message`` with the hints that name Python settings rewritten to name the CLI's flags; any sentence still
+    naming a Python setting is left out."""
+    for pattern, replacement in _HINTS:
+        message = re.sub(pattern, replacement, message)
+    if "ImagePolicy" in message:
+        sentences = re.split(r"(?<=[.!?])\s+", message)
+        kept = [s for s in sentences if "ImagePolicy" not in s]
+        message = " ".join(kept) if kept else message.replace("ImagePolicy.", "the limit ")
+    return message
 
 
 def _handles_errors(func: F) -> F:
@@ -159,7 +336,7 @@ def _handles_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except BelleVLError as exc:
-            _fail(str(exc))
+            _fail(_cli_hints(str(exc)))
         except OSError as exc:
             _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         except KeyboardInterrupt:
@@ -170,6 +347,57 @@ def _handles_errors(func: F) -> F:
 
 
 # --- model and pictures ----------------------------------------------------------------------------------------------
+# A Hub id: "name" or "owner/name" of letters, digits, "-", "_" and "." (no "--" or ".." runs, at most 96 long).
+_HUB_ID = re.compile(r"^(?!.*(?:--|\.\.))[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+
+
+def _check_model(model: str | None) -> None:
+    """Fail early (no torch import) when ``--model`` names neither a folder nor a possible Hub id."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            _fail(f"--model {model}: this is a file, not a checkpoint folder (config.json, weights) or a Hub id.")
+        return
+    if not _HUB_ID.match(model):
+        _fail(
+            f"--model {model}: no such folder, and not a Hub id (owner/name) either. Name a checkpoint folder "
+            "(config.json, weights) or a Hub id, or leave --model out for the shipped demo model."
+        )
+
+
+def _available_devices(torch: Any) -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def _check_device(device: str | None, torch: Any) -> None:
+    """Fail with the devices this machine has when ``--device`` names one it lacks."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        _fail(f"--device {device}: not a device name. Use cpu, cuda, cuda:N or mps.")
+    available = _available_devices(torch)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            _fail(f"--device {device}: {why}. Available here: {', '.join(available)}.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            _fail(f"--device {device}: there is no such CUDA device. Available here: {', '.join(available)}.")
+    elif parsed.type == "mps" and "mps" not in available:
+        _fail(f"--device {device}: MPS is not available here. Available here: {', '.join(available)}.")
+    elif parsed.type not in ("cpu", "cuda", "mps", "meta"):
+        _fail(f"--device {device}: not supported by the CLI. Available here: {', '.join(available)}.")
+
+
 def _model_path(settings: Settings) -> str:
     if settings.model:
         return settings.model
@@ -179,30 +407,36 @@ def _model_path(settings: Settings) -> str:
 
 
 def _load_backend(settings: Settings) -> Any:
-    """The local runtime for the settings' model (imports torch only now)."""
-    path = _model_path(settings)
+    """The local runtime for the settings' model (imports torch only now). Every failure is one CheckpointError."""
+    _check_model(settings.model)
     try:
+        import torch
+
         from .runtime import BelleVL
     except ImportError as exc:
         raise CheckpointError(
             f"The local runtime needs torch and transformers ({exc}): pip install 'belle-vl-tools[local]'."
         ) from None
-    try:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # the CLI shows its own spinner
-    except ImportError:  # pragma: no cover
-        pass
+    _check_device(settings.device, torch)
     dtype = settings.dtype.value if settings.dtype not in (None, DType.auto) else None
-    with _status(f"Loading {path}"):
+    shown = settings.model or "the demo model"
+    with _status(f"Loading {shown}"):
         try:
+            # No path for the demo model, so it keeps its published name (belle-vl-demo) in answers.
             return BelleVL.from_pretrained(
-                path, device=settings.device, dtype=dtype, image_policy=ImagePolicy.trusted()
+                settings.model,
+                device=settings.device,
+                dtype=dtype,
+                image_policy=settings.image_policy,
+                verbose=settings.verbose,
             )
         except BelleVLError:
             raise
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"Could not load the model {path!r}: {exc}") from None
+        except Exception as exc:  # a loader's own error of any kind: one line, never a traceback
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(
+                f"Could not load the model {shown!r} ({type(exc).__name__}: {_one_line(detail, 300)})."
+            ) from None
 
 
 class _status:
@@ -227,18 +461,46 @@ class _status:
             self._status.__exit__(*exc)
 
 
-def _picture(image: str) -> Any:
-    return load_image(Path(image), ImagePolicy.trusted())
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _picture(image: str, settings: Settings | None = None) -> Any:
+    """Load the picture a command names: a file path, ``-`` (the bytes on stdin), a data URL, or an http(s) URL
+    (with ``--allow-urls``)."""
+    from .images import load_image
+
+    settings = settings or Settings()
+    policy = settings.image_policy
+    if image == "-":
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise ImageNotFoundError("No picture on stdin: pipe the picture's bytes in, e.g. belle-vl ask - Q < x.png.")
+        return load_image(data, policy)
+    if image[:5].lower() == "data:":
+        return load_image(image, policy)
+    match = _URL_SCHEME.match(image)
+    if match:
+        scheme = match.group(1).lower()
+        if scheme not in ("http", "https"):
+            raise ImageAccessDeniedError(
+                f"{scheme}:// URLs are not read: give a file path, '-' for stdin, a data URL, or an http(s) URL "
+                "with --allow-urls."
+            )
+        if not settings.allow_urls:
+            raise ImageAccessDeniedError(f"{image} is a URL: add --allow-urls to fetch it (public addresses only).")
+        return load_image(image, policy)
+    return load_image(Path(image), policy)
 
 
 def _model_key(settings: Settings) -> str:
     """The model part of the caption cache key: :func:`~belle_vl_tools.captions.checkpoint_key` of the checkpoint
-    (a Hub id as it is), with the generation length when it is set."""
+    (a Hub id as it is), with the generation settings that change the captions when they are set."""
     from .captions import checkpoint_key
 
     key = checkpoint_key(Path(_model_path(settings)))
-    if settings.max_new_tokens is not None:
-        key += f" max_new_tokens={settings.max_new_tokens}"
+    for name, value in settings.generation.items():
+        if name != "temperature" or value != 0:  # captions are greedy unless a temperature says otherwise
+            key += f" {name}={value}"
     return key
 
 
@@ -275,12 +537,20 @@ def _answer(backend: Any, messages: list[dict[str, Any]], settings: Settings, **
 
 
 # --- commands ------------------------------------------------------------------------------------------------------
-ImageArg = Annotated[str, typer.Argument(help="The picture: a file path.", show_default=False)]
+ImageArg = Annotated[
+    str,
+    typer.Argument(
+        help="The picture: a file path, - (its bytes on stdin), a data URL, or an http(s) URL with --allow-urls.",
+        show_default=False,
+    ),
+]
+MODEL_OPTIONS = (_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION)
 LanguageOpt = Annotated[Language, typer.Option(help="Language of the prompt (and so of the answer).")]
 
 
 @app.command()
 @_handles_errors
+@_with_options(*MODEL_OPTIONS)
 def ask(
     ctx: typer.Context,
     image: ImageArg,
@@ -292,13 +562,17 @@ def ask(
     json_output: JsonOpt = False,
 ) -> None:
     """Answer a question about a picture."""
+    from . import prompts
+    from .backend import image_message
+
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    messages = image_message(_picture(image), prompts.ask_prompt(question))
+    messages = image_message(_picture(image, settings), prompts.ask_prompt(question))
     _answer(_load_backend(settings), messages, settings)
 
 
 @app.command()
 @_handles_errors
+@_with_options(*MODEL_OPTIONS)
 def describe(
     ctx: typer.Context,
     image: ImageArg,
@@ -311,13 +585,17 @@ def describe(
     json_output: JsonOpt = False,
 ) -> None:
     """Describe a picture."""
+    from . import prompts
+    from .backend import image_message
+
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    messages = image_message(_picture(image), prompts.describe_prompt(detail.value, language.value))
+    messages = image_message(_picture(image, settings), prompts.describe_prompt(detail.value, language.value))
     _answer(_load_backend(settings), messages, settings)
 
 
 @app.command("read-text")
 @_handles_errors
+@_with_options(*MODEL_OPTIONS)
 def read_text(
     ctx: typer.Context,
     image: ImageArg,
@@ -329,8 +607,11 @@ def read_text(
     json_output: JsonOpt = False,
 ) -> None:
     """Read out the text visible in a picture."""
+    from . import prompts
+    from .backend import image_message
+
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    messages = image_message(_picture(image), prompts.read_text_prompt(language.value))
+    messages = image_message(_picture(image, settings), prompts.read_text_prompt(language.value))
     _answer(_load_backend(settings), messages, settings)
 
 
@@ -348,6 +629,7 @@ def _check_image_out(path: Path | None) -> None:
 
 @app.command()
 @_handles_errors
+@_with_options(*MODEL_OPTIONS)
 def locate(
     ctx: typer.Context,
     image: ImageArg,
@@ -364,8 +646,10 @@ def locate(
 ) -> None:
     """Find what a phrase names in a picture: boxes in pixels, optionally drawn onto a copy of the picture."""
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
+    from . import prompts
+
     _check_image_out(out)
-    picture = _picture(image)
+    picture = _picture(image, settings)
     prompts.locate_prompt(phrase, language.value)  # a bad phrase fails before the model loads
     result = _load_backend(settings).locate(picture, phrase, language=language.value, **settings.generation)
     if out is not None:
@@ -398,6 +682,7 @@ CHAT_HELP += "conversation, /exit (or end of input) quits."
 
 @app.command()
 @_handles_errors
+@_with_options(*MODEL_OPTIONS)
 def chat(
     ctx: typer.Context,
     image: Annotated[
@@ -417,7 +702,9 @@ def chat(
     input quits.
     """
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    attached = [_picture(path) for path in image or []]
+    if "-" in (image or []):
+        _fail("--image -: stdin carries the chat's messages; give the picture as a file, a data URL or a URL.")
+    attached = [_picture(path, settings) for path in image or []]
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(CHAT_HELP, err=True)
@@ -441,9 +728,9 @@ def chat(
         if text.startswith("/image"):
             path = text[len("/image") :].strip()
             try:
-                attached.append(_picture(path))
+                attached.append(_picture(path, settings))
             except BelleVLError as exc:
-                typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+                typer.echo(f"error: {_one_line(_cli_hints(str(exc)))}", err=True)
             continue
         content = [{"type": "image", "image": picture} for picture in attached]
         content.append({"type": "text", "text": text})
@@ -454,7 +741,7 @@ def chat(
             answer = _answer(backend, history, settings, **({"system": system} if system else {}))
         except BelleVLError as exc:
             history.pop()
-            typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+            typer.echo(f"error: {_one_line(_cli_hints(str(exc)))}", err=True)
             continue
         attached = []
         history.append({"role": "assistant", "content": answer})
@@ -462,6 +749,7 @@ def chat(
 
 @app.command()
 @_handles_errors
+@_with_options(*MODEL_OPTIONS)
 def caption(
     ctx: typer.Context,
     folder: Annotated[Path, typer.Argument(help="A folder of pictures.", show_default=False)],
@@ -489,7 +777,7 @@ def caption(
     pictures that are all cached does not load the model. Pictures are keyed by their pixels, the model and the
     prompt; pictures that cannot be read are skipped with a warning.
     """
-    from .captions import CaptionCache, caption_images, find_images
+    from .captions import CaptionCache, caption_images, clean_partial_files, find_images, partial_path
 
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
     paths = find_images(folder, recursive=recursive)
@@ -499,9 +787,11 @@ def caption(
     key = _model_key(settings)
     counts = {"captions": 0, "cached": 0, "new": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    clean_partial_files(out)  # what killed runs left behind
+    tmp = partial_path(out)
+    store = CaptionCache(cache_path)  # a damaged or unwritable cache fails here, before any model loads
     try:
-        with open(tmp, "x", encoding="utf-8") as f, CaptionCache(cache_path) as store:
+        with open(tmp, "x", encoding="utf-8") as f, store:
             records = caption_images(
                 paths,
                 lambda: _load_backend(settings),
@@ -513,6 +803,7 @@ def caption(
                 batch_size=batch_size,
                 progress=True,
                 on_error="skip",
+                image_policy=settings.image_policy,
                 **settings.generation,
             )
             for record in records:
@@ -666,6 +957,7 @@ def mcp_command(
     only inside the --allow-root folders (narrowed to the roots the host declares), URLs only with --allow-urls.
     The model loads on the first call that needs it.
     """
+
     def given(name: str) -> bool:  # on the command line, not from the environment
         source = ctx.get_parameter_source(name)
         return source is not None and source.name == "COMMANDLINE"
