@@ -732,7 +732,9 @@ def _caption_iter(
 
     def claim(entry: _Entry, image: Any) -> None:
         """Caption ``entry`` in this run if its key is free; else wait for the run that holds it."""
-        got = cache.claim(entry.digest, model, prompt, owner, lease_seconds=lease_seconds) if cache else True
+        got = (
+            cache.claim(entry.digest, model, prompt, owner, lease_seconds=lease_seconds) if cache is not None else True
+        )
         if isinstance(got, CachedCaption):
             entry.caption, entry.cached, entry.waiting = got.caption, True, False
         elif got:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,8 +18,17 @@ import pytest
 from PIL import Image
 
 from belle_vl_tools.backend import ChatResult
-from belle_vl_tools.captions import CaptionCache, CaptionRecord, caption_images, checkpoint_key, find_images
-from belle_vl_tools.errors import ImageError
+from belle_vl_tools.captions import (
+    CaptionCache,
+    CaptionCacheError,
+    CaptionRecord,
+    caption_images,
+    checkpoint_key,
+    clean_partial_files,
+    find_images,
+    partial_path,
+)
+from belle_vl_tools.errors import BelleVLError, ImageError
 from belle_vl_tools.images import image_digest, load_image
 from belle_vl_tools.prompts import describe_prompt
 
@@ -278,3 +288,105 @@ def test_with_the_tiny_runtime(runtime, pictures, tmp_path):
     assert all(isinstance(r.caption, str) for r in first)
     again = list(caption_images(paths, _never, cache=db, model_name=runtime.model_name, progress=False))
     assert [r.caption for r in again] == [r.caption for r in first] and all(r.cached for r in again)
+
+
+def test_two_runs_at_once_split_the_pictures_and_caption_none_twice(tmp_path):
+    paths = _folder(tmp_path)
+    db, log = tmp_path / "cache.sqlite", tmp_path / "computed.log"
+    script = tmp_path / "slow_run.py"
+    script.write_text(SLOW_RUN)
+    command = [sys.executable, str(script), str(db), str(log), *map(str, paths)]
+    root = Path(__file__).resolve().parents[1]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=root) for _ in range(2)]
+    outputs = [run.communicate(timeout=120)[0].split() for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    everything = {_digest(p) for p in paths}
+    for output in outputs:  # each run yields every picture, in order, and finishes
+        assert output[-1] == "finished" and output[:-1] == [_digest(p) for p in paths]
+    computed = log.read_text().split()
+    assert sorted(computed) == sorted(everything)  # every picture captioned exactly once, by one run or the other
+    with CaptionCache(db) as cache:
+        assert len(cache) == len(paths) and cache.leases() == []  # finished runs hold no leases
+
+
+def test_a_lease_of_a_stopped_run_is_taken_over(tmp_path):
+    paths = _folder(tmp_path, COLORS[:2])
+    db = tmp_path / "cache.sqlite"
+    first, second = (_digest(p) for p in paths)
+    prompt = describe_prompt("brief", "en")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with CaptionCache(db) as cache:
+        # A killed run on this machine (its process is gone), and a run elsewhere whose lease has expired.
+        dead_owner = f"{socket.gethostname()}:{int(gone.stdout)}:killed"
+        assert cache.claim(first, "m", prompt, dead_owner, lease_seconds=600) is True
+        assert cache.claim(second, "m", prompt, "elsewhere:1:stopped", lease_seconds=0.2) is True
+        # A live lease is respected.
+        assert cache.claim(second, "m", prompt, "another-run", lease_seconds=600) is False
+    time.sleep(0.3)
+    backend = Recorder()
+    records = list(caption_images(paths, backend, cache=db, model_name="m", progress=False))
+    assert sorted(backend.seen) == sorted([first, second]) and all(not r.cached for r in records)
+    with CaptionCache(db) as cache:
+        assert cache.leases() == []
+
+
+def test_a_run_waits_for_the_caption_another_live_run_is_making(tmp_path):
+    paths = _folder(tmp_path, COLORS[:2])
+    db = tmp_path / "cache.sqlite"
+    first, second = (_digest(p) for p in paths)
+    prompt = describe_prompt("brief", "en")
+    with CaptionCache(db) as cache:
+        assert cache.claim(first, "m", prompt, "elsewhere:1:busy", lease_seconds=600) is True
+
+    def finish_elsewhere():
+        time.sleep(0.5)
+        with CaptionCache(db) as other:
+            other.put(first, "m", prompt, "made by the other run", 40, 30)
+
+    helper = threading.Thread(target=finish_elsewhere)
+    helper.start()
+    backend = Recorder()
+    records = list(caption_images(paths, backend, cache=db, model_name="m", progress=False, poll_seconds=0.05))
+    helper.join()
+    assert backend.seen == [second]  # the leased picture was not captioned again
+    assert records[0].caption == "made by the other run" and records[0].cached
+    assert [r.digest for r in records] == [first, second]
+
+
+def test_a_damaged_cache_file_is_a_typed_error_saying_what_to_do(tmp_path):
+    bad = tmp_path / "cache.sqlite"
+    bad.write_bytes(b"definitely not SQLite " * 100)
+    with pytest.raises(CaptionCacheError, match=r"damaged .* delete it") as info:
+        CaptionCache(bad)
+    assert "\n" not in str(info.value) and isinstance(info.value, BelleVLError)
+    paths = _folder(tmp_path, COLORS[:1])
+    with pytest.raises(CaptionCacheError):
+        list(caption_images(paths, _never, cache=bad, model_name="m", progress=False))
+
+
+def test_a_cache_that_cannot_be_created_is_a_typed_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CaptionCacheError, match="cannot be opened or created"):
+        CaptionCache(blocker / "cache.sqlite")
+    with pytest.raises(CaptionCacheError, match="folder, not a file|cannot be opened"):
+        CaptionCache(tmp_path)  # a folder is not a cache file
+
+
+def test_partial_files_of_stopped_runs_are_cleaned(tmp_path):
+    out = tmp_path / "captions.jsonl"
+    mine = partial_path(out)
+    assert mine.parent == tmp_path and mine.name.startswith(f".captions.jsonl.{os.getpid()}.")
+    mine.write_text("in progress")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".captions.jsonl.{int(gone.stdout)}.deadbeef.partial"
+    dead.write_text("half")
+    old = tmp_path / f".captions.jsonl.{os.getpid()}.0ld0ld00.partial"
+    old.write_text("old")
+    os.utime(old, (time.time() - 8 * 24 * 3600,) * 2)
+    unrelated = tmp_path / "captions.jsonl.partial"
+    unrelated.write_text("not ours")
+    removed = clean_partial_files(out)
+    assert sorted(removed) == sorted([dead, old])
+    assert mine.exists() and unrelated.exists() and not dead.exists() and not old.exists()
+    assert clean_partial_files(tmp_path / "nowhere" / "x.jsonl") == []
