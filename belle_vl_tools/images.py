@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -869,10 +870,17 @@ def _lab_to_rgb(image: Image.Image, label: str) -> Image.Image:
 def _from_pil(image: Image.Image, policy: ImagePolicy) -> Image.Image:
     label = f"the given {describe_source(image)}"
     _check_pixels(image.size, policy, label)
+    limit = _effective_pixel_limit(policy)
     try:
-        image.load()
+        with _pixel_limit(limit):
+            image.load()
     except (ImageError, MemoryError):
         raise
+    except _FrameTooLarge as exc:
+        raise ImageTooLargeError(
+            f"{_cap(label)} holds a picture of {exc.size[0]}x{exc.size[1]} pixels, over the limit of "
+            f"{_limit_text(policy, exc.limit)}; it was refused before being decoded."
+        ) from None
     except Exception as exc:
         raise ImageDecodeError(
             f"{_cap(label)} could not be loaded ({type(exc).__name__}: {_short(str(exc))}); its file may be corrupt."
@@ -1274,10 +1282,35 @@ def _check_address(host: str, address_text: str, policy: ImagePolicy) -> None:
         raise _refuse_private(host, f"a name that resolves to a {problem} address")
 
 
-def _resolve_checked(host: str, port: int, policy: ImagePolicy) -> list[tuple[Any, ...]]:
+_resolver_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_resolver_lock = threading.Lock()
+
+
+def _getaddrinfo(host: str, port: int, deadline: _Deadline | None) -> list[tuple[Any, ...]]:
+    """``socket.getaddrinfo``; with a ``deadline``, the caller waits no longer than it (the system resolver cannot
+    be interrupted, so the lookup finishes in a small shared pool of threads while the caller gives up)."""
+    if deadline is None or _literal_address(host) is not None:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    global _resolver_pool
+    with _resolver_lock:
+        if _resolver_pool is None:
+            _resolver_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="image-dns")
+    future = _resolver_pool.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=deadline.timeout())
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise _DeadlineExceeded(f"resolving {host!r} took too long") from None
+
+
+def _resolve_checked(
+    host: str, port: int, policy: ImagePolicy, deadline: _Deadline | None = None
+) -> list[tuple[Any, ...]]:
     """Resolve ``host`` and check every address against the policy; the addresses to connect to."""
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        infos = _getaddrinfo(host, port, deadline)
+    except _DeadlineExceeded:
+        raise
     except (OSError, UnicodeError) as exc:
         raise ImageFetchError(f"Cannot resolve the host {_short(host, 100)!r} ({exc}). Check the URL.") from exc
     if not infos:
@@ -1449,7 +1482,7 @@ def _guarded_connect(
     """``socket.create_connection`` that checks every resolved address first and connects only to those; with a
     ``deadline``, the socket enforces it on every later operation too."""
     host, port = address
-    infos = _resolve_checked(_normalise_host(host), port, policy)
+    infos = _resolve_checked(_normalise_host(host), port, policy, deadline)
     errors: list[OSError] = []
     for family, kind, proto, _canonical, sockaddr in infos:
         sock = _DeadlineSocket(family, kind, proto)
@@ -1591,8 +1624,9 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
     only to a checked address. Environment proxies are not used. Each network operation waits at most
     ``policy.url_timeout`` seconds; the whole download (connect, TLS handshake, response headers, every redirect
     and the body) ends within ``policy.url_total_timeout`` seconds, a monotonic deadline checked by the socket on
-    every read and write (name resolution, done by the system resolver, is not interruptible). A plain blocking
-    function: servers run it in a thread pool of their own. Reads at most
+    every read and write (a slow name resolution is left to finish in a small shared pool of threads while the
+    caller gives up at the deadline). A plain blocking function: servers run it in a thread pool of their own,
+    whose slot it frees by the deadline. Reads at most
     ``policy.max_bytes + 1`` bytes. Raises :class:`ImageAccessDeniedError`, :class:`ImageTooLargeError` or
     :class:`ImageFetchError` (bad status, obviously non-image content type, network errors, timeouts).
     """

@@ -147,6 +147,21 @@ def test_total_deadline_covers_the_body_too():
         server.close()
 
 
+def test_slow_name_resolution_ends_at_the_deadline(monkeypatch):
+    real = socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        time.sleep(3)
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    policy = ImagePolicy.trusted(allow_urls=True, allow_private_urls=True, url_total_timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(ImageFetchError, match="url_total_timeout=0.5 s"):
+        load_image("http://slow-dns.example/x.png", policy)
+    assert time.monotonic() - start < 0.5 + 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Bombs inside containers
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,6 +268,13 @@ def test_concurrent_loads_keep_their_own_pixel_limits():
     assert set(outcomes["loose"]) == {"loaded"} and len(outcomes["loose"]) == 120
     assert set(outcomes["strict"]) == {"refused"} and len(outcomes["strict"]) == 60
     assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)  # Pillow's global is left alone
+
+
+def test_a_lazy_pil_image_is_loaded_under_the_policy_limit():
+    fuzz_images = _fuzz_script()
+    lazy = Image.open(io.BytesIO(fuzz_images.ico_with_png(300, 300)))  # says 16x16 until its icon is decoded
+    with pytest.raises(ImageTooLargeError, match="300x300"):
+        load_image(lazy, ImagePolicy.trusted(max_pixels=1000))
 
 
 def test_outside_a_load_pillow_behaves_as_usual():
