@@ -10,6 +10,13 @@ python="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test]" -e "integrations/langchain[test]" -e "integrations/llama_index[test]"
+# The web chat's tests drive a real headless Chromium: install Debian's when it is missing and we are root (without
+# one, those tests are skipped and say why).
+if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+        >/dev/null 2>&1 || echo "note: could not install chromium and chromium-driver; browser tests will skip" >&2
+fi
 py="$PWD/.venv/bin/python"
 status=0
 suite() {  # suite FOLDER PYTEST-ARGS...: one pytest run from FOLDER (each package reads its own pytest settings)
