@@ -48,7 +48,8 @@ class ImageFetchError(ImageError):
 
 # --- model, checkpoint, prompts --------------------------------------------------------------------------------
 class CheckpointError(BelleVLError, ValueError):
-    """A checkpoint folder or configuration is missing something the model needs."""
+    """A checkpoint folder or configuration is missing something the model needs, or is damaged: a config value
+    outside what the architecture admits (the message names the key), or weights holding NaN or infinities."""
 
 
 class PromptError(BelleVLError, ValueError):
