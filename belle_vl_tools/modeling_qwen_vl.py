@@ -6,9 +6,13 @@ Module and parameter names equal the published checkpoints' keys (``transformer.
 Deliberate differences from the reference implementation (each covered by a test):
 
 * Images enter the forward pass only as ``pixel_values`` (or precomputed ``image_features``) at the positions of
-  ``<imgpad>`` tokens. The forward pass never reads paths or URLs out of token ids.
+  ``<imgpad>`` tokens (a placeholder mask over ``input_ids``, or over ``inputs_embeds`` by comparing with the
+  ``<imgpad>`` embedding). The forward pass never reads paths or URLs out of token ids; an image span without
+  pictures, or a count of pictures that does not match the spans, raises instead of answering without them.
 * Rotary positions and the logn scaling follow ``position_ids`` (derived from the attention mask), and the dynamic
   NTK factor is taken from each row's own length, so a left-padded batch computes what each prompt computes alone.
+  The factor chosen at prefill is kept for the decoding steps in :class:`QWenCache` (the reference keeps it on
+  its rotary module).
 * Continuing a prefill on top of a cache takes the past length from the cache itself, so several new tokens can be
   prefilled after a cached prefix.
 """
@@ -16,7 +20,7 @@ Deliberate differences from the reference implementation (each covered by a test
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,10 +31,13 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .configuration_qwen_vl import NUM_IMAGE_QUERIES, QWenConfig
+
+logger = logging.get_logger(__name__)
 
 #: transformers renamed the cache argument and output field from ``past_key_values`` to ``cache`` (5.24); the model
 #: accepts both and answers in the installed version's name.
@@ -39,6 +46,45 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 def _cache_output(cls: type, cache: Cache | None, **fields: Any) -> Any:
     return cls(**fields, **{CACHE_FIELD: cache})
+
+
+def _flag(value: bool | None, config: Any, name: str) -> bool:
+    """An ``output_*`` / ``return_dict`` argument, defaulting to the config's value as transformers models do."""
+    return bool(getattr(config, name, False)) if value is None else bool(value)
+
+
+class QWenCache(DynamicCache):
+    """A :class:`~transformers.DynamicCache` that also keeps the dynamic-NTK factor of each row.
+
+    Qwen rotates keys with a base scaled by a factor that depends on the prompt's length (:func:`ntk_alpha`); the
+    reference keeps the factor chosen at prefill for all decoding steps. The factor is chosen when the cache is first
+    filled and follows the rows through beam reordering, repetition and selection.
+    """
+
+    ntk_alphas: list[float] | None
+
+    def __init__(self, *args: Any, ntk_alphas: Sequence[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ntk_alphas = [float(a) for a in ntk_alphas] if ntk_alphas is not None else None
+
+    def reset(self) -> None:
+        super().reset()
+        self.ntk_alphas = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.ntk_alphas is not None:
+            self.ntk_alphas = [self.ntk_alphas[int(i)] for i in beam_idx.tolist()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.ntk_alphas is not None:
+            self.ntk_alphas = [a for a in self.ntk_alphas for _ in range(repeats)]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.ntk_alphas is not None:
+            self.ntk_alphas = [self.ntk_alphas[int(i)] for i in torch.as_tensor(indices).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,10 +169,22 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention over [B, H, T, D] tensors; returns [B, T, H, D] and the weights."""
+    """Plain softmax attention over [B, H, T, D] tensors; returns [B, T, H, D] and the weights [B, H, T, S].
+
+    ``attention_mask`` is an additive float mask, a boolean mask (True = may attend) as the SDPA path builds it, or
+    None, which means causal attention (the queries being the last ``T`` of the ``S`` positions).
+    """
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
+    lowest = torch.finfo(weights.dtype).min
+    if attention_mask is None:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if getattr(module, "is_causal", True) and q_len > 1:
+            allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+            weights = weights.masked_fill(~allowed, lowest)
+    elif attention_mask.dtype == torch.bool:
+        weights = weights.masked_fill(~attention_mask[..., : key.shape[2]], lowest)
+    else:
+        weights = weights + attention_mask[..., : key.shape[2]]
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -155,8 +213,10 @@ class QWenAttention(nn.Module):
         logn: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        output_attentions: bool = False,
         **kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output and, with ``output_attentions``, the weights [B, heads, T, S] (else None)."""
         bsz, q_len, _ = hidden_states.shape
         shape = (bsz, q_len, self.num_heads, self.head_dim)
         q, k, v = self.c_attn(hidden_states).split(self.projection_size, dim=-1)
@@ -169,10 +229,11 @@ class QWenAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, _ = attention(
+        if output_attentions:  # only the eager path computes the weights (QWenModel warns once)
+            attention: Callable = eager_attention_forward
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(
             self,
             q,
             k,
@@ -182,7 +243,7 @@ class QWenAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        return self.c_proj(out.reshape(bsz, q_len, self.projection_size))
+        return self.c_proj(out.reshape(bsz, q_len, self.projection_size)), weights if output_attentions else None
 
 
 class QWenMLP(nn.Module):
@@ -214,12 +275,14 @@ class QWenBlock(GradientCheckpointingLayer):
         logn: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        output_attentions: bool = False,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(
-            self.ln_1(hidden_states), rotary, logn, attention_mask, past_key_values, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(
+            self.ln_1(hidden_states), rotary, logn, attention_mask, past_key_values, output_attentions, **kwargs
         )
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.ln_2(hidden_states)), weights
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,12 +324,19 @@ class VisualAttention(nn.Module):
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output and, with ``output_attentions``, the weights [B, heads, N, N] (else None)."""
         bsz, n, width = x.shape
         qkv = self.in_proj(x).view(bsz, n, self.heads, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(bsz, n, width))
+        weights = None
+        if output_attentions:
+            weights = F.softmax(torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5, dim=-1, dtype=torch.float32)
+            weights = weights.to(q.dtype)
+            out = torch.matmul(weights, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, n, width)), weights
 
 
 class VisualMLP(nn.Module):
@@ -288,9 +358,10 @@ class VisualAttentionBlock(GradientCheckpointingLayer):
         self.attn = VisualAttention(width, heads)
         self.mlp = VisualMLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.ln_1(x), output_attentions)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), weights
 
 
 class VisualTransformer(nn.Module):
@@ -298,10 +369,25 @@ class VisualTransformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(VisualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutputWithPast:
+        """The last hidden state, with every block's input and output / attention weights on request."""
+        hidden: tuple[torch.Tensor, ...] = ()
+        attentions: tuple[torch.Tensor, ...] = ()
         for block in self.resblocks:
-            x = block(x)
-        return x
+            if output_hidden_states:
+                hidden += (x,)
+            x, weights = block(x, output_attentions)
+            if output_attentions:
+                attentions += (weights,)
+        if output_hidden_states:
+            hidden += (x,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=hidden if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
+        )
 
 
 class ResamplerAttention(nn.Module):
@@ -368,13 +454,30 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(self.output_dim, eps=1e-6)
         self.proj = nn.Parameter(torch.empty(self.output_dim, self.output_dim))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutputWithPooling:
+        """Encode pixels [B, 3, S, S].
+
+        ``pooler_output`` holds the features inserted into the language model [B, n_queries, output_dim];
+        ``last_hidden_state`` the patch states of the last block [B, patches, width]; ``hidden_states`` (the
+        input of the first block, then each block's output) and ``attentions`` (each block's weights) on request.
+        """
         x = pixel_values.to(device=self.conv1.weight.device, dtype=self.conv1.weight.dtype)
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, g*g, width], patches in row-major order
         x = x + resize_grid_embedding(self.positional_embedding, x.shape[1])
-        x = self.transformer(self.ln_pre(x))
-        x = self.ln_post(self.attn_pool(x))
-        return x @ self.proj
+        tower = self.transformer(self.ln_pre(x), output_hidden_states, output_attentions)
+        pooled = self.ln_post(self.attn_pool(tower.last_hidden_state)) @ self.proj
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=tower.hidden_states,
+            attentions=tower.attentions,
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Features [B, n_queries, output_dim] of pixels [B, 3, S, S]."""
+        return self.encode(pixel_values).pooler_output
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,52 +582,112 @@ class QWenModel(QWenPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.wte = value
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision features [num_images, n_queries, hidden] for preprocessed images [num_images, 3, S, S]."""
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling | tuple:
+        """Encode preprocessed images [num_images, 3, S, S] with the vision tower and the resampler.
+
+        Returns a :class:`~transformers.modeling_outputs.BaseModelOutputWithPooling` whose ``pooler_output`` holds
+        the features that go into the language model, [num_images, n_queries, hidden]; ``last_hidden_state`` the
+        vision tower's patch states; ``hidden_states`` / ``attentions`` of the vision blocks with
+        ``output_hidden_states=True`` / ``output_attentions=True``; a tuple with ``return_dict=False``.
+
+        (The options are keyword arguments, not named parameters: ``generate`` hands this method the named
+        parameters it finds among its own arguments, and must keep ``output_hidden_states`` for the decoder.)
+        """
         if self.visual is None:
             raise ValueError("This checkpoint has no vision tower (no `visual` block in config.json): text only.")
-        return self.visual(pixel_values)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        output_attentions = kwargs.pop("output_attentions", None)
+        return_dict = kwargs.pop("return_dict", None)
+        if kwargs:
+            raise TypeError(f"get_image_features() got unexpected arguments: {', '.join(sorted(kwargs))}.")
+        out = self.visual.encode(
+            pixel_values,
+            output_hidden_states=_flag(output_hidden_states, self.config, "output_hidden_states"),
+            output_attentions=_flag(output_attentions, self.config, "output_attentions"),
+        )
+        return out if _flag(return_dict, self.config, "return_dict") else out.to_tuple()
 
-    def _insert_images(
+    def get_placeholder_mask(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the image features go (``<imgpad>`` positions) and where image spans open (``<img>``), [B, T].
+
+        With ``input_ids`` the positions are read from the ids; with only ``inputs_embeds`` they are the positions
+        whose embedding equals the ``<imgpad>`` (``<img>``) embedding, as transformers' VLMs find them.
+        """
+        pad_id, start_id = self.config.image_pad_id, self.config.image_start_id
+        if input_ids is not None:
+            return input_ids == pad_id, input_ids == start_id
+        ids = torch.tensor([pad_id, start_id], device=inputs_embeds.device)
+        pad, start = self.wte(ids).to(inputs_embeds.dtype)
+        return (inputs_embeds == pad).all(-1), (inputs_embeds == start).all(-1)
+
+    def _merge_images(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor,
         pixel_values: torch.Tensor | None,
-        image_features: torch.Tensor | None,
+        image_features: Any,
+        past: int,
     ) -> torch.Tensor:
-        pad_mask = input_ids == self.config.image_pad_id
-        num_positions = int(pad_mask.sum())
-        if num_positions == 0:
+        """Put the image features at the ``<imgpad>`` positions; refuse every way a picture could be lost."""
+        given = pixel_values is not None or image_features is not None
+        if self.visual is None:
+            if given:
+                raise ValueError("Images were given to a text-only checkpoint (no `visual` block in config.json).")
             return inputs_embeds
-        if image_features is None:
-            image_features = self.get_image_features(pixel_values)
-        flat = image_features.reshape(-1, image_features.shape[-1])
+        pad_mask, start_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        positions = int(pad_mask.sum())
         per_image = self.config.num_image_queries
-        if num_positions > flat.shape[0]:
-            raise ValueError(
-                f"The input holds {num_positions} image positions but {flat.shape[0] // per_image} images were given "
-                f"({per_image} positions each): build inputs with the processor."
-            )
-        # Positions of images inside a cached prefix are not in `input_ids`: the ones present are the last ones.
-        flat = flat[flat.shape[0] - num_positions :]
+        if positions == 0:
+            if given and past == 0:
+                count = image_features if image_features is not None else pixel_values
+                count = getattr(count, "pooler_output", count)
+                raise ValueError(
+                    f"{count.shape[0]} image(s) were given but the input holds no image positions (<imgpad>): write "
+                    "each picture's <img>...</img> span into the text (the processor or chat template does)."
+                )
+            return inputs_embeds
+        if not given:
+            if past == 0 or bool(start_mask.any()):
+                raise ValueError(
+                    f"The input holds image spans ({positions} <imgpad> positions, {positions / per_image:g} "
+                    "image(s)) but no pixel_values or image_features were given: pass the pictures, or the model "
+                    "would answer without them."
+                )
+            return inputs_embeds  # an <imgpad> generated while decoding is an ordinary token
+        if image_features is None:
+            image_features = self.get_image_features(pixel_values, return_dict=True)
+        image_features = getattr(image_features, "pooler_output", image_features)
+        flat = image_features.reshape(-1, image_features.shape[-1])
+        if positions != flat.shape[0]:
+            cached = past > 0 and positions < flat.shape[0] and positions % per_image == 0
+            if not cached:
+                raise ValueError(
+                    f"Image features and image positions do not match: the input holds {positions} <imgpad> "
+                    f"positions ({positions / per_image:g} image(s) of {per_image}) but {flat.shape[0]} feature "
+                    f"vectors ({flat.shape[0] / per_image:g} image(s)) were given. Build inputs with the processor."
+                )
+            # the other pictures sit in the cached prefix, before this slice: the ones present are the last ones
+            flat = flat[flat.shape[0] - positions :]
         flat = flat.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(pad_mask.unsqueeze(-1), flat)
+        return inputs_embeds.masked_scatter(pad_mask.unsqueeze(-1).to(inputs_embeds.device), flat)
 
     def _ntk_alphas(
-        self, batch: int, total_len: int, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+        self, batch: int, total_len: int, attention_mask: torch.Tensor | None, cache: Cache | None, past: int
     ) -> list[float]:
         if self.training or not self.config.use_dynamic_ntk:
             return [1.0] * batch
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past > 0 and getattr(past_key_values, "qwen_ntk_alphas", None) is not None:
-            return list(past_key_values.qwen_ntk_alphas)  # the prefill's factor is kept while decoding
+        stored = cache.ntk_alphas if isinstance(cache, QWenCache) else None
+        if past > 0 and stored is not None and len(stored) == batch:
+            return list(stored)  # the prefill's factor is kept while decoding
         if attention_mask is not None and attention_mask.dim() == 2:
             lengths = attention_mask.sum(-1).tolist()
         else:
             lengths = [total_len] * batch
         alphas = [ntk_alpha(int(n), self.config.seq_length) for n in lengths]
-        if past_key_values is not None:
-            past_key_values.qwen_ntk_alphas = alphas
+        if isinstance(cache, QWenCache):
+            cache.ntk_alphas = alphas
         return alphas
 
     def forward(
@@ -535,27 +698,49 @@ class QWenModel(QWenPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | BaseModelOutputWithPooling | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
-        if past_key_values is None:
-            past_key_values = kwargs.pop("cache", None)
-        kwargs.pop("cache", None)
+    ) -> BaseModelOutputWithPast | tuple:
+        """Hidden states of the decoder (pictures inserted at the ``<imgpad>`` positions of the input).
+
+        The pictures come as ``pixel_values``, as ``image_features`` (a tensor or :meth:`get_image_features`'
+        output) or, from ``generate``, as ``mm_encoder_outputs["image"]`` (encoded once before the prefill).
+        """
+        if mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
+            if image_features is not None or pixel_values is not None:
+                raise ValueError("Pass the pictures once: pixel_values, image_features or mm_encoder_outputs.")
+            image_features = mm_encoder_outputs["image"]
+        cache = past_key_values if past_key_values is not None else cache
+        output_attentions = _flag(output_attentions, self.config, "output_attentions")
+        output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states")
+        return_dict = _flag(return_dict, self.config, "return_dict")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing: using use_cache=False.")
+            use_cache = False
+        if output_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"output_attentions=True needs the eager attention: this call runs it instead of "
+                f"{self.config._attn_implementation!r}. Load with attn_implementation='eager' to silence this."
+            )
+        if use_cache and cache is None:
+            cache = QWenCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-            if pixel_values is not None or image_features is not None:
-                if self.visual is None:
-                    raise ValueError("Images were given to a text-only checkpoint (no `visual` block).")
-                inputs_embeds = self._insert_images(input_ids, inputs_embeds, pixel_values, image_features)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        inputs_embeds = self._merge_images(input_ids, inputs_embeds, pixel_values, image_features, past)
 
         batch, q_len = inputs_embeds.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
@@ -563,7 +748,7 @@ class QWenModel(QWenPreTrainedModel):
                 position_ids = torch.arange(past, past + q_len, device=inputs_embeds.device).unsqueeze(0)
         position_ids = position_ids.expand(batch, -1)
 
-        alphas = self._ntk_alphas(batch, past + q_len, attention_mask, past_key_values)
+        alphas = self._ntk_alphas(batch, past + q_len, attention_mask, cache, past)
         rotary = self.rotary_emb(position_ids, alphas)
         logn = None
         if self.config.use_logn_attn and not self.training:
@@ -572,14 +757,27 @@ class QWenModel(QWenPreTrainedModel):
             logn = torch.where(pos1 > seq_len, pos1.log() / math.log(seq_len), torch.ones_like(pos1)).float()
 
         # positional: the cache parameter's name differs between transformers versions
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = self.drop(inputs_embeds)
+        all_hidden: tuple[torch.Tensor, ...] = ()
+        all_attentions: tuple[torch.Tensor, ...] = ()
         for block in self.h:
-            hidden_states = block(hidden_states, rotary, logn, mask, past_key_values, **kwargs)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states, weights = block(hidden_states, rotary, logn, mask, cache, output_attentions, **kwargs)
+            if output_attentions:
+                all_attentions += (weights,)
         hidden_states = self.ln_f(hidden_states)
-        return _cache_output(
-            BaseModelOutputWithPast, past_key_values if use_cache else None, last_hidden_state=hidden_states
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        out = _cache_output(
+            BaseModelOutputWithPast,
+            cache if use_cache else None,
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden if output_hidden_states else None,
+            attentions=all_attentions if output_attentions else None,
         )
+        return out if return_dict else out.to_tuple()
 
 
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
@@ -597,8 +795,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.transformer.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling | tuple:
+        """See :meth:`QWenModel.get_image_features` (``pooler_output`` holds the per-image features)."""
+        return self.transformer.get_image_features(pixel_values, **kwargs)
 
     def ensure_chat_stop_tokens(self) -> None:
         """Make a plain ``generate`` stop at ``<|im_end|>`` and ``<|im_start|>`` as well as ``<|endoftext|>``.
@@ -616,6 +815,34 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if gc.pad_token_id is None:
             gc.pad_token_id = eod
 
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
+        """As transformers prepares it, but a default dynamic cache is a :class:`QWenCache` (it keeps the NTK
+        factor of each row); a cache passed in by the caller is used as it is."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        for name in ("cache", "past_key_values"):
+            cache = model_kwargs.get(name)
+            if (
+                type(cache) is DynamicCache
+                and not getattr(cache, "_is_user_defined", False)
+                and generation_config.cache_implementation in (None, "dynamic")
+            ):
+                model_kwargs[name] = QWenCache(config=self.config.get_text_config(decoder=True))
+        return result
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict:
+        """As transformers prepares them, but the pictures stay with any step whose ids hold image positions.
+
+        transformers passes pictures only to the first forward of ``generate``; an assistant model's first forward
+        (assisted decoding) is not counted as one, and would otherwise meet the image spans without pictures.
+        """
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        ids = model_inputs.get("input_ids")
+        if self.config.visual is not None and ids is not None and bool((ids == self.config.image_pad_id).any()):
+            for key in ("pixel_values", "mm_encoder_outputs", "image_features"):
+                if kwargs.get(key) is not None and model_inputs.get(key) is None:
+                    model_inputs[key] = kwargs[key]
+        return model_inputs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -624,16 +851,24 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | BaseModelOutputWithPooling | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Logits (and the loss when ``labels`` are given; -100 marks positions to ignore)."""
-        if past_key_values is None:
-            past_key_values = kwargs.pop("cache", None)
-        kwargs.pop("cache", None)
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits (and the loss when ``labels`` are given; -100 marks positions to ignore).
+
+        ``pixel_values`` [num_images, 3, S, S] (or their ``image_features``) go, in order, to the ``<imgpad>``
+        positions of ``input_ids`` / ``inputs_embeds``. ``return_dict=False`` gives a tuple, as transformers models.
+        """
+        past_key_values = past_key_values if past_key_values is not None else cache
+        return_dict = _flag(return_dict, self.config, "return_dict")
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -643,20 +878,33 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             image_features=image_features,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return _cache_output(CausalLMOutputWithPast, getattr(outputs, CACHE_FIELD), loss=loss, logits=logits)
+        out = _cache_output(
+            CausalLMOutputWithPast,
+            getattr(outputs, CACHE_FIELD),
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return out if return_dict else out.to_tuple()
 
-    # The model card's API (a thin layer over the runtime; see runtime.py) -----------------------------------
+    # The model card's API (see model_card.py) ---------------------------------------------------------------
     def chat(
         self,
         tokenizer: Any,
@@ -666,7 +914,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **generation_kwargs: Any,
     ) -> tuple[str, list]:
         """Answer ``query`` (images named as ``<img>path</img>``) after ``history``; returns (response, history)."""
-        from .runtime import model_card_chat
+        from .model_card import model_card_chat
 
         return model_card_chat(self, tokenizer, query, history, system, generation_kwargs)
 
@@ -677,11 +925,19 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         history: list | None = None,
         system: str = "You are a helpful assistant.",
         **generation_kwargs: Any,
-    ):
+    ) -> Iterator[str]:
         """Yield the growing response to ``query``, as the reference's ``chat_stream`` does."""
-        from .runtime import model_card_chat_stream
+        from .model_card import model_card_chat_stream
 
         yield from model_card_chat_stream(self, tokenizer, query, history, system, generation_kwargs)
 
 
-__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "default_dtype", "ntk_alpha", "stop_token_ids"]
+__all__ = [
+    "QWenCache",
+    "QWenLMHeadModel",
+    "QWenModel",
+    "QWenPreTrainedModel",
+    "default_dtype",
+    "ntk_alpha",
+    "stop_token_ids",
+]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -36,8 +35,8 @@ from .constrained import Grammar, grammar_from, logits_processor
 from .checkpoint_checks import check_checkpoint_folder, check_finite_weights
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .images import ImagePolicy
-from .modeling_qwen_vl import CACHE_FIELD, QWenLMHeadModel, ntk_alpha, stop_token_ids
-from .processing_qwen_vl import DEFAULT_SYSTEM, ChatInputs, QWenVLImageProcessor, QWenVLProcessor
+from .modeling_qwen_vl import CACHE_FIELD, QWenCache, QWenLMHeadModel, ntk_alpha, stop_token_ids
+from .processing_qwen_vl import ChatInputs, QWenVLProcessor
 from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
 
 #: Generation arguments understood by every backend (others pass through to ``transformers`` generate).
@@ -465,7 +464,7 @@ class BelleVL(VisionTasks):
         if missing:
             pixels = self.processor.pixel_values(list(missing.values()))
             with torch.inference_mode():
-                feats = self.model.get_image_features(pixels)
+                feats = self.model.get_image_features(pixels, return_dict=True).pooler_output
             self.stats["vision_encoded"] += len(missing)
             for digest, feat in zip(missing, feats, strict=True):
                 found[digest] = feat
@@ -562,11 +561,8 @@ class BelleVL(VisionTasks):
         if single and cache is not None:
             length = cache.get_seq_length()
             full = sequences[0, :length].tolist()
-            if getattr(cache, "qwen_ntk_alphas", None) is None:
-                cache.qwen_ntk_alphas = alphas
-            self._prefix_cache.put(
-                id(cache), _Prefix(ids=full, spans=spans, cache=cache, alphas=list(cache.qwen_ntk_alphas))
-            )
+            kept = cache.ntk_alphas if isinstance(cache, QWenCache) and cache.ntk_alphas is not None else alphas
+            self._prefix_cache.put(id(cache), _Prefix(ids=full, spans=spans, cache=cache, alphas=list(kept)))
         return sequences[:, prompt_len:], prompt_len
 
     def _result(self, item: ChatInputs, answer: _Answer) -> ChatResult:
@@ -684,96 +680,4 @@ class BelleVL(VisionTasks):
             await task
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The model card's API: model.chat(tokenizer, query, history)
-# ---------------------------------------------------------------------------------------------------------------
-
-_IMG_IN_QUERY = re.compile(r"(?:Picture \d+: ?)?<img>(.*?)</img>\n?", re.S)
-
-
-def query_to_content(query: str) -> list[dict[str, Any]]:
-    """Parts of a model-card query: ``<img>path-or-url</img>`` spans (with their ``Picture N:`` label) and, as
-    the model card also shows, a first line that names an existing image file, become image parts."""
-    parts: list[dict[str, Any]] = []
-    first, sep, rest = query.partition("\n")
-    if sep and "<img>" not in query and _looks_like_image_file(first.strip()):
-        return [{"type": "image", "image": first.strip()}, {"type": "text", "text": rest}]
-    pos = 0
-    texts = []
-    for match in _IMG_IN_QUERY.finditer(query):
-        texts.append(query[pos : match.start()])
-        parts.append({"type": "image", "image": match.group(1).strip()})
-        pos = match.end()
-    texts.append(query[pos:])
-    text = "".join(texts)
-    if text:
-        parts.append({"type": "text", "text": text})
-    return parts
-
-
-def _looks_like_image_file(line: str) -> bool:
-    return (
-        bool(line)
-        and len(line) < 4096
-        and Path(line).suffix.lower() in {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-        and Path(line).is_file()
-    )
-
-
-def runtime_for(model: QWenLMHeadModel, tokenizer: QWenTokenizer) -> BelleVL:
-    """The runtime behind ``model.chat`` (created once per model and tokenizer)."""
-    runtime = getattr(model, "_belle_vl_runtime", None)
-    if runtime is None or runtime.tokenizer is not tokenizer:
-        visual = model.config.visual or {}
-        image_processor = QWenVLImageProcessor(image_size=visual.get("image_size", 448))
-        window = getattr(model.generation_config, "max_window_size", None) or 6144
-        processor = QWenVLProcessor(
-            image_processor, tokenizer, max_window_size=window, num_image_queries=model.config.num_image_queries
-        )
-        runtime = BelleVL(model, processor)
-        model._belle_vl_runtime = runtime
-    return runtime
-
-
-def _history_messages(history: list | None, query: str, system: str) -> list[Message]:
-    messages: list[Message] = [{"role": "system", "content": system or DEFAULT_SYSTEM}]
-    for turn in history or []:
-        if not isinstance(turn, list | tuple) or len(turn) != 2:
-            raise PromptError("history must be a list of (query, response) pairs, as model.chat returns it.")
-        messages.append({"role": "user", "content": query_to_content(turn[0])})
-        messages.append({"role": "assistant", "content": turn[1]})
-    messages.append({"role": "user", "content": query_to_content(query)})
-    return messages
-
-
-def _model_card_generation(tokenizer: QWenTokenizer, generation: dict[str, Any]) -> dict[str, Any]:
-    """The reference chat's extra arguments: ``stop_words_ids`` (lists of ids) become stop strings."""
-    generation = dict(generation)
-    generation.pop("append_history", None)
-    stop_ids = generation.pop("stop_words_ids", None) or []
-    stops = [tokenizer.decode(ids) for ids in stop_ids if ids]
-    if stops:
-        existing = generation.get("stop") or []
-        generation["stop"] = [existing] if isinstance(existing, str) else list(existing)
-        generation["stop"] += [s for s in stops if s not in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")]
-    return generation
-
-
-def model_card_chat(model, tokenizer, query, history, system, generation) -> tuple[str, list]:
-    runtime = runtime_for(model, tokenizer)
-    messages = _history_messages(history, query, system)
-    result = runtime.chat(messages, **_model_card_generation(tokenizer, generation))
-    return result.text, [*(history or []), (query, result.text)]
-
-
-def model_card_chat_stream(model, tokenizer, query, history, system, generation) -> Iterator[str]:
-    runtime = runtime_for(model, tokenizer)
-    text = ""
-    messages = _history_messages(history, query, system)
-    for chunk in runtime.stream(messages, **_model_card_generation(tokenizer, generation)):
-        text += chunk.delta
-        if chunk.delta:
-            yield text
-
-
-__all__ = ["BelleVL", "GENERATION_ARGS", "query_to_content", "runtime_for"]
+__all__ = ["BelleVL", "GENERATION_ARGS"]
