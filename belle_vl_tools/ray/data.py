@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import prompts
 from ..captions import IMAGE_SUFFIXES
 from ..errors import CheckpointError, ImageError
 from ..images import ImagePolicy, image_digest, load_image
+from ..tasks import get_task
 
 __all__ = ["caption_dataset", "read_images"]
 
@@ -135,13 +135,13 @@ class Captioner:
         self.generation = generation
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from ..backend import image_message
+        from ..messages import ImagePart, Message
 
         n = len(batch["path"])
         captions, tokens, finish = [""] * n, [0] * n, [""] * n
         todo = [i for i in range(n) if not batch["error"][i]]
         if todo:
-            conversations = [image_message(np.asarray(batch["pixels"][i]), self.prompt) for i in todo]
+            conversations = [[Message.user(ImagePart(np.asarray(batch["pixels"][i])), self.prompt)] for i in todo]
             for i, result in zip(todo, self.runtime.generate_batch(conversations, **self.generation), strict=True):
                 captions[i], tokens[i], finish[i] = result.text, result.usage.completion_tokens, result.finish_reason
         return {
@@ -212,7 +212,7 @@ def caption_dataset(
     settings = {"temperature": 0, **(generation or {})}
     if max_new_tokens is not None:
         settings["max_new_tokens"] = max_new_tokens
-    text = prompt if prompt is not None else prompts.describe_prompt(detail, language)
+    text = prompt if prompt is not None else get_task("describe").prompt(detail=detail, language=language)
     policy = image_policy or ImagePolicy.trusted()
 
     images = read_images(source)
