@@ -147,6 +147,22 @@ def test_total_deadline_covers_the_body_too():
         server.close()
 
 
+def test_a_stalled_tls_handshake_ends_at_the_deadline():
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts the connection, never answers the TLS hello
+    accepted: list = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    try:
+        policy = ImagePolicy.trusted(allow_urls=True, allow_private_urls=True, url_timeout=5, url_total_timeout=1)
+        start = time.monotonic()
+        with pytest.raises(ImageFetchError, match="url_total_timeout=1 s"):
+            load_image(f"https://127.0.0.1:{listener.getsockname()[1]}/x.png", policy)
+        assert time.monotonic() - start < 1 + 1
+    finally:
+        listener.close()
+        for conn, _ in accepted:
+            conn.close()
+
+
 def test_slow_name_resolution_ends_at_the_deadline(monkeypatch):
     real = socket.getaddrinfo
 
