@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from queue import SimpleQueue
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from .backend import Usage
 from .errors import BelleVLError, PromptError
@@ -187,6 +189,23 @@ class EngineResult:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
 
+    @classmethod
+    def from_events(cls, events: Sequence[EngineEvent]) -> EngineResult:
+        """Join a finished stream's events into one result."""
+        if not events or events[-1].finish_reason is None:
+            raise ValueError("from_events needs the events of a finished stream (the last one has finish_reason).")
+        last = events[-1]
+        logprobs = None
+        if last.logprobs is not None:
+            logprobs = [entry for event in events for entry in (event.logprobs or [])]
+        return cls(
+            text="".join(event.delta for event in events),
+            finish_reason=last.finish_reason,
+            usage=last.usage or Usage(),
+            token_ids=[t for event in events for t in event.token_ids],
+            logprobs=logprobs,
+        )
+
 
 class EngineClosedError(BelleVLError, RuntimeError):
     """The engine was closed before the request finished."""
@@ -280,6 +299,47 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A cache layer that writes each step's keys and values into spare room at the end of its buffers instead of
+    concatenating (which copies the whole cache every step); the buffers grow by half when full."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.set(keys, values)
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold these keys and values [rows, heads, length, dim], with room to grow."""
+        length = keys.shape[-2]
+        room = length + max(64, length // 2)
+        self._keys = keys.new_empty((*keys.shape[:-2], room, keys.shape[-1]))
+        self._values = values.new_empty((*values.shape[:-2], room, values.shape[-1]))
+        self._keys[..., :length, :] = keys
+        self._values[..., :length, :] = values
+        self._length = length
+        self.device = keys.device
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._keys[..., : self._length, :]
+        self.values = self._values[..., : self._length, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[-2]
+        if self._length + new > self._keys.shape[-2]:
+            self.set(self.keys, self.values)
+        self._keys[..., self._length : self._length + new, :] = key_states
+        self._values[..., self._length : self._length + new, :] = value_states
+        self._length += new
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+
 class _BatchCache:
     """The running batch's left-padded KV cache with its attention mask and per-row NTK factors."""
 
@@ -294,16 +354,15 @@ class _BatchCache:
     def merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append the rows of another cache (a prefill's) below the current ones."""
         if self.cache is None:
+            cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in cache.layers]
             self.cache, self.mask = cache, mask
             return
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat(
-                [_pad_left(mine.keys, width - old_len, -2), _pad_left(theirs.keys, width - new_len, -2)]
-            )
-            mine.values = torch.cat(
-                [_pad_left(mine.values, width - old_len, -2), _pad_left(theirs.values, width - new_len, -2)]
+            mine.set(
+                torch.cat([_pad_left(mine.keys, width - old_len, -2), _pad_left(theirs.keys, width - new_len, -2)]),
+                torch.cat([_pad_left(mine.values, width - old_len, -2), _pad_left(theirs.values, width - new_len, -2)]),
             )
         self.mask = torch.cat([_pad_left(self.mask, width - old_len, 1), _pad_left(mask, width - new_len, 1)])
         _set_alphas(self.cache, _get_alphas(self.cache) + _get_alphas(cache))
@@ -319,8 +378,11 @@ class _BatchCache:
         lead = int((self.mask.cumsum(1) == 0).all(0).sum())  # columns of padding in every row
         self.mask = self.mask[:, lead:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, lead:]
-            layer.values = layer.values[index, :, lead:]
+            keys, values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
+            if isinstance(layer, _GrowingLayer):
+                layer.set(keys, values)
+            else:  # a prefill's own cache, before it joins the batch
+                layer.keys, layer.values = keys, values
         _set_alphas(self.cache, [alphas[i] for i in indices])
 
 
@@ -348,7 +410,15 @@ class BatchEngine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.stats = {"steps": 0, "prefills": 0, "joins": 0, "tokens": 0, "max_rows": 0}
+        self.stats: dict[str, float] = {
+            "steps": 0,
+            "prefills": 0,
+            "joins": 0,
+            "tokens": 0,
+            "max_rows": 0,
+            "step_seconds": 0.0,
+            "prefill_seconds": 0.0,
+        }
         lm_head = runtime.model.get_output_embeddings()
         self._vocab = lm_head.weight.shape[0]
         gc = runtime.generation_config
@@ -457,7 +527,7 @@ class BatchEngine:
         self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
     ) -> EngineResult:
         """The whole answer (the request shares the batch while it decodes)."""
-        return _collect([event async for event in self.stream(messages, params, system=system)])
+        return EngineResult.from_events([event async for event in self.stream(messages, params, system=system)])
 
     def stream_sync(
         self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
@@ -482,7 +552,7 @@ class BatchEngine:
         self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
     ) -> EngineResult:
         """:meth:`complete` for threads."""
-        return _collect(list(self.stream_sync(messages, params, system=system)))
+        return EngineResult.from_events(list(self.stream_sync(messages, params, system=system)))
 
     # --- the decoding loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -497,13 +567,13 @@ class BatchEngine:
             try:
                 self._drop_cancelled()
                 joining = [r for r in joining if not r.cancelled.is_set()]
-                if joining:
-                    self._prefill(joining)
+                for group in _prefill_groups(joining):
+                    self._prefill(group)
                 if self._rows:
                     self._step()
-            except Exception as exc:  # a fault in the forward pass: fail the rows it concerned, keep serving
-                for row in self._rows:
-                    row.request.deliver(exc)
+            except Exception as exc:  # a fault in the batch's forward pass: fail its requests, keep serving
+                for request in {id(r): r for r in [*joining, *(row.request for row in self._rows)]}.values():
+                    request.deliver(exc)
                 self._rows = []
                 self._batch = _BatchCache()
         error = EngineClosedError("The BatchEngine was closed before this request finished.")
@@ -537,7 +607,9 @@ class BatchEngine:
                 features = runtime._image_features(items, [0] * len(items))
                 if features is not None:
                     kwargs["image_features"] = features.to(device)
+                start = time.perf_counter()
                 out = runtime.model(**kwargs)
+                self.stats["prefill_seconds"] += time.perf_counter() - start
         except Exception as exc:  # this group's fault (e.g. an image the model cannot take): fail it only
             for request in requests:
                 request.deliver(exc)
@@ -568,9 +640,11 @@ class BatchEngine:
         batch = self._batch
         mask = torch.cat([batch.mask, batch.mask.new_ones(batch.rows, 1)], dim=1)
         with runtime._lock, torch.inference_mode():
+            start = time.perf_counter()
             out = runtime.model(
                 input_ids=ids, attention_mask=mask, past_key_values=batch.cache, use_cache=True, logits_to_keep=1
             )
+            self.stats["step_seconds"] += time.perf_counter() - start
         batch.mask = mask
         batch.cache = getattr(out, CACHE_FIELD)
         self.stats["steps"] += 1
@@ -654,6 +728,22 @@ class BatchEngine:
         return TopLogprob(text, list(raw), logprob)
 
 
+def _prefill_groups(requests: list[_Request], waste: float = 0.25) -> list[list[_Request]]:
+    """Requests grouped by prompt length for prefilling: a group's left padding stays within ``waste`` of its
+    tokens (similar prompts share one forward; a long prompt does not pad many short ones)."""
+    groups: list[list[_Request]] = []
+    tokens = 0
+    for request in sorted(requests, key=lambda r: len(r.item.input_ids)):
+        n = len(request.item.input_ids)  # the longest so far: the group's width if it joins
+        if groups and n * (len(groups[-1]) + 1) <= (1 + waste) * (tokens + n):
+            groups[-1].append(request)
+            tokens += n
+        else:
+            groups.append([request])
+            tokens = n
+    return groups
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
     """Sample from ``logits`` / temperature restricted to the top-k, then the top-p nucleus (transformers' order)."""
     scores = logits / temperature
@@ -678,16 +768,6 @@ def token_text(tokenizer: Any, token: int) -> tuple[str, bytes]:
     if isinstance(piece, bytes):
         return piece.decode("utf-8", errors="replace"), piece
     return piece, piece.encode("utf-8")
-
-
-def _collect(events: list[EngineEvent]) -> EngineResult:
-    last = events[-1]
-    token_ids = [t for event in events for t in event.token_ids]
-    logprobs = None
-    if last.logprobs is not None:
-        logprobs = [entry for event in events for entry in (event.logprobs or [])]
-    text = "".join(event.delta for event in events)
-    return EngineResult(text, last.finish_reason or "stop", last.usage or Usage(), token_ids, logprobs)
 
 
 __all__ = [

@@ -6,12 +6,13 @@ import asyncio
 import math
 import threading
 import time
+from queue import SimpleQueue
 
 import pytest
 import torch
 
 from belle_vl_tools import BelleVL, PromptError
-from belle_vl_tools.engine import BatchEngine, EngineEvent, SamplingParams, _collect
+from belle_vl_tools.engine import BatchEngine, EngineEvent, EngineResult, SamplingParams
 from belle_vl_tools.testing import write_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
@@ -72,7 +73,7 @@ async def staggered(engine, jobs):
         started = asyncio.Event()
         tasks.append(asyncio.create_task(one(conversation, params, started)))
         await started.wait()
-    return [_collect(events) for events in await asyncio.gather(*tasks)]
+    return [EngineResult.from_events(events) for events in await asyncio.gather(*tasks)]
 
 
 def test_greedy_in_a_mixed_batch_equals_chat_alone(fresh, engine, pictures):
@@ -299,6 +300,25 @@ def test_stream_events(fresh, engine, pictures):
     assert all(len(e.logprobs) == len(e.token_ids) for e in events)
 
 
+def test_rows_that_end_at_their_first_token_leave_their_prefill_group(fresh, engine):
+    conversations = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3)]
+    limits = [4, 1, 5]
+    alone = [fresh.chat(c, temperature=0, max_new_tokens=n) for c, n in zip(conversations, limits, strict=True)]
+    queues = [SimpleQueue() for _ in conversations]
+    with engine._cv:  # all three arrive before the worker looks: one prefill group
+        prefills = engine.stats["prefills"]
+        for conversation, n, queue in zip(conversations, limits, queues, strict=True):
+            engine.submit(engine.prepare(conversation), greedy(max_new_tokens=n), queue.put)
+    results = []
+    for queue in queues:
+        events = [queue.get()]
+        while events[-1].finish_reason is None:
+            events.append(queue.get())
+        results.append(EngineResult.from_events(events))
+    assert engine.stats["prefills"] == prefills + 1
+    assert [(r.text, r.usage) for r in results] == [(a.text, a.usage) for a in alone]
+
+
 def test_more_requests_than_rows_wait_their_turn(fresh):
     conversations = [[{"role": "user", "content": f"Number {i}"}] for i in range(5)]
     alone = [fresh.chat(c, temperature=0, max_new_tokens=6).text for c in conversations]
@@ -315,6 +335,24 @@ def test_more_requests_than_rows_wait_their_turn(fresh):
             t.join()
         assert small.stats["max_rows"] <= 2
     assert results == alone
+
+
+def test_a_failing_processor_fails_only_its_request(engine):
+    def boom(generated_ids, logits):
+        raise RuntimeError("grammar exploded")
+
+    conversation = [{"role": "user", "content": "hi"}]
+
+    async def main():
+        return await asyncio.gather(
+            engine.complete(conversation, greedy(processors=[boom])),
+            engine.complete(conversation, greedy()),
+            return_exceptions=True,
+        )
+
+    failed, fine = run(main())
+    assert isinstance(failed, RuntimeError) and "grammar exploded" in str(failed)
+    assert isinstance(fine, EngineResult) and fine.usage.completion_tokens >= 1
 
 
 def test_closed_engine_refuses_and_fails_waiting_requests(fresh):
