@@ -305,7 +305,8 @@ class _Display:
         for absolute, shown in sorted(self.names.items(), key=lambda item: -len(item[0])):
             text = text.replace(absolute, shown)
         for index, root in sorted(enumerate(self.roots), key=lambda item: -len(str(item[1]))):
-            text = text.replace(str(root), f"<allowed folder {index + 1}>")
+            if root.parent != root:  # never rewrite every "/" for a root of "/"
+                text = re.sub(re.escape(str(root)) + r"(?![\w.-])", f"<allowed folder {index + 1}>", text)
         return text
 
 
