@@ -125,3 +125,56 @@ def test_the_notebook_runs_top_to_bottom(monkeypatch, capsys):
     found = namespace["found"]
     assert found.phrase == "the red square" and found.image.size == (112, 112)
     assert found._repr_png_()[:4] == b"\x89PNG"
+
+
+# --- held-out pictures: drawn by another function than the training pictures (belle_vl_tools.demo_heldout) ---------
+#: The fixed CI sample: 16 pictures (100 questions) of a stream no training or report run uses.
+HELDOUT_SEED, HELDOUT_PICTURES = 4242, 16
+#: Right answers the shipped demo model gives on that sample (measured: color 12/13, shape 14/16, count 10/16,
+#: position 9/14, read-word 0/9, yes/no 14/16, Chinese 12/16; 71/100 overall), less a margin of one or two for
+#: numerical differences between machines. Raise them when a retrained model does better.
+HELDOUT_MINIMUM = {"color": 11, "shape": 13, "count": 8, "position": 7, "yes/no": 13, "Chinese": 10}
+HELDOUT_MINIMUM_OVERALL = 0.66
+
+
+@pytest.fixture(scope="module")
+def heldout(demo):
+    from belle_vl_tools.demo_heldout import evaluate, heldout_items
+
+    return evaluate(demo, heldout_items(HELDOUT_PICTURES, seed=HELDOUT_SEED))
+
+
+def test_held_out_pictures_are_drawn_differently_from_the_training_pictures():
+    from belle_vl_tools.demo_heldout import SKILLS, heldout_items
+
+    items = heldout_items(12, seed=HELDOUT_SEED)
+    sizes = {item.image.size for item in items}
+    assert len(sizes) >= 3 and any(w != h for w, h in sizes)  # several sizes and aspect ratios, not only 112 x 112
+    corners = {item.image.getpixel((0, 0)) for item in items}
+    assert all(min(c) >= 200 for c in corners) and any(c != (255, 255, 255) for c in corners)  # light, not white
+    assert {item.skill for item in items} == set(SKILLS)
+    again = heldout_items(12, seed=HELDOUT_SEED)
+    assert [(i.question, i.expected) for i in again] == [(i.question, i.expected) for i in items]
+    assert again[0].image.tobytes() == items[0].image.tobytes()  # the same sample on every run
+
+
+def test_held_out_sample_keeps_the_demo_models_measured_figures(heldout):
+    """The fixed sample, per skill: at least what the shipped model was measured to reach (see the README)."""
+    assert heldout.asked.get("read-word", 0) >= 5
+    below = {
+        s: (heldout.right.get(s, 0), heldout.asked[s])
+        for s, k in HELDOUT_MINIMUM.items()
+        if heldout.right.get(s, 0) < k
+    }
+    assert not below, (below, heldout.table())
+    assert heldout.accuracy() >= HELDOUT_MINIMUM_OVERALL, heldout.table()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16's target (>= 90% overall, >= 80% per skill on held-out pictures) needs the demo model "
+    "retrained on the robust data; the shipped one reads no held-out word and miscounts",
+)
+def test_held_out_sample_meets_the_target(heldout):
+    assert heldout.accuracy() >= 0.9, heldout.table()
+    assert all(heldout.accuracy(skill) >= 0.8 for skill in heldout.asked), heldout.table()
