@@ -538,3 +538,325 @@ def test_cli_serve_passes_its_options(monkeypatch):
     assert seen["args"] == ("/models/x",) or kwargs.get("model_path") == "/models/x"
     assert kwargs["port"] == 8123 and kwargs["host"] == "127.0.0.1"
     assert kwargs["api_key"] == "k" and kwargs["max_batch_size"] == 4 and kwargs["allow_urls"] is False
+
+
+# --- every documented field works or is refused -------------------------------------------------------------------
+TEXT = [{"role": "user", "content": "Tell me a story about a small robot."}]
+
+
+def greedy_reference(runtime, messages: list[dict[str, Any]], steps: int, top: int) -> list[tuple[float, list[float]]]:
+    """Greedy decoding by hand with the model's forward (no cache, no engine): each step's chosen log-probability
+    and the ``top`` best log-probabilities."""
+    import torch
+
+    ids = list(runtime.prepare(messages).input_ids)
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = runtime.model(input_ids=torch.tensor([ids], device=runtime.device)).logits[0, -1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token = int(torch.argmax(logprobs))
+            out.append((float(logprobs[token]), torch.topk(logprobs, top).values.tolist()))
+            ids.append(token)
+    return out
+
+
+def test_logprobs_are_the_models_own_streamed_too(base_url, runtime):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    reference = greedy_reference(runtime, TEXT, TOKENS, 3)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=TEXT, temperature=0, max_tokens=TOKENS, logprobs=True, top_logprobs=3
+    )
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == TOKENS
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    for entry, (chosen, best) in zip(entries, reference, strict=True):
+        assert entry.logprob == pytest.approx(chosen, abs=1e-3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best, abs=1e-3)
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=TEXT, temperature=0, max_tokens=TOKENS, logprobs=True, top_logprobs=1, stream=True
+    )
+    streamed = [e for chunk in stream for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([c for c, _ in reference], abs=1e-3)
+
+    plain = client.chat.completions.create(model=MODEL, messages=TEXT, temperature=0, max_tokens=TOKENS)
+    assert plain.choices[0].logprobs is None
+
+
+def test_penalties_logit_bias_n_and_token_limits_change_the_answer(base_url, runtime):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    greedy = {"model": MODEL, "messages": TEXT, "temperature": 0, "max_tokens": 12}
+    plain = client.chat.completions.create(**greedy, logprobs=True)
+    tokens = [e.token for e in plain.choices[0].logprobs.content]
+    repeats = max(tokens.count(t) for t in tokens)
+    assert repeats > 1  # the tiny random model repeats itself, so penalties have something to change
+
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        reply = client.chat.completions.create(**greedy, logprobs=True, **{penalty: 2.0})
+        penalised = [e.token for e in reply.choices[0].logprobs.content]
+        assert penalised[0] == tokens[0] and penalised != tokens, penalty  # nothing to penalise before token 1
+        assert max(penalised.count(t) for t in penalised) < repeats, penalty
+
+    token_id = runtime.tokenizer.encode("Paris")[0]
+    reply = client.chat.completions.create(**greedy, logit_bias={str(token_id): 100})
+    assert reply.choices[0].message.content == "Paris" * 12
+
+    reply = client.chat.completions.create(
+        model=MODEL, messages=TEXT, temperature=1.0, seed=11, n=3, max_completion_tokens=5
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) > 1  # seeds 11, 12, 13
+    assert reply.usage.completion_tokens == 15
+    again = client.chat.completions.create(
+        model=MODEL, messages=TEXT, temperature=1.0, seed=11, n=3, max_completion_tokens=5
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+
+    # user and metadata are accepted and, as in the OpenAI API, leave the answer alone
+    tagged = client.chat.completions.create(**greedy, user="user-42", metadata={"team": "vision"})
+    assert tagged.choices[0].message.content == plain.choices[0].message.content
+
+    # n > 1 streamed: the choices arrive interleaved, each with its own finish
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=TEXT,
+        temperature=0,
+        max_tokens=4,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finishes, usage = ["", ""], [None, None], None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    expected = runtime.chat(TEXT, temperature=0, max_new_tokens=4).text
+    assert texts == [expected, expected] and finishes == ["length", "length"] and usage.completion_tokens == 8
+
+
+def test_unsupported_and_bad_values_get_a_400_naming_them_never_a_500(base_url):
+    client = httpx.Client(base_url=base_url, timeout=60)
+    url = "/v1/chat/completions"
+    hi = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    def status_of(body: Any = None, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+        content = raw if raw is not None else json.dumps(body).encode()
+        response = client.post(url, content=content, headers={"content-type": "application/json"})
+        assert response.status_code < 500, response.text
+        return response.status_code, error_of(response) if response.status_code >= 400 else {}
+
+    cases: dict[str, Any] = {
+        "audio": {**hi, "audio": {"voice": "alloy", "format": "wav"}},
+        "functions": {**hi, "functions": [{"name": "f"}]},
+        "reasoning_effort": {**hi, "reasoning_effort": "high"},
+        "web_search_options": {**hi, "web_search_options": {}},
+        "store": {**hi, "store": True},
+        "modalities": {**hi, "modalities": ["text", "audio"]},
+        "service_tier": {**hi, "service_tier": "flex"},
+        "frobnicate": {**hi, "frobnicate": 1},
+        "seed": {**hi, "seed": 2**80},
+        "n": {**hi, "n": 9},
+        "top_logprobs": {**hi, "top_logprobs": 2},
+        "logit_bias": {**hi, "logit_bias": {"not-a-token": 5}},
+        "max_tokens": {**hi, "max_tokens": 10**9},
+        "presence_penalty": {**hi, "presence_penalty": 3},
+        "stream_options": {**hi, "stream_options": {"include_usage": True}},
+        "messages[0].content[0].image_url.detail": {
+            **hi,
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,x", "detail": "low"}}]}
+            ],
+        },
+        "messages[0].content[0]": {
+            **hi,
+            "messages": [
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}
+            ],
+        },
+        "messages[0].audio": {**hi, "messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}]},
+    }
+    for param, body in cases.items():
+        status, error = status_of(body)
+        assert status == 400 and error["param"].startswith(param), (param, error)
+        assert param.split(".")[0].split("[")[0] in error["message"], error
+
+    nan = b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+    status, error = status_of(raw=nan)
+    assert status == 400 and "NaN" in error["message"]
+    deep = b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * 5000
+    deep += b"]" * 5000 + b"}"
+    status, error = status_of(raw=deep)
+    assert status == 400 and error["code"] == "json_too_deep"
+    status, error = status_of(raw=b"[" * 100_000)
+    assert status == 400
+    status, error = status_of(raw=b'{"model": "tiny-vl", "seed": 1' + b"0" * 5000 + b"}")
+    assert status == 400 and error["code"] == "invalid_json"
+    # explicit nulls are "not given", and neutral values of unsupported parameters are fine
+    status, _ = status_of({**hi, "audio": None, "store": False, "modalities": ["text"], "parallel_tool_calls": False})
+    assert status == 200
+
+
+def test_completions_endpoint(base_url, runtime):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    prompt = "Name three colors."
+    expected = runtime.chat([{"role": "user", "content": prompt}], temperature=0, max_new_tokens=TOKENS).text
+    reply = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=TOKENS, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text == expected and reply.usage.completion_tokens == TOKENS
+    assert "".join(choice.logprobs.tokens) == expected and len(choice.logprobs.top_logprobs[0]) == 2
+    assert len(client.completions.create(model=MODEL, prompt="hi").choices[0].text) > 0  # max_tokens 16 by default
+    streamed = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=TOKENS, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+    two = client.completions.create(model=MODEL, prompt=[prompt, "hi"], temperature=0, max_tokens=3)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text != two.choices[1].text
+    for bad in ({"echo": True}, {"suffix": "x"}, {"best_of": 3}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **bad)
+        assert caught.value.param == next(iter(bad))
+
+
+def test_metrics(base_url):
+    client = httpx.Client(base_url=base_url, timeout=60)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 3}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    text = client.get("/metrics").text
+    assert 'belle_vl_requests_total{route="/v1/chat/completions",status="200"}' in text
+    for name in ("completion_tokens_total", "prompt_tokens_total", "queue_depth", "batch_size_bucket"):
+        assert f"belle_vl_{name}" in text, name
+    assert "belle_vl_request_seconds_bucket" in text
+    completion_tokens = [line for line in text.splitlines() if line.startswith("belle_vl_completion_tokens_total")]
+    assert float(completion_tokens[0].split()[-1]) >= 3
+
+
+def test_docs_and_metrics_need_the_key_and_exposed_servers_warn(caplog):
+    from fastapi.testclient import TestClient
+
+    from belle_vl_tools.server import warn_if_exposed
+
+    with TestClient(create_app(Scripted(), api_key="sesame")) as client:
+        for path in ("/docs", "/redoc", "/openapi.json", "/metrics", "/v1/models"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"Authorization": "Bearer sesame"}).status_code == 200, path
+        assert client.get("/health").status_code == 200
+    with TestClient(create_app(Scripted())) as client:
+        assert client.get("/openapi.json").status_code == 200
+
+    with caplog.at_level("WARNING", logger="belle_vl_tools.server"):
+        assert warn_if_exposed("0.0.0.0", None) and "without an API key" in caplog.text
+        caplog.clear()
+        assert not warn_if_exposed("0.0.0.0", "key") and not warn_if_exposed("127.0.0.1", None)
+        assert not warn_if_exposed("::1", None) and not warn_if_exposed("localhost", None)
+        assert caplog.text == ""
+
+
+def test_the_backend_scheduler_refuses_what_only_the_engine_can_do():
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Scripted())) as client:
+        body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+        for extra in ({"logprobs": True}, {"presence_penalty": 1}, {"frequency_penalty": -1}, {"logit_bias": {"5": 1}}):
+            response = client.post("/v1/chat/completions", json={**body, **extra})
+            assert response.status_code == 400, extra
+            assert error_of(response)["param"] == next(iter(extra)) and "Scripted" in error_of(response)["message"]
+        reply = client.post("/v1/chat/completions", json={**body, "n": 2}).json()
+        assert [c["message"]["content"] for c in reply["choices"]] == ["ok", "ok"]
+
+
+# --- the media pool -----------------------------------------------------------------------------------------------
+class SlowHeaders:
+    """A loopback HTTP server that sends its headers one byte a second, for as long as the client listens."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.stop = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow.png"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: Any) -> None:
+        with conn:
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Slow: " + b"a" * 1000:
+                    if self.stop.wait(1.0):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass
+
+    def __enter__(self) -> SlowHeaders:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_slow_image_urls_do_not_delay_inline_pictures(pictures):
+    from belle_vl_tools.images import ImagePolicy
+
+    policy = ImagePolicy(allow_urls=True, allow_private_urls=True, url_timeout=2, url_total_timeout=3)
+    app = create_app(Scripted(), image_policy=policy, allow_urls=True, media_workers=8, max_fetches_per_client=8)
+    inline = {"model": "scripted", "messages": image_turn(data_url(pictures["red"]), "hi")}
+    with SlowHeaders() as slow, background_server(app) as base:
+        client = httpx.Client(base_url=base, timeout=60)
+        started = time.monotonic()
+        assert client.post("/v1/chat/completions", json=inline).status_code == 200
+        alone = time.monotonic() - started
+
+        statuses: list[int] = []
+        attack = {"model": "scripted", "messages": image_turn(slow.url, "hi")}
+
+        def attacker() -> None:
+            statuses.append(httpx.post(f"{base}/v1/chat/completions", json=attack, timeout=60).status_code)
+
+        attackers = [threading.Thread(target=attacker) for _ in range(8)]
+        for thread in attackers:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while app.state.media.stats()["fetch_busy"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.state.media.stats()["fetch_busy"] == 8  # all eight are stuck in their downloads
+        started = time.monotonic()
+        assert client.post("/v1/chat/completions", json=inline).status_code == 200
+        assert time.monotonic() - started < alone + 1.0
+
+        for thread in attackers:
+            thread.join(30)
+        assert statuses == [400] * 8  # each download ended at its deadline (3 s + 1 s of grace)
+        assert app.state.media.stats()["fetch_busy"] == 0  # and gave its slot back
+
+        # one client may hold only so many downloads at once
+        capped = create_app(Scripted(), image_policy=policy, allow_urls=True, max_fetches_per_client=2)
+        with background_server(capped) as base2:
+            codes: list[int] = []
+
+            def fetch() -> None:
+                codes.append(httpx.post(f"{base2}/v1/chat/completions", json=attack, timeout=60).status_code)
+
+            threads = [threading.Thread(target=fetch) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert sorted(codes) == [400, 400, 429]

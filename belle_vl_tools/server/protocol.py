@@ -306,6 +306,7 @@ def _check_names(body: Mapping[str, Any], model: type[BaseModel], documented: se
 
 def _validate(model: type[BaseModel], body: Mapping[str, Any], documented: set[str]) -> Any:
     _check_names(body, model, documented)
+    body = {k: v for k, v in body.items() if k in model.model_fields}  # what is left: nulls of unsupported ones
     try:
         return model.model_validate(body)
     except ValidationError as exc:

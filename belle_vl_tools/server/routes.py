@@ -536,7 +536,7 @@ def build_router(state: ServerState) -> APIRouter:
                     if delta.text or delta.finish_reason is not None or delta.logprobs:
                         yield chunk(
                             [
-                                CompletionChoice(
+                                CompletionChoice.model_construct(  # finish_reason is null until the last chunk
                                     index=index,
                                     text=delta.text,
                                     logprobs=_text_logprobs(delta.logprobs, text_request.logprobs)
