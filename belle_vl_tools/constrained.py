@@ -53,6 +53,8 @@ __all__ = [
 CLOSING_WINDOW = 64
 #: Tokens kept in reserve beyond the shortest closing found (one model token may open several nested values).
 CLOSING_MARGIN = 8
+#: How many of the model's likeliest allowed tokens are compared at a choice while closing.
+LOOKAHEAD = 4
 #: Compiled grammars kept per tokenizer.
 CACHE_SIZE = 64
 
@@ -277,7 +279,7 @@ class _Kit:
             if grammar.answer is not None:
                 final = xgr.Grammar.from_ebnf('root ::= "Final Answer: "')
                 branches.append(xgr.Grammar.concat(final, _json_grammar(grammar.answer)))
-            thought = xgr.Grammar.from_ebnf('root ::= "Thought: " [^\\n]* "\\n"')
+            thought = xgr.Grammar.from_ebnf('root ::= ("Thought: " [^\\n]* "\\n")?')  # as trained; optional
             return self.compiler.compile_grammar(xgr.Grammar.concat(thought, xgr.Grammar.union(*branches)))
         except (RuntimeError, ValueError) as exc:
             what = "response_format's JSON schema" if grammar.kind != "tool_call" else "a tool's parameter schema"
@@ -429,17 +431,30 @@ class RowProcessor:
             if self._is_allowed(token):
                 return token
         allowed = self._bits()
-        if logits is not None:
-            import torch
+        first = int(self._np.flatnonzero(allowed)[0])
+        if logits is None:  # while measuring a closing: no lookahead
+            return first
+        # A choice (a tool's name, an enum value, thought or not): of the model's likeliest allowed tokens and the
+        # first allowed one, the one with the shortest closing after it (ties: the likeliest).
+        import torch
 
-            scores = logits.reshape(-1)[: self._kit.vocab_size].clone()
-            scores[torch.from_numpy(allowed == 0).to(scores.device)] = float("-inf")
-            return int(scores.argmax())
-        return int(self._np.flatnonzero(allowed)[0])
+        scores = logits.reshape(-1)[: self._kit.vocab_size].clone()
+        scores[torch.from_numpy(allowed == 0).to(scores.device)] = float("-inf")
+        top = scores.topk(min(LOOKAHEAD, int(allowed.sum()))).indices.tolist()
+        best, best_steps = top[0], None
+        for token in [*top, first]:
+            probe = matcher.fork()
+            if not probe.accept_token(token):  # pragma: no cover - taken from the mask
+                continue
+            steps = self._closing_length(CLOSING_WINDOW, probe)
+            if steps is not None and (best_steps is None or steps < best_steps):
+                best, best_steps = token, steps
+        matcher.fill_next_token_bitmask(self._bitmask)  # the probes overwrote the mask
+        return best
 
-    def _closing_length(self, limit: int) -> int | None:
-        """Tokens the closing way needs from here (None: more than ``limit``)."""
-        probe = self._matcher.fork()
+    def _closing_length(self, limit: int, start: Any = None) -> int | None:
+        """Tokens the closing way needs from here, or from the matcher ``start`` (None: more than ``limit``)."""
+        probe = (start or self._matcher).fork()
         for steps in range(limit):
             if probe.is_completed():
                 return steps

@@ -686,9 +686,6 @@ class ToolSession:
         """Validate and normalise; bad tools, ``tool_choice`` or ``response_format`` raise a :class:`PromptError`
         that names them."""
         specs = tuple(tool if isinstance(tool, ToolSpec) else ToolSpec.from_openai(tool) for tool in tools or ())
-        names = [spec.name for spec in specs]
-        if len(set(names)) != len(names):
-            raise PromptError(f"Two tools share a name ({', '.join(names)}): tool names must be unique.")
         choice = normalize_tool_choice(tool_choice, specs)
         if choice != "auto" and choice != "none" and not specs:
             raise PromptError(f"tool_choice={tool_choice!r} needs tools to choose from; none are given.")

@@ -1,7 +1,8 @@
 """ChatBelleVL: Belle-VL as a LangChain chat model.
 
-This module only translates: LangChain messages become the core's chat messages, tools are rendered and replies
-parsed by :mod:`belle_vl_tools.toolcalls`, and answers come back as ``AIMessage`` / ``AIMessageChunk``.
+This module only translates: LangChain messages become the core's chat messages, the core's tool-call session
+(:class:`belle_vl_tools.react.ToolSession`) renders tools, forces calls and structured output by constrained decoding
+and parses replies, and answers come back as ``AIMessage`` / ``AIMessageChunk``.
 """
 
 from __future__ import annotations
@@ -10,19 +11,14 @@ import json
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal
 
 from belle_vl_tools.backend import ChatResult as CoreResult
 from belle_vl_tools.backend import StreamChunk, Usage
 from belle_vl_tools.errors import PromptError
-from belle_vl_tools.toolcalls import (
-    STOP_SEQUENCES,
-    ParsedReply,
-    ReplyStreamParser,
-    ToolSpec,
-    parse_reply,
-    render_tool_messages,
-)
+from belle_vl_tools.messages import ToolCall, new_call_id
+from belle_vl_tools.react import InvalidToolCall, ParsedReply, ToolSession
 from belle_vl_tools.tools import ImageStore
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -38,11 +34,14 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 __all__ = ["ChatBelleVL", "to_core_messages"]
 
@@ -138,11 +137,13 @@ def to_core_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
                 "role": "assistant",
                 "content": _text_of(_content_parts(message, allow_images=False)),
             }
-            calls: list[dict[str, Any]] = []
+            calls: list[ToolCall | InvalidToolCall] = []
             if isinstance(message, AIMessage):
-                calls += [{"name": c["name"], "args": c["args"], "id": c.get("id") or ""} for c in message.tool_calls]
                 calls += [
-                    {"name": c.get("name") or "", "args": c.get("args") or "", "id": c.get("id") or ""}
+                    ToolCall(c["name"], dict(c["args"]), c.get("id") or new_call_id()) for c in message.tool_calls
+                ]
+                calls += [
+                    InvalidToolCall(c.get("name"), c.get("args"), c.get("error") or "", c.get("id") or new_call_id())
                     for c in message.invalid_tool_calls
                 ]
             if calls:
@@ -166,10 +167,6 @@ def to_core_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     if system:
         out.insert(0, {"role": "system", "content": "\n\n".join(system)})
     return out
-
-
-def _needs_protocol(messages: Sequence[dict[str, Any]]) -> bool:
-    return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
 def _register_images(messages: Sequence[dict[str, Any]], store: ImageStore) -> None:
@@ -202,23 +199,6 @@ def _lc_tool_calls(parsed: ParsedReply) -> tuple[list[dict[str, Any]], list[dict
         for c in parsed.invalid_tool_calls
     ]
     return calls, invalid
-
-
-def _tool_choice(tool_choice: Any) -> str | dict[str, Any] | None:
-    """LangChain's tool_choice forms as the protocol's ("auto" | "none" | "required" | a function dict)."""
-    if tool_choice is None or tool_choice in ("auto", "none", "required"):
-        return tool_choice
-    if tool_choice is True or tool_choice == "any":
-        return "required"
-    if tool_choice is False:
-        return "none"
-    if isinstance(tool_choice, str):
-        return {"type": "function", "function": {"name": tool_choice}}
-    if isinstance(tool_choice, dict):
-        return tool_choice
-    raise PromptError(
-        f"tool_choice must be 'auto', 'none', 'any', a tool name or a function dict, not {tool_choice!r}."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +328,7 @@ class ChatBelleVL(BaseChatModel):
             "image_tool_message": True,
             "tool_calling": True,
             "tool_choice": True,
-            "structured_output": False,  # no native structured output: with_structured_output uses tool calling
+            "structured_output": True,  # constrained decoding: json_schema, json_mode and function_calling
             "max_input_tokens": 8192,
         }
 
@@ -378,13 +358,57 @@ class ChatBelleVL(BaseChatModel):
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Offer tools to the model (ReAct protocol). ``tool_choice``: "auto", "none", "any"/"required"/True, a
-        tool's name, or ``{"type": "function", "function": {"name": ...}}``."""
+        tool's name, or ``{"type": "function", "function": {"name": ...}}``; a forced call is generated under a
+        grammar, so it always names an allowed tool with arguments valid under its schema."""
         formatted = [convert_to_openai_tool(tool) for tool in tools]
-        for tool in formatted:
-            ToolSpec.from_openai(tool)  # refuse unusable names now rather than at the first call
+        ToolSession.create(formatted, tool_choice)  # refuse unusable names or choices now, not at the first call
         if tool_choice is not None:
-            kwargs["tool_choice"] = _tool_choice(tool_choice)
+            kwargs["tool_choice"] = tool_choice
         return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable that returns ``schema``'s type (a pydantic model, TypedDict or JSON schema; a dict for the
+        latter two), generated under a grammar so that it always parses.
+
+        ``method``: "function_calling" (a forced ReAct call of a tool named after the schema), "json_schema" (the
+        answer is JSON of the schema; the fewest tokens) or "json_mode" (any JSON object; ``schema`` optional, used
+        only to parse). ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}``.
+        """
+        kwargs.pop("strict", None)  # True or False: the output always follows the schema (stricter than asked)
+        if kwargs:
+            raise PromptError(f"Unsupported with_structured_output arguments: {', '.join(sorted(kwargs))}.")
+        if schema is None and method != "json_mode":
+            raise PromptError(f"with_structured_output(method={method!r}) needs a schema.")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        json_schema = convert_to_json_schema(schema) if schema is not None else None
+        structured = {"kwargs": {"method": method}, "schema": json_schema}
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([tool], tool_choice="required", ls_structured_output_format=structured)
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            response_format = {"type": "json_object"} if method == "json_mode" else json_schema
+            llm = self.bind(response_format=response_format, ls_structured_output_format=structured)
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()  # type: ignore[arg-type]
+        else:
+            raise PromptError(f"method must be 'function_calling', 'json_schema' or 'json_mode', not {method!r}.")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     # --- preparing a call -----------------------------------------------------------------------------------
     def _generation(self, kwargs: dict[str, Any], stop: list[str] | None = None) -> dict[str, Any]:
@@ -408,8 +432,8 @@ class ChatBelleVL(BaseChatModel):
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[list[dict[str, Any]], dict[str, Any], list[ToolSpec] | None]:
-        """Core messages, generation settings and the bound tools (None when no tools are bound)."""
+    ) -> tuple[list[Any], dict[str, Any], ToolSession]:
+        """Core messages and generation settings for the backend, and the tool-call session that reads the reply."""
         requested = kwargs.get("model")
         if isinstance(requested, str) and requested not in (self.model, self.model_label):
             raise PromptError(
@@ -419,28 +443,22 @@ class ChatBelleVL(BaseChatModel):
         core = to_core_messages(messages)
         if self.image_store is not None:
             _register_images(core, self.image_store)
-        generation = self._generation(kwargs, stop)
-        tools = kwargs.get("tools") or None
-        specs = [ToolSpec.from_openai(tool) for tool in tools] if tools else None
-        choice = kwargs.get("tool_choice")
-        if specs is not None and choice != "none":
-            generation["stop"] = [*generation.get("stop", []), *STOP_SEQUENCES]
-        if specs is not None or _needs_protocol(core):
-            core = render_tool_messages(core, specs or [], choice if specs else None)
-        return core, generation, specs
+        session = ToolSession.create(kwargs.get("tools"), kwargs.get("tool_choice"), kwargs.get("response_format"))
+        request = session.prepare(core, self._generation(kwargs, stop))
+        return request.messages, request.generation, session
 
     def _metadata(self, finish_reason: str, parsed: ParsedReply | None, model: str | None) -> dict[str, Any]:
         reason = "tool_calls" if parsed is not None and parsed.has_calls else finish_reason
         return {"model_name": model or self.model_label, "model_provider": PROVIDER, "finish_reason": reason}
 
-    def _message(self, result: CoreResult, specs: list[ToolSpec] | None) -> AIMessage:
-        if specs is None:
+    def _message(self, result: CoreResult, session: ToolSession) -> AIMessage:
+        if not session.may_call:
             return AIMessage(
                 content=result.text,
                 usage_metadata=_usage(result.usage),
                 response_metadata=self._metadata(result.finish_reason, None, result.model),
             )
-        parsed = parse_reply(result.text, specs)
+        parsed = session.parse(result.text)
         calls, invalid = _lc_tool_calls(parsed)
         return AIMessage(
             content=parsed.content,
@@ -462,9 +480,9 @@ class ChatBelleVL(BaseChatModel):
         if self.streaming:
             chunks = list(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
             return _from_chunks(chunks)
-        core, generation, specs = self._prepare(messages, stop, kwargs)
+        core, generation, session = self._prepare(messages, stop, kwargs)
         result = self.backend.chat(core, **generation)
-        return ChatResult(generations=[ChatGeneration(message=self._message(result, specs))])
+        return ChatResult(generations=[ChatGeneration(message=self._message(result, session))])
 
     async def _agenerate(
         self,
@@ -476,9 +494,9 @@ class ChatBelleVL(BaseChatModel):
         if self.streaming:
             chunks = [c async for c in self._astream(messages, stop=stop, run_manager=run_manager, **kwargs)]
             return _from_chunks(chunks)
-        core, generation, specs = self._prepare(messages, stop, kwargs)
+        core, generation, session = self._prepare(messages, stop, kwargs)
         result = await self.backend.achat(core, **generation)
-        return ChatResult(generations=[ChatGeneration(message=self._message(result, specs))])
+        return ChatResult(generations=[ChatGeneration(message=self._message(result, session))])
 
     def _stream(
         self,
@@ -487,8 +505,8 @@ class ChatBelleVL(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        core, generation, specs = self._prepare(messages, stop, kwargs)
-        converter = _ChunkConverter(self, specs)
+        core, generation, session = self._prepare(messages, stop, kwargs)
+        converter = _ChunkConverter(self, session)
         for piece in self.backend.stream(core, **generation):
             for chunk in converter.push(piece):
                 if run_manager is not None and chunk.text:
@@ -502,8 +520,8 @@ class ChatBelleVL(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        core, generation, specs = self._prepare(messages, stop, kwargs)
-        converter = _ChunkConverter(self, specs)
+        core, generation, session = self._prepare(messages, stop, kwargs)
+        converter = _ChunkConverter(self, session)
         async for piece in self.backend.astream(core, **generation):
             for chunk in converter.push(piece):
                 if run_manager is not None and chunk.text:
@@ -515,10 +533,9 @@ class _ChunkConverter:
     """Turns the backend's stream chunks into LangChain chunks: text as it may be shown, tool calls at the end,
     usage and metadata on the last chunk."""
 
-    def __init__(self, chat: ChatBelleVL, specs: list[ToolSpec] | None) -> None:
+    def __init__(self, chat: ChatBelleVL, session: ToolSession) -> None:
         self.chat = chat
-        self.specs = specs
-        self.parser = ReplyStreamParser(specs) if specs is not None else None
+        self.parser = session.stream_parser() if session.may_call else None
 
     def push(self, piece: StreamChunk) -> list[ChatGenerationChunk]:
         out: list[ChatGenerationChunk] = []

@@ -7,7 +7,7 @@ import base64
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from belle_vl_tools.errors import ImageAccessDeniedError, PromptError, ToolCallParseError
@@ -18,7 +18,9 @@ from llama_index.core.base.llms.types import ChatMessage, DocumentBlock, ImageBl
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM
+from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
+from pydantic import BaseModel
 
 from llama_index.llms.belle_vl import BelleVL
 
@@ -358,3 +360,38 @@ def test_generation_settings_reach_the_backend() -> None:
     model.chat([ChatMessage(role="user", content="Hi")], max_new_tokens=5)
     generation = backend.calls[-1][1]
     assert generation == {"max_new_tokens": 5, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": ["END"]}
+
+
+# --- structured output and forced calls (constrained decoding) ----------------------------------------------------
+
+
+class Reading(BaseModel):
+    city: str
+    degrees: int
+    sky: Literal["sunny", "cloudy", "rainy"]
+
+
+def test_structured_predict_holds_for_a_random_model(llm: BelleVL) -> None:
+    """The answer is generated under the class's schema, so even random weights give a valid object."""
+    prompt = PromptTemplate("Read the weather report of {city}.")
+    reading = llm.structured_predict(Reading, prompt, llm_kwargs={"max_new_tokens": 40}, city="Paris")
+    assert isinstance(reading, Reading)
+    again = asyncio.run(llm.astructured_predict(Reading, prompt, llm_kwargs={"max_new_tokens": 40}, city="Paris"))
+    assert again == reading
+
+
+def test_structured_predict_sends_the_schema_as_a_grammar() -> None:
+    backend = ScriptedBackend(lambda messages: '{"city": "Oslo", "degrees": 3, "sky": "rainy"}')
+    model = BelleVL(backend=backend)
+    reading = model.structured_predict(Reading, PromptTemplate("Weather in {city}?"), city="Oslo")
+    assert reading == Reading(city="Oslo", degrees=3, sky="rainy")
+    messages, generation = backend.calls[-1]
+    assert generation["response_format"].kind == "json_schema" and "Observation:" not in generation.get("stop", [])
+    assert last_text(messages).endswith("Weather in Oslo?")
+
+
+def test_a_required_tool_call_from_a_random_model_is_valid(llm: BelleVL) -> None:
+    response = llm.chat_with_tools([WEATHER], user_msg="Weather?", tool_required=True, max_new_tokens=40)
+    (call,) = llm.get_tool_calls_from_response(response)
+    assert call.tool_name == "weather" and list(call.tool_kwargs) == ["city"]
+    assert isinstance(call.tool_kwargs["city"], str)

@@ -63,3 +63,17 @@ def test_async_stream_matches_invoke(tiny_model) -> None:
         return "".join([chunk.content async for chunk in chat.astream("Hello")])
 
     assert asyncio.run(collect()) == chat.invoke("Hello").content
+
+
+def test_structured_output_holds_for_a_random_model(tiny_model) -> None:
+    """Every method returns the schema's type: the answer is generated under its grammar."""
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    chat = ChatBelleVL(model=tiny_model, temperature=0, max_tokens=40)
+    for method in ("function_calling", "json_schema"):
+        assert isinstance(chat.with_structured_output(Person, method=method).invoke("Who is it?"), Person)
+    assert isinstance(chat.with_structured_output(method="json_mode").invoke("Who is it?"), dict)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from belle_vl_tools.backend import ChatResult, StreamChunk, Usage
 from belle_vl_tools.errors import PromptError
+from belle_vl_tools.messages import ToolCall
 from belle_vl_tools.tools import ImageStore
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -116,11 +117,7 @@ def test_tool_calls_and_tool_images() -> None:
             ToolMessage(content=[{"type": "image", "base64": PNG, "mime_type": "image/png"}], tool_call_id="c1"),
         ]
     )
-    assert core[1] == {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [{"name": "paint", "args": {"x": 1}, "id": "c1"}],
-    }
+    assert core[1] == {"role": "assistant", "content": "", "tool_calls": [ToolCall("paint", {"x": 1}, "c1")]}
     assert core[2]["role"] == "tool" and core[2]["content"] == [{"type": "image", "image": DATA_URL}]
 
 
@@ -256,3 +253,36 @@ def test_model_override_is_refused_and_ls_params() -> None:
 def test_construction_does_not_load() -> None:
     chat = ChatBelleVL(model="/no/such/checkpoint", device="cpu")
     assert chat.client is None and chat.model_label == "checkpoint"
+
+
+def test_structured_output_methods_send_a_grammar() -> None:
+    backend = ScriptedBackend('{"name": "Li Lei", "age": 12}', '{"name": "Han Mei", "age": 13}', "{}")
+    chat = ChatBelleVL(model=backend)
+    assert chat.with_structured_output(Person, method="json_schema").invoke("Who?") == Person(name="Li Lei", age=12)
+    as_dict = chat.with_structured_output(Person.model_json_schema(), method="json_schema").invoke("Who?")
+    assert as_dict == {"name": "Han Mei", "age": 13}
+    assert chat.with_structured_output(method="json_mode").invoke("Who?") == {}
+    schema_format, dict_format, json_mode = (generation["response_format"] for _, generation in backend.calls)
+    assert schema_format.kind == dict_format.kind == "json_schema" and json_mode.kind == "json_object"
+    assert "Observation:" not in backend.calls[0][1].get("stop", [])  # no tools: no ReAct stop
+    with pytest.raises(PromptError, match="method"):
+        chat.with_structured_output(Person, method="xml")
+
+
+def test_structured_output_include_raw_and_forced_calls_use_the_grammar() -> None:
+    backend = ScriptedBackend('Action: Person\nAction Input: {"name": "Li Lei", "age": 12}', "not json")
+    chat = ChatBelleVL(model=backend)
+    out = chat.with_structured_output(Person, include_raw=True).invoke("Who?")
+    assert out["parsed"] == Person(name="Li Lei", age=12) and out["parsing_error"] is None
+    grammar = backend.calls[0][1]["response_format"]
+    assert grammar.kind == "tool_call" and [name for name, _ in grammar.tools] == ["Person"]
+    failed = chat.with_structured_output(Person, method="json_schema", include_raw=True).invoke("Who?")
+    assert failed["parsed"] is None and failed["parsing_error"] is not None and failed["raw"].content == "not json"
+
+
+def test_response_format_bound_directly_is_applied() -> None:
+    backend = ScriptedBackend('{"a": 1}')
+    message = ChatBelleVL(model=backend).bind(response_format={"type": "json_object"}).invoke("hi")
+    assert message.content == '{"a": 1}' and backend.calls[0][1]["response_format"].kind == "json_object"
+    with pytest.raises(PromptError, match="response_format"):
+        ChatBelleVL(model=ScriptedBackend("x")).bind(response_format={"type": "yaml"}).invoke("hi")

@@ -2,9 +2,10 @@
 
 Messages are translated to the core's chat format (text and image parts); images in ``ImageBlock``s are loaded
 here under an :class:`~belle_vl_tools.images.ImagePolicy`, so a path or URL in a message is read only where the
-policy allows. Tool calling uses the core's ReAct prompt protocol (:mod:`belle_vl_tools.toolcalls`): tools are
-described in the prompt, the reply is parsed into ``ToolCallBlock``s, and tool results are folded back into the
-conversation as observations.
+policy allows. Tool calling and structured output go through the core's tool-call session
+(:class:`belle_vl_tools.react.ToolSession`): tools are described in the prompt, forced calls and ``structured_predict``
+are generated under a grammar (constrained decoding), the reply is parsed into ``ToolCallBlock``s, and tool results
+are folded back into the conversation as observations. This module only translates.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from io import IOBase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from belle_vl_tools import toolcalls
 from belle_vl_tools.backend import Backend, ChatResult, Usage
 from belle_vl_tools.errors import InvalidImageDataError, PromptError, ToolCallParseError
 from belle_vl_tools.images import ImagePolicy, load_image
+from belle_vl_tools.messages import ToolCall
+from belle_vl_tools.react import ParsedReply, ToolSession, ToolSpec
 from llama_index.core.base.llms.types import (
     CachePoint,
     ChatMessage,
@@ -45,10 +47,15 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.types import PydanticProgramMode
+from pydantic import BaseModel
 
 if TYPE_CHECKING:  # pragma: no cover
+    from llama_index.core.prompts import BasePromptTemplate
     from llama_index.core.tools.types import BaseTool
     from PIL import Image
+
+Model = TypeVar("Model", bound=BaseModel)
 
 __all__ = ["BelleVL", "image_from_block", "to_core_messages"]
 
@@ -120,7 +127,7 @@ def to_core_messages(messages: Sequence[ChatMessage], policy: ImagePolicy) -> li
         if role is None:  # pragma: no cover - every MessageRole is mapped
             raise PromptError(f"Message {index} has role {message.role!r}, which Belle-VL cannot take.")
         parts: list[dict[str, Any]] = []
-        calls: list[toolcalls.ToolCall] = []
+        calls: list[ToolCall] = []
         for block in message.blocks:
             if isinstance(block, TextBlock):
                 parts.append({"type": "text", "text": block.text})
@@ -128,7 +135,7 @@ def to_core_messages(messages: Sequence[ChatMessage], policy: ImagePolicy) -> li
                 parts.append({"type": "image", "image": image_from_block(block, policy)})
             elif isinstance(block, ToolCallBlock):
                 call_id = block.tool_call_id or f"call_{uuid.uuid4().hex[:24]}"
-                calls.append(toolcalls.ToolCall(block.tool_name, _tool_arguments(block.tool_kwargs), call_id))
+                calls.append(ToolCall(block.tool_name, _tool_arguments(block.tool_kwargs), call_id))
                 tool_names[call_id] = block.tool_name
             elif isinstance(block, (ThinkingBlock, CachePoint)):
                 continue
@@ -165,32 +172,24 @@ def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _tool_spec(tool: Any) -> toolcalls.ToolSpec:
-    if isinstance(tool, toolcalls.ToolSpec):
+def _tool_spec(tool: Any) -> ToolSpec:
+    if isinstance(tool, ToolSpec):
         return tool
     if isinstance(tool, dict):
-        return toolcalls.ToolSpec.from_openai(tool)
+        return ToolSpec.from_openai(tool)
     metadata = getattr(tool, "metadata", None)
     if metadata is None:
         raise TypeError(f"Cannot describe {type(tool).__name__} as a tool: pass LlamaIndex tools or OpenAI tool dicts.")
-    return toolcalls.ToolSpec(
+    return ToolSpec(
         name=metadata.get_name(), description=metadata.description, parameters=metadata.get_parameters_dict()
     )
 
 
-def _tool_choice(tool_choice: str | dict[str, Any] | None, tool_required: bool) -> str | dict[str, Any]:
-    if tool_choice is None:
-        return "required" if tool_required else "auto"
-    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
-        return {"type": "function", "function": {"name": tool_choice}}
-    return tool_choice
-
-
 @dataclass
 class _Request:
-    messages: list[dict[str, Any]]
+    messages: list[Any]
     generation: dict[str, Any]
-    tools: list[toolcalls.ToolSpec] | None
+    session: ToolSession
 
 
 def _usage(usage: Usage | None) -> dict[str, int]:
@@ -300,29 +299,24 @@ class BelleVL(FunctionCallingLLM):
 
     def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
         kwargs = dict(kwargs)
-        raw_tools = kwargs.pop("tools", None)
+        tools = [_tool_spec(t) for t in kwargs.pop("tools", None) or ()]
         tool_choice = kwargs.pop("tool_choice", None)
+        if tool_choice is None and kwargs.get("tool_required"):
+            tool_choice = "required"
         for name in ("allow_parallel_tool_calls", "tool_required", "verbose"):
             kwargs.pop(name, None)
-        core = to_core_messages(messages, self._image_policy)
-        tools = [_tool_spec(t) for t in raw_tools] if raw_tools else None
-        if tools is not None or any("tool_calls" in m or m["role"] == "tool" for m in core):
-            core = toolcalls.render_tool_messages(core, tools or [], tool_choice if tools else None)
-        generation = self._generation(kwargs)
-        if tools:
-            stops = generation.get("stop") or []
-            stops = [stops] if isinstance(stops, str) else list(stops)
-            generation["stop"] = [*stops, *(s for s in toolcalls.STOP_SEQUENCES if s not in stops)]
-        return _Request(core, generation, tools)
+        session = ToolSession.create(tools, tool_choice, kwargs.pop("response_format", None))
+        request = session.prepare(to_core_messages(messages, self._image_policy), self._generation(kwargs))
+        return _Request(request.messages, request.generation, session)
 
-    def _message(self, text: str, tools: list[toolcalls.ToolSpec] | None) -> ChatMessage:
-        if not tools:
+    def _message(self, text: str, session: ToolSession) -> ChatMessage:
+        if not session.may_call:
             return ChatMessage(role=MessageRole.ASSISTANT, content=text)
-        return _parsed_message(text, toolcalls.parse_reply(text, tools))
+        return _parsed_message(text, session.parse(text))
 
-    def _response(self, result: ChatResult, tools: list[toolcalls.ToolSpec] | None) -> ChatResponse:
+    def _response(self, result: ChatResult, session: ToolSession) -> ChatResponse:
         return ChatResponse(
-            message=self._message(result.text, tools),
+            message=self._message(result.text, session),
             raw=_raw(result.text, result.finish_reason, result.usage, result.model),
             additional_kwargs=_usage(result.usage),
         )
@@ -332,7 +326,7 @@ class BelleVL(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(messages, kwargs)
         result = self._backend.chat(request.messages, **request.generation)
-        return self._response(result, request.tools)
+        return self._response(result, request.session)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -350,7 +344,7 @@ class BelleVL(FunctionCallingLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = await asyncio.to_thread(self._request, messages, kwargs)
         result = await self._backend.achat(request.messages, **request.generation)
-        return self._response(result, request.tools)
+        return self._response(result, request.session)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -414,6 +408,40 @@ class BelleVL(FunctionCallingLLM):
 
         return responses()
 
+    # --- structured output -------------------------------------------------------------------------------------------
+    def _structured_messages(self, prompt: BasePromptTemplate, prompt_args: dict[str, Any]) -> list[ChatMessage]:
+        return self._extend_messages(prompt.format_messages(llm=self, **prompt_args))
+
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """An ``output_cls`` from the prompt: the answer is generated as JSON under the class's schema (constrained
+        decoding), so it always validates. Another ``pydantic_program_mode`` than DEFAULT uses LlamaIndex's
+        programs instead."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages = self._structured_messages(prompt, prompt_args)
+        response = self.chat(messages, **{**(llm_kwargs or {}), "response_format": output_cls})
+        return output_cls.model_validate_json(response.message.content or "")
+
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """:meth:`structured_predict`, async."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages = self._structured_messages(prompt, prompt_args)
+        response = await self.achat(messages, **{**(llm_kwargs or {}), "response_format": output_cls})
+        return output_cls.model_validate_json(response.message.content or "")
+
     # --- tool calling ------------------------------------------------------------------------------------------------
     def _prepare_chat_with_tools(
         self,
@@ -434,7 +462,7 @@ class BelleVL(FunctionCallingLLM):
         return {
             "messages": messages,
             "tools": [_tool_spec(tool).to_openai() for tool in tools],
-            "tool_choice": _tool_choice(tool_choice, tool_required),
+            "tool_choice": "required" if tool_choice is None and tool_required else tool_choice,
             **kwargs,
         }
 
@@ -484,7 +512,7 @@ class _StreamTranslator:
     def __init__(self, llm: BelleVL, request: _Request) -> None:
         self._model = str(getattr(llm.backend, "model_name", "") or llm.model)
         self._text = ""
-        self._parser = toolcalls.ReplyStreamParser(request.tools) if request.tools else None
+        self._parser = request.session.stream_parser() if request.session.may_call else None
         self._shown = ""
 
     def push(self, chunk: Any) -> list[ChatResponse]:
@@ -507,7 +535,7 @@ class _StreamTranslator:
         return [ChatResponse(message=message, delta=delta, raw=raw, additional_kwargs=_usage(chunk.usage))]
 
 
-def _parsed_message(text: str, parsed: toolcalls.ParsedReply) -> ChatMessage:
+def _parsed_message(text: str, parsed: ParsedReply) -> ChatMessage:
     """The assistant message of a reply read with the tool protocol: the answer text and ``ToolCallBlock``s.
 
     A call the model got wrong but that names a tool is handed on as well, so the agent runs it and the tool's
