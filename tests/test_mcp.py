@@ -25,7 +25,7 @@ pytest.importorskip("mcp")
 import mcp.types as types  # noqa: E402
 from mcp import ClientSession, StdioServerParameters  # noqa: E402
 from mcp.client.stdio import stdio_client  # noqa: E402
-from mcp.client.streamable_http import streamablehttp_client  # noqa: E402
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 from mcp.shared.exceptions import McpError  # noqa: E402
 from mcp.shared.memory import create_connected_server_and_client_session  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -326,13 +326,19 @@ def test_http_client_with_host_roots(http_server: str, root: Path, outside: Path
         return types.ListRootsResult(roots=[types.Root(uri=(root / "album").as_uri(), name="album")])
 
     async def run() -> None:
-        async with streamablehttp_client(http_server, headers=headers) as (read, write, _):
+        async with (
+            httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=300)) as http,
+            streamable_http_client(http_server, http_client=http) as (read, write, _),
+        ):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 await _check_red(session)
                 await _check_errors(session, root, outside)
         # A host that declares roots narrows the folders: the album only.
-        async with streamablehttp_client(http_server, headers=headers) as (read, write, _):
+        async with (
+            httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=300)) as http,
+            streamable_http_client(http_server, http_client=http) as (read, write, _),
+        ):
             async with ClientSession(read, write, list_roots_callback=album_only) as session:
                 await session.initialize()
                 refused = await session.call_tool("visual_qa", {"image": str(root / "red.png"), "question": QUESTION})
@@ -553,6 +559,33 @@ def test_cancelling_stops_the_local_runtime(runtime: Any, root: Path) -> None:
             assert time.monotonic() - started < 30
 
     anyio.run(run)
+
+
+def test_remote_backend_answers_as_the_local_one(runtime: Any, root: Path) -> None:
+    """`--remote`: the tools over RemoteBelleVL in front of `belle-vl serve` answer as over the runtime itself."""
+    pytest.importorskip("fastapi")
+    from belle_vl_tools import RemoteBelleVL
+    from belle_vl_tools.server import background_server, create_app
+
+    arguments = {"image": "red.png", "question": QUESTION}
+    generation = {"max_new_tokens": 8}
+
+    async def call(server: VisionMCPServer) -> types.CallToolResult:
+        async with create_connected_server_and_client_session(server.server) as session:
+            return await session.call_tool("visual_qa", arguments)
+
+    local = anyio.run(call, VisionMCPServer(runtime, allowed_roots=[root], generation=generation))
+    with background_server(create_app(runtime, model_name="tiny-remote")) as url:
+        remote = RemoteBelleVL(url)
+        try:
+            served = anyio.run(call, VisionMCPServer(remote, allowed_roots=[root], generation=generation))
+        finally:
+            remote.close()
+    assert not local.isError and not served.isError, (_text(local), _text(served))
+    assert served.structuredContent["answer"] == local.structuredContent["answer"]
+    assert served.structuredContent["model"] == "tiny-remote"
+    tokens = [result.structuredContent["usage"]["completion_tokens"] for result in (local, served)]
+    assert tokens[0] == tokens[1] > 0
 
 
 def test_cli_refuses_mismatched_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
