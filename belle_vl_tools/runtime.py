@@ -27,6 +27,7 @@ from queue import SimpleQueue
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -34,7 +35,7 @@ from .backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
 from .constrained import Grammar, grammar_from, logits_processor
 from .checkpoint_checks import check_checkpoint_folder, check_finite_weights
 from .errors import CheckpointError, ContextLengthError, PromptError
-from .images import ImagePolicy
+from .images import ImagePolicy, _resolve_local_path, image_digest, load_image
 from .modeling_qwen_vl import CACHE_FIELD, QWenCache, QWenLMHeadModel, ntk_alpha, stop_token_ids
 from .processing_qwen_vl import ChatInputs, QWenVLProcessor
 from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
@@ -348,6 +349,8 @@ class BelleVL(VisionTasks):
         self._lock = threading.RLock()
         self._vision_cache = _LRU(vision_cache_size)
         self._prefix_cache = _LRU(prefix_cache_size)
+        self._decoded_files = _LRU(16)  # decoded picture files, see _load_image
+        self._decoded_lock = threading.Lock()
         tok = processor.tokenizer
         self.stop_ids = set(stop_token_ids(tok.eod_id))
         model.ensure_chat_stop_tokens()
@@ -439,11 +442,35 @@ class BelleVL(VisionTasks):
     # --- preparing inputs ---------------------------------------------------------------------------------------
     def prepare(self, messages: Sequence[Message], system: str | None = None) -> ChatInputs:
         item = self.processor.prepare(messages, add_generation_prompt=True, system=system)
-        if item.images and self.model.transformer.visual is None:
+        if item.sources and self.model.transformer.visual is None:
             raise PromptError(
                 "This checkpoint is text-only (its config.json has no `visual` block): send text without images."
             )
+        loaded = [self._load_image(source) for source in item.sources]
+        item.images = [image for image, _ in loaded]
+        item.image_digests = [digest for _, digest in loaded]
         return item
+
+    def _load_image(self, source: Any) -> tuple[Image.Image, str]:
+        """A picture loaded under the runtime's image policy, and its digest. Files are decoded once while
+        unchanged (same policy, path, mtime and size): a picture asked about again is then neither decoded nor
+        hashed again; the policy check still runs."""
+        policy = self.image_policy or ImagePolicy.trusted()
+        if isinstance(source, str | os.PathLike) and os.path.isfile(source):
+            resolved, _ = _resolve_local_path(source, policy)  # raises when the policy refuses the path
+            stat = resolved.stat()
+            key = (policy, str(resolved), stat.st_mtime_ns, stat.st_size)
+            with self._decoded_lock:
+                if key in self._decoded_files:
+                    self._decoded_files.move_to_end(key)
+                    return self._decoded_files[key]
+            image = load_image(source, policy)
+            entry = (image, image_digest(image))
+            with self._decoded_lock:
+                self._decoded_files.put(key, entry)
+            return entry
+        image = load_image(source, policy)
+        return image, image_digest(image)
 
     def _image_features(self, items: Sequence[ChatInputs], skip: Sequence[int]) -> torch.Tensor | None:
         """Features of the images of ``items`` (without the first ``skip[i]`` images of item i), cached by hash."""

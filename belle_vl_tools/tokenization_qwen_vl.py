@@ -5,8 +5,17 @@ special tokens follow at ``N, N+1, ...`` in a fixed order (:data:`SPECIAL_TOKENS
 derived from the file: the published file has ``N = 151643`` (``<|endoftext|>`` is 151643, ``<img>`` 151857),
 and a smaller file of the same format gets its special ids right after its own ranks.
 
-Ordinary tokens are ``bytes`` (a token may hold part of a multi-byte UTF-8 character); special tokens are
-``str``. Text is NFC-normalised before it is split.
+An ordinary token is a run of bytes (it may hold part of a multi-byte UTF-8 character). As transformers' byte-level
+BPE tokenizers (GPT-2's) do, tokens are shown as strings with each byte mapped to one printable character
+(``"\n"`` is ``"Ċ"``, a space ``"Ġ"``), so :meth:`QWenTokenizer.get_vocab`, :meth:`~QWenTokenizer.tokenize` and
+``convert_ids_to_tokens`` all use ``str`` tokens; special tokens are their own text. Text is NFC-normalised
+before it is split.
+
+As the reference tokenizer, ``encode`` / ``tokenize`` of raw text turn ``<img>path</img>`` into the 258-id image
+span: ``<img>``, the UTF-8 bytes of the path as ids 0-255, ``<imgpad>`` up to 256 ids, ``</img>``; an ``<img>``
+with no ``</img>`` raises ``ValueError("Unclosed image token")``. ``decode`` turns such a span back into
+``<img>path</img>``. The chat path (:meth:`QWenTokenizer.apply_chat_template`, the processor) never parses user
+text: there, text is text.
 
 Besides :class:`QWenTokenizer`, the module offers the list-format helpers of the model card
 (:func:`from_list_format`, :func:`to_list_format`), :class:`IncrementalDecoder` for streaming, and
@@ -18,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import importlib.resources
 import math
 import numbers
@@ -27,10 +37,11 @@ import re
 import shutil
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import tiktoken
-from transformers import AddedToken, PreTrainedTokenizer
+from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 
 from .errors import CheckpointError, PromptError
 
@@ -42,7 +53,11 @@ __all__ = [
     "IMSTART",
     "PAT_STR",
     "SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
+    "IMAGE_PLACEHOLDER",
+    "IMG_TOKEN_SPAN",
     "VOCAB_FILES_NAMES",
+    "ChatBlock",
     "IncrementalDecoder",
     "QWenTokenizer",
     "from_list_format",
@@ -92,6 +107,38 @@ _REFERENCE_TAG_KWARGS = {
 
 DEFAULT_MODEL_MAX_LENGTH = 8192
 BOX_GRID = 1000
+#: Ids between ``<img>`` and ``</img>`` in an image span (the reference's ``IMG_TOKEN_SPAN``).
+IMG_TOKEN_SPAN = 256
+_IMAGE_TAG_RE = re.compile(re.escape(IMG_START) + "|" + re.escape(IMG_END))
+
+
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2's), as transformers' tokenizers show bytes."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return dict(bytes_to_unicode())
+
+
+@functools.cache
+def unicode_to_byte() -> dict[str, int]:
+    """The inverse of :func:`byte_to_unicode`."""
+    return {char: byte for byte, char in byte_to_unicode().items()}
+
+
+def bytes_to_token(data: bytes) -> str:
+    """The printable string of an ordinary token's bytes (``b"\\n"`` -> ``"Ċ"``)."""
+    table = byte_to_unicode()
+    return "".join(table[b] for b in data)
+
+
+def token_to_bytes(token: str) -> bytes | None:
+    """The bytes of a printable token string, or None when it is not one."""
+    table = unicode_to_byte()
+    try:
+        return bytes(table[char] for char in token)
+    except KeyError:
+        return None
 
 
 # --- vocabulary file ------------------------------------------------------------------------------------------
@@ -312,6 +359,99 @@ def to_list_format(text: str) -> list[dict[str, Any]]:
     return items
 
 
+# --- chat template --------------------------------------------------------------------------------------------
+#: The reference ChatML layout (``make_context``) as a Jinja chat template: the default system prompt, messages
+#: joined by "\n", each picture written as ``Picture N: <img></img>\n`` where it stands among the message's parts
+#: (N counting from 1 in each message), text inserted as is, and "\n<|im_start|>assistant\n" as generation prompt.
+#: ``<img></img>`` is the placeholder of one picture: tokenizing the chat writes the image span there.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='You are a helpful assistant.', start=0) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set ns.start = 1 -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + ns.system + '<|im_end|>' -}}"
+    "{%- for message in messages[ns.start:] -%}"
+    "{{- '\\n<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- set pictures = namespace(n=0) -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{%- set pictures.n = pictures.n + 1 -%}"
+    "{{- 'Picture ' + pictures.n | string + ': <img></img>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+#: The picture placeholder the chat template writes.
+IMAGE_PLACEHOLDER = IMG_START + IMG_END
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+_ROLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+_IMAGE_PART_TYPES = ("image", "image_url")
+
+
+@dataclass
+class ChatBlock:
+    """One ``<|im_start|>role\\ncontent<|im_end|>`` block of a tokenized chat.
+
+    ``separator`` holds the ids written before the block (the "\\n" that joins it to the previous one), ``ids`` the
+    block itself; its first ``head_len`` ids are ``<|im_start|>``, the role and "\\n". ``closed`` is False for a
+    generation prompt or a continued final message (no ``<|im_end|>``).
+    """
+
+    role: str
+    ids: list[int]
+    head_len: int
+    num_images: int
+    separator: list[int] = field(default_factory=list)
+    closed: bool = True
+
+
+def _mark_conversation(conversation: Any) -> tuple[list[dict[str, Any]], list[str], int]:
+    """A copy of ``conversation`` whose texts are replaced by markers, the texts, and the number of pictures."""
+    if not isinstance(conversation, Sequence) or isinstance(conversation, (str, bytes)):
+        raise PromptError("A conversation must be a list of {'role': ..., 'content': ...} messages.")
+    texts: list[str] = []
+    pictures = 0
+
+    def mark(text: str) -> str:
+        texts.append(text)
+        return _MARK.format(len(texts) - 1)
+
+    marked = []
+    for index, message in enumerate(conversation):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise PromptError(f"Message {index} must be a dict with a 'role' string and 'content'.")
+        if not _ROLE_RE.match(message["role"]):
+            raise PromptError(f"Message {index} has the role {message['role']!r}: a role is a plain word.")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = mark(content)
+        elif content is not None:
+            if not isinstance(content, Sequence):
+                raise PromptError(f"Message {index}: content must be a string or a list of parts.")
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({**part, "text": mark(part["text"])})
+                elif kind in _IMAGE_PART_TYPES:
+                    pictures += 1
+                    parts.append(dict(part))
+                else:
+                    raise PromptError(
+                        f"Message {index}: unsupported content part {_describe(part)}; use "
+                        "{'type': 'text', 'text': ...} or {'type': 'image', ...} parts."
+                    )
+            content = parts
+        marked.append({**message, "content": content} if content is not None else dict(message))
+    return marked, texts, pictures
+
+
 # --- tokenizer ------------------------------------------------------------------------------------------------
 class QWenTokenizer(PreTrainedTokenizer):
     """Qwen-VL / Belle-VL tokenizer: tiktoken byte-level BPE with fixed special tokens.
@@ -391,6 +531,8 @@ class QWenTokenizer(PreTrainedTokenizer):
         kwargs.setdefault("eos_token", ENDOFTEXT)
         kwargs.setdefault("pad_token", ENDOFTEXT)
         kwargs.setdefault("model_max_length", DEFAULT_MODEL_MAX_LENGTH)
+        if kwargs.get("chat_template") is None:
+            kwargs["chat_template"] = CHAT_TEMPLATE
         super().__init__(errors=errors, **kwargs)
 
     def _check_saved_added_tokens(self, saved: Mapping[Any, Any] | None) -> None:
@@ -414,11 +556,15 @@ class QWenTokenizer(PreTrainedTokenizer):
         """Number of ids, as :attr:`vocab_size`."""
         return self.tokenizer.n_vocab
 
-    def get_vocab(self) -> dict[bytes | str, int]:
-        """``{token: id}`` with bytes keys for ordinary tokens and str keys for special tokens."""
-        vocab: dict[bytes | str, int] = dict(self.mergeable_ranks)
-        vocab.update(self.special_tokens)
-        return vocab
+    def get_vocab(self) -> dict[str, int]:
+        """``{token: id}`` with str keys: ordinary tokens in the byte-level form (see :func:`bytes_to_token`),
+        special tokens as their text."""
+        vocab = getattr(self, "_str_vocab", None)
+        if vocab is None:
+            vocab = {bytes_to_token(token): rank for token, rank in self.mergeable_ranks.items()}
+            vocab.update(self.special_tokens)
+            self._str_vocab = vocab
+        return dict(vocab)
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -437,11 +583,15 @@ class QWenTokenizer(PreTrainedTokenizer):
         return 0
 
     def _convert_token_to_id(self, token: bytes | str) -> int:
-        """Id of a token: bytes for ordinary tokens, str for special tokens (or ordinary text of one token)."""
+        """Id of a token: a special token's text, a byte-level token string, raw bytes, or (for convenience) the
+        plain text of one ordinary token (``"\\n"`` as well as ``"Ċ"``)."""
         if isinstance(token, bytes):
             index = self.mergeable_ranks.get(token)
         else:
             index = self.special_tokens.get(token)
+            if index is None:
+                data = token_to_bytes(token)
+                index = self.mergeable_ranks.get(data) if data is not None else None
             if index is None:
                 index = self.mergeable_ranks.get(token.encode("utf-8"))
         if index is None:
@@ -449,25 +599,30 @@ class QWenTokenizer(PreTrainedTokenizer):
         return index
 
     def convert_tokens_to_ids(self, tokens: bytes | str | Iterable[bytes | str]) -> int | list[int]:
-        """Id of one token, or ids of a list of tokens (tokens are bytes or str, see :meth:`tokenize`)."""
+        """Id of one token, or ids of a list of tokens (see :meth:`_convert_token_to_id` for the forms)."""
         if isinstance(tokens, (bytes, str)):
             return self._convert_token_to_id(tokens)
         return [self._convert_token_to_id(token) for token in tokens]
 
-    def _convert_id_to_token(self, index: int) -> bytes | str:
-        """Token of an id: bytes for ordinary tokens, str for special tokens."""
+    def _convert_id_to_token(self, index: int) -> str:
+        """Token of an id: the byte-level string of an ordinary token, the text of a special token."""
         token = self.decoder.get(int(index))
         if token is None:
             raise PromptError(f"Token id {index} is outside this vocabulary (0 to {self.vocab_size - 1}).")
-        return token
+        return bytes_to_token(token) if isinstance(token, bytes) else token
 
     def convert_tokens_to_string(self, tokens: Iterable[bytes | str]) -> str:
-        """Join tokens into text: byte runs are decoded as UTF-8 (with ``self.errors``), str tokens kept as is."""
+        """Join tokens into text: byte-level tokens (or raw bytes) are decoded as UTF-8 (with ``self.errors``),
+        special tokens kept as their text."""
         parts: list[str] = []
         pending = bytearray()
         for token in tokens:
             if isinstance(token, bytes):
                 pending += token
+                continue
+            data = None if token in self.special_tokens else token_to_bytes(token)
+            if data is not None:
+                pending += data
                 continue
             if pending:
                 parts.append(pending.decode("utf-8", self.errors))
@@ -484,8 +639,11 @@ class QWenTokenizer(PreTrainedTokenizer):
         allowed_special: Literal["all"] | Collection[str] = "all",
         disallowed_special: Literal["all"] | Collection[str] = (),
         **kwargs: Any,
-    ) -> list[bytes | str]:
-        """Split NFC-normalised text into tokens (bytes for ordinary tokens, str for special tokens).
+    ) -> list[str]:
+        """Split NFC-normalised text into tokens (byte-level strings for ordinary tokens, the text of special ones).
+
+        As the reference, ``<img>path</img>`` (when both tags are allowed special tokens) becomes the image span of
+        :data:`IMG_TOKEN_SPAN` + 2 tokens, the path's UTF-8 bytes as the tokens of ids 0-255.
 
         Args:
             text: the text.
@@ -497,12 +655,13 @@ class QWenTokenizer(PreTrainedTokenizer):
 
         Raises:
             PromptError: the text holds a disallowed special token.
+            ValueError: an ``<img>`` has no ``</img>`` ("Unclosed image token"), or a path is too long.
         """
         if kwargs.pop("split_special_tokens", self.split_special_tokens):
             allowed_special = set()
-        return [self.decoder[index] for index in self._encode(text, allowed_special, disallowed_special)]
+        return [self._convert_id_to_token(index) for index in self._encode(text, allowed_special, disallowed_special)]
 
-    def _tokenize(self, text: str, **kwargs: Any) -> list[bytes | str]:
+    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         """Tokens of text with no special tokens recognised."""
         return self.tokenize(text, allowed_special=set(), disallowed_special=())
 
@@ -519,14 +678,46 @@ class QWenTokenizer(PreTrainedTokenizer):
             allowed_special = set(allowed_special)
         if disallowed_special != "all":
             disallowed_special = set(disallowed_special)
+        text = unicodedata.normalize("NFC", text)
+        image_tags = allowed_special == "all" or {IMG_START, IMG_END} <= allowed_special
+        if not image_tags or IMG_START not in text:
+            return self._tiktoken(text, allowed_special, disallowed_special)
+        ids: list[int] = []
+        position = 0
+        for match in _IMAGE_TAG_RE.finditer(text):
+            if match.start() < position or match.group() != IMG_START:
+                continue  # a lone </img> stays the special token it is
+            close = text.find(IMG_END, match.end())
+            if close < 0:
+                raise ValueError("Unclosed image token")
+            ids += self._tiktoken(text[position : match.start()], allowed_special, disallowed_special)
+            ids += self.image_span(text[match.end() : close])
+            position = close + len(IMG_END)
+        return ids + self._tiktoken(text[position:], allowed_special, disallowed_special)
+
+    def _tiktoken(
+        self,
+        text: str,
+        allowed_special: Literal["all"] | set[str],
+        disallowed_special: Literal["all"] | set[str],
+    ) -> list[int]:
         try:
-            return self.tokenizer.encode(
-                unicodedata.normalize("NFC", text),
-                allowed_special=allowed_special,
-                disallowed_special=disallowed_special,
-            )
+            return self.tokenizer.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
         except ValueError as exc:
             raise PromptError(str(exc)) from None
+
+    def image_span(self, path: str = "") -> list[int]:
+        """The reference's image span for ``path``: ``<img>``, the path's UTF-8 bytes as ids 0-255, ``<imgpad>``
+        up to :data:`IMG_TOKEN_SPAN` ids, ``</img>``. The model never reads the path: the picture's features
+        replace all the ids between the tags."""
+        data = path.encode("utf-8")
+        if len(data) > IMG_TOKEN_SPAN:
+            raise ValueError(
+                f"The image path in <img>...</img> is {len(data)} bytes long; at most {IMG_TOKEN_SPAN} fit in an image "
+                "span."
+            )
+        inner = list(data) + [self.img_pad_id] * (IMG_TOKEN_SPAN - len(data))
+        return [self.img_start_id, *inner, self.img_end_id]
 
     def encode_text(self, text: str, *, grounding_tags: bool = True) -> list[int]:
         """Ids of user text in which only the grounding tags are special.
@@ -557,28 +748,164 @@ class QWenTokenizer(PreTrainedTokenizer):
 
         Ordinary ids are joined as bytes and decoded as UTF-8 with ``errors`` (default ``self.errors``);
         special ids give their text, or nothing with ``skip_special_tokens``. Ids outside the vocabulary
-        (such as the unused rows of a padded embedding) have no text and are dropped. Image tags are
-        decoded as plain text. ``clean_up_tokenization_spaces`` is ignored: byte-level BPE needs no cleanup.
+        (such as the unused rows of a padded embedding) have no text and are dropped. A closed image span (``<img>``,
+        at most 256 ids that are bytes 0-255 or ``<imgpad>``, ``</img>``) gives ``<img>path</img>`` as the
+        reference does (just the path with ``skip_special_tokens``); other image tags are plain special tokens.
+        ``clean_up_tokenization_spaces`` is ignored: byte-level BPE needs no cleanup.
         """
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        errors = errors or self.errors
-        parts: list[str] = []
-        pending = bytearray()
-        for raw in token_ids:
-            piece = self._piece(int(raw), skip_special_tokens)
-            if piece is None:
-                continue
-            if isinstance(piece, bytes):
-                pending += piece
-                continue
-            if pending:
-                parts.append(pending.decode("utf-8", errors))
-                pending.clear()
-            parts.append(piece)
-        if pending:
-            parts.append(pending.decode("utf-8", errors))
-        return "".join(parts)
+        decoder = IncrementalDecoder(self, skip_special_tokens=skip_special_tokens, errors=errors)
+        return decoder.push(token_ids) + decoder.flush()
+
+    def _span_text(self, inner: Sequence[int], skip_special_tokens: bool, errors: str) -> str:
+        """Text of a closed image span whose inner ids are ``inner`` (path bytes, then pads)."""
+        path = bytes(i for i in inner if i != self.img_pad_id).decode("utf-8", errors)
+        return path if skip_special_tokens else f"{IMG_START}{path}{IMG_END}"
+
+    # -- chat --------------------------------------------------------------------------------------------------
+    def encode_chat(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        num_image_queries: int = IMG_TOKEN_SPAN,
+        **template_kwargs: Any,
+    ) -> list[ChatBlock]:
+        """Tokenize one conversation through the chat template, block by block; text stays text.
+
+        The template (the tokenizer's own by default) lays the conversation out; what it writes is tokenized as the
+        reference's ``make_context`` does (role and content apart, joined by "\\n"), with the template's control
+        tokens as special tokens and every text of the conversation as plain text (only the grounding tags
+        ``<ref>``, ``<box>``, ... are special in it, as in the reference). Each ``<img></img>`` the template writes
+        becomes ``<img>``, ``num_image_queries`` ``<imgpad>`` ids and ``</img>``.
+
+        Raises:
+            PromptError: a malformed conversation, or a template that wrote another number of pictures than the
+                conversation holds (a picture must never be dropped silently).
+        """
+        marked, texts, pictures = _mark_conversation(conversation)
+        rendered = PreTrainedTokenizer.apply_chat_template(
+            self,
+            marked,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **template_kwargs,
+        )
+        nl = self.encode_text("\n")
+        pieces = rendered.split(IMSTART)
+        separator = self._plain(pieces[0], texts)
+        blocks: list[ChatBlock] = []
+        for piece in pieces[1:]:
+            role, _, rest = piece.partition("\n")
+            content, closed, after = rest.partition(IMEND)
+            head = [self.im_start_id, *self.encode_text(role, grounding_tags=False), *nl]
+            ids = list(head)
+            chunks = content.split(IMAGE_PLACEHOLDER)
+            for n, chunk in enumerate(chunks):
+                if n:
+                    ids += [self.img_start_id] + [self.img_pad_id] * int(num_image_queries) + [self.img_end_id]
+                ids += self._content(chunk, texts)
+            if closed:
+                ids.append(self.im_end_id)
+            blocks.append(ChatBlock(role, ids, len(head), len(chunks) - 1, separator, bool(closed)))
+            separator = self._plain(after, texts)
+        written = sum(block.num_images for block in blocks)
+        if written != pictures:
+            raise PromptError(
+                f"The chat template wrote {written} picture placeholder(s) ({IMAGE_PLACEHOLDER}) for the "
+                f"conversation's {pictures} picture(s): every picture must have its place in the prompt."
+            )
+        return blocks
+
+    def _content(self, chunk: str, texts: Sequence[str]) -> list[int]:
+        """Ids of message content: the texts put back in place of their markers, only grounding tags special."""
+        return self.encode_text(_MARK_RE.sub(lambda m: texts[int(m.group(1))], chunk)) if chunk else []
+
+    def _plain(self, chunk: str, texts: Sequence[str]) -> list[int]:
+        return self.encode_text(_MARK_RE.sub(lambda m: texts[int(m.group(1))], chunk), grounding_tags=False)
+
+    def apply_chat_template(  # type: ignore[override]
+        self,
+        conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        tools: list | None = None,
+        documents: list | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' ``apply_chat_template`` with the reference layout (:data:`CHAT_TEMPLATE`).
+
+        ``tokenize=False`` gives the prompt text (pictures as ``<img></img>``). Tokenized, every text of the
+        conversation stays text: ``<|im_end|>`` or ``<img>`` typed in a message are plain characters, never control
+        tokens (see :meth:`encode_chat`). Pictures get image spans of 256 positions; to feed pictures to the model
+        use the processor's ``apply_chat_template``, which also returns their ``pixel_values``.
+        """
+        if tools or documents:
+            raise PromptError(
+                "This chat template has no tools or documents section: render tool descriptions into the system "
+                "message (belle_vl_tools.toolcalls does) or pass them as text."
+            )
+        if tokenizer_kwargs:
+            raise PromptError(f"tokenizer_kwargs {sorted(tokenizer_kwargs)} are not supported by QWenTokenizer.")
+        if not tokenize:
+            return super().apply_chat_template(
+                conversation,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+                **kwargs,
+            )
+        batched = bool(conversation) and not isinstance(conversation[0], Mapping)
+        conversations = list(conversation) if batched else [conversation]
+        rows: list[list[int]] = []
+        masks: list[list[int]] = []
+        for conv in conversations:
+            blocks = self.encode_chat(
+                conv,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **kwargs,
+            )
+            ids: list[int] = []
+            mask: list[int] = []
+            for block in blocks:
+                answer = 1 if block.role == "assistant" and block.closed else 0
+                ids += block.separator + block.ids
+                mask += [0] * (len(block.separator) + block.head_len) + [answer] * (len(block.ids) - block.head_len)
+            if truncation and max_length is not None and len(ids) > max_length:
+                keep = slice(len(ids) - max_length, None) if self.truncation_side == "left" else slice(0, max_length)
+                ids, mask = ids[keep], mask[keep]
+            rows.append(ids)
+            masks.append(mask)
+        data: dict[str, Any] = {"input_ids": rows}
+        if return_assistant_tokens_mask:
+            data["assistant_masks"] = masks
+        if batched:
+            out = self.pad(data, padding=padding, max_length=max_length, return_tensors=return_tensors)
+        elif return_tensors:
+            data["attention_mask"] = [[1] * len(rows[0])]
+            out = BatchEncoding(data, tensor_type=return_tensors)
+        else:
+            data = {key: value[0] for key, value in data.items()}
+            data["attention_mask"] = [1] * len(rows[0])
+            out = BatchEncoding(data)
+        return out if return_dict else out["input_ids"]
 
     # -- list format -------------------------------------------------------------------------------------------
     def from_list_format(self, list_format: Iterable[Mapping[str, Any]]) -> str:
@@ -606,7 +933,9 @@ class IncrementalDecoder:
 
     Bytes of a character that is not complete yet are held back until the ids that complete it arrive;
     :meth:`flush` releases what is left at the end. The concatenation of all :meth:`push` results and
-    :meth:`flush` equals ``tokenizer.decode(all_ids, skip_special_tokens=...)``.
+    :meth:`flush` equals ``tokenizer.decode(all_ids, skip_special_tokens=...)`` (it is how ``decode`` works):
+    after an ``<img>``, ids are held back until the image span closes (then shown as ``<img>path</img>``) or turns
+    out not to be one (then shown as they are).
 
     Args:
         tokenizer: the :class:`QWenTokenizer`.
@@ -619,6 +948,7 @@ class IncrementalDecoder:
         self.skip_special_tokens = skip_special_tokens
         self.errors = errors or tokenizer.errors
         self._utf8 = codecs.getincrementaldecoder("utf-8")(self.errors)
+        self._span: list[int] | None = None  # inner ids of an open <img> span
 
     def push(self, ids: int | Iterable[int]) -> str:
         """Add ids; return the text they complete (possibly empty)."""
@@ -626,24 +956,46 @@ class IncrementalDecoder:
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
-        parts: list[str] = []
-        for raw in ids:
-            piece = self.tokenizer._piece(int(raw), self.skip_special_tokens)
-            if piece is None:
-                continue
-            if isinstance(piece, bytes):
-                parts.append(self._utf8.decode(piece))
-            else:
-                parts.append(self.flush())
-                parts.append(piece)
-        return "".join(parts)
+        return "".join(self._one(int(raw)) for raw in ids)
+
+    def _one(self, index: int) -> str:
+        tok = self.tokenizer
+        if self._span is not None:
+            if index == tok.img_end_id:
+                inner, self._span = self._span, None
+                return tok._span_text(inner, self.skip_special_tokens, self.errors)
+            if (index < 256 or index == tok.img_pad_id) and len(self._span) < IMG_TOKEN_SPAN:
+                self._span.append(index)
+                return ""
+            return self._abandon_span() + self._one(index)
+        if index == tok.img_start_id:
+            text = self._utf8.decode(b"", final=True)
+            self._utf8.reset()
+            self._span = []
+            return text
+        piece = tok._piece(index, self.skip_special_tokens)
+        if piece is None:
+            return ""
+        if isinstance(piece, bytes):
+            return self._utf8.decode(piece)
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text + piece
+
+    def _abandon_span(self) -> str:
+        """An ``<img>`` that opened no image span: its text, then its held-back ids decoded as they are."""
+        inner, self._span = self._span or [], None
+        text = "" if self.skip_special_tokens else IMG_START
+        return text + "".join(self._one(i) for i in inner)
 
     def flush(self) -> str:
-        """Return the text of any held-back bytes (an incomplete character gives the replacement character)."""
-        text = self._utf8.decode(b"", final=True)
+        """Return the text of any held-back ids (an incomplete character gives the replacement character)."""
+        text = self._abandon_span() if self._span is not None else ""
+        text += self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
 
     def reset(self) -> None:
-        """Forget held-back bytes and start afresh."""
+        """Forget held-back ids and start afresh."""
         self._utf8.reset()
+        self._span = None

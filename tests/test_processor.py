@@ -54,7 +54,8 @@ def test_two_turn_two_image_layout(processor, tokenizer, pictures):
         + e("\nCompare them.") + [IM_END, NL]
         + [IM_START, ASSISTANT, NL] + [REF] + e("cat") + [REF_END, BOX] + e("(1,2),(3,4)") + [BOX_END] + e(" left")
         + [IM_END, NL]
-        + [IM_START, USER, NL] + e("Picture 1: ") + image_span() + e("\nAnd this?") + [IM_END, NL]
+        # parts keep their order (as the reference's from_list_format): text, then the picture
+        + [IM_START, USER, NL] + e("And this?Picture 1: ") + image_span() + e("\n") + [IM_END, NL]
         + [IM_START, ASSISTANT, NL]
     )  # fmt: skip
     inputs = processor.apply_chat_template(
@@ -92,7 +93,7 @@ def test_history_dropped_whole_turns_at_window(processor, tokenizer):
     turns.append({"role": "user", "content": "final question"})
     full = processor.prepare(turns, max_window_size=100000)
     assert full.dropped_turns == 0
-    system_len = len(processor._encode_message("system", ["You are a helpful assistant."], 0)[0])
+    system_len = len(tokenizer.encode_chat([{"role": "system", "content": "You are a helpful assistant."}])[0].ids)
     last = len(processor.prepare(turns[-1:]).input_ids)
     two_turns = len(processor.prepare(turns[-5:]).input_ids) - last  # turns 4 and 5
     cut = processor.prepare(turns, max_window_size=system_len + two_turns + 1)
@@ -155,7 +156,8 @@ def test_auto_processor_from_published_folder(tiny_dir):
     assert proc.image_processor.image_size == 56 and proc.max_window_size == 6144
 
 
-def test_decoded_files_are_reused_only_while_unchanged(processor, tmp_path):
+def test_decoded_files_are_reused_only_while_unchanged(runtime, tmp_path):
+    """The runtime loads the pictures (the processor reads no files) and decodes an unchanged file once."""
     import os
 
     from PIL import Image
@@ -164,18 +166,19 @@ def test_decoded_files_are_reused_only_while_unchanged(processor, tmp_path):
 
     path = tmp_path / "pic.png"
     Image.new("RGB", (20, 20), "red").save(path)
-    first = processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
-    again = processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
+    question = [{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}]
+    first = runtime.prepare(question)
+    again = runtime.prepare(question)
     assert again.images[0] is first.images[0] and again.image_digests == first.image_digests
     Image.new("RGB", (20, 20), "blue").save(path)
     os.utime(path, ns=(1, 1))  # a new mtime even on coarse clocks
-    changed = processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
+    changed = runtime.prepare(question)
     assert changed.image_digests != first.image_digests
     # the policy is still checked for a file decoded before
-    saved = processor.image_policy
+    saved = runtime.image_policy
     try:
-        processor.image_policy = ImagePolicy.restricted(roots=(tmp_path / "elsewhere",))
+        runtime.image_policy = ImagePolicy.restricted(roots=(tmp_path / "elsewhere",))
         with pytest.raises(ImageAccessDeniedError):
-            processor.prepare([{"role": "user", "content": [{"type": "image", "image": str(path)}, "?"]}])
+            runtime.prepare(question)
     finally:
-        processor.image_policy = saved
+        runtime.image_policy = saved

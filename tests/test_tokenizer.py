@@ -143,14 +143,68 @@ def test_nfc_normalisation(tok: QWenTokenizer) -> None:
     assert tok.encode_text(decomposed) == tok.encode_text(composed)
 
 
-def test_tokens_are_bytes_and_special_strings(tok: QWenTokenizer) -> None:
-    tokens = tok.tokenize("hi 你好<|im_end|>")
-    assert tokens[-1] == "<|im_end|>"
-    assert all(isinstance(t, bytes) for t in tokens[:-1])
-    assert tok.convert_tokens_to_ids(tokens) == tok.encode("hi 你好<|im_end|>")
-    assert tok.convert_tokens_to_string(tokens) == "hi 你好<|im_end|>"
-    assert tok.convert_tokens_to_ids(b"\n") == 198
+def test_tokens_are_byte_level_strings_and_special_strings(tok: QWenTokenizer) -> None:
+    """Tokens are str, bytes mapped as transformers' byte-level BPE tokenizers (GPT-2) show them."""
+    tokens = tok.tokenize("hi\n 你好<|im_end|>")
+    assert tokens == ["hi", "Ċ", "Ġ", "ä½łå¥½", "<|im_end|>"]
+    assert all(isinstance(t, str) for t in tokens)
+    ids = tok.encode("hi\n 你好<|im_end|>")
+    assert tok.convert_tokens_to_ids(tokens) == ids
+    assert tok.convert_ids_to_tokens(ids) == tokens
+    assert tok.convert_tokens_to_string(tokens) == "hi\n 你好<|im_end|>"
+    assert tok.convert_tokens_to_ids(b"\n") == tok.convert_tokens_to_ids("Ċ") == 198
     assert tok.convert_tokens_to_ids("user") == 872
+
+
+def test_get_vocab_has_str_keys_matching_the_ids(tok: QWenTokenizer) -> None:
+    vocab = tok.get_vocab()
+    assert len(vocab) == len(tok) == 151860
+    assert all(isinstance(token, str) for token in vocab)
+    assert vocab["Ċ"] == 198 and vocab["user"] == 872 and vocab["<|im_end|>"] == tok.im_end_id
+    assert sorted(vocab.values()) == list(range(len(tok)))
+    for token in ("Ġthe", "ä½łå¥½", "<img>", "!"):
+        assert tok.convert_ids_to_tokens(vocab[token]) == token
+
+
+def test_encode_of_an_image_tag_gives_the_reference_span(tok: QWenTokenizer) -> None:
+    """As the reference: <img>, the path's UTF-8 bytes as ids 0-255, <imgpad> up to 256 ids, </img>."""
+    path = "/tmp/é.png"
+    expected = [151857, 47, 116, 109, 112, 47, 195, 169, 46, 112, 110, 103] + [151859] * 245 + [151858]
+    ids = tok.encode(f"Look: <img>{path}</img>\nWhat is it?")
+    assert ids[:3] == tok.encode_text("Look: ")
+    assert ids[3 : 3 + 258] == expected
+    assert ids[3 + 258 :] == tok.encode_text("\nWhat is it?")
+    assert tok.decode(ids) == f"Look: <img>{path}</img>\nWhat is it?"
+    assert tok.decode(expected, skip_special_tokens=True) == path
+    assert len(tok.tokenize(f"<img>{path}</img>")) == 258
+    with pytest.raises(ValueError, match="Unclosed image token"):
+        tok.encode("a <img>b.png and no end")
+    with pytest.raises(ValueError, match="at most 256"):
+        tok.encode("<img>" + "x" * 257 + "</img>")
+    # the chat path keeps typed tags as text
+    assert all(i < tok.eod_id for i in tok.encode_text("<img>b.png</img>"))
+
+
+def test_stop_strings_in_generate(tok: QWenTokenizer) -> None:
+    from transformers import GenerationConfig
+
+    from belle_vl_tools.configuration_qwen_vl import QWenConfig
+    from belle_vl_tools.modeling_qwen_vl import QWenLMHeadModel
+    from belle_vl_tools.testing import published_config
+
+    torch.manual_seed(0)
+    config = QWenConfig(**{k: v for k, v in published_config(visual=False).items() if k != "auto_map"})
+    model = QWenLMHeadModel(config).eval()
+    ids = torch.tensor([tok.encode("Once upon a time")])
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=tok.eod_id)
+    with torch.no_grad():
+        free = model.generate(ids, generation_config=config)[0, ids.shape[1] :].tolist()
+    text = tok.decode(free)
+    stop = text[len(text) // 2 :][:3] or text
+    with torch.no_grad():
+        stopped = model.generate(ids, generation_config=config, stop_strings=[stop], tokenizer=tok)
+    new = tok.decode(stopped[0, ids.shape[1] :].tolist())
+    assert stop in new and len(stopped[0]) < len(ids[0]) + 12 and text.startswith(new)
 
 
 def test_plain_encode_parses_special_token_text(tok: QWenTokenizer) -> None:
@@ -354,7 +408,9 @@ def test_tiny_vocabulary_numbers_special_tokens_from_its_size(tmp_path: Path) ->
     assert tiny.encode("abcd") == [258]
     assert tiny.encode("hello<|im_end|>") == [259, 260, ord("o"), 263]
     assert tiny.encode_text("<img>") == list(b"<img>")
-    assert tiny.decode(tiny.encode("abcd 你好<img>")) == "abcd 你好<img>"
+    assert tiny.decode(tiny.encode("abcd 你好</img>")) == "abcd 你好</img>"
+    with pytest.raises(ValueError, match="Unclosed image token"):
+        tiny.encode("abcd 你好<img>")
     assert tiny.pad_token_id == 261
 
 
@@ -447,7 +503,8 @@ def test_published_folder_layout_loads(tmp_path: Path) -> None:
     tiny.save_pretrained(saved)
     again = QWenTokenizer.from_pretrained(saved)
     assert again.img_start_id == 261 + 214
-    assert again.encode("abcd<img>") == [258, 261 + 214]
+    assert again.encode("abcd</img>") == [258, 261 + 215]
+    assert again.encode("<img>a</img>") == [261 + 214, ord("a")] + [261 + 216] * 255 + [261 + 215]
 
 
 def test_saved_config_with_other_special_ids_is_refused(tok: QWenTokenizer, tmp_path: Path) -> None:
