@@ -145,6 +145,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mme-images", type=int, default=100, help="pictures per subtask of the held-out MME-format set (0: none)"
     )
+    p.add_argument(
+        "--heldout-pictures",
+        type=int,
+        default=50,
+        help="pictures of the independent held-out check (belle_vl_tools.demo_heldout) scored at the end (0: none)",
+    )
     p.add_argument("--eval-every", type=int, default=0, help="also score this many steps (0: only at the end)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -552,7 +558,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out accuracy ({args.eval_samples} samples, {time.time() - t0:.0f}s): {json.dumps(report)}")
     if args.mme_images:
         evaluate_mme(model, processor, args)
+    if args.heldout_pictures:
+        evaluate_heldout(model, processor, args)
     return 0
+
+
+def evaluate_heldout(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
+    """Accuracy per skill on pictures drawn by another function than the training generator (other sizes,
+    backgrounds, placement, fonts, JPEG): the figures the README's table of skills reports."""
+    from belle_vl_tools.demo_heldout import evaluate as evaluate_skills
+    from belle_vl_tools.demo_heldout import heldout_items
+
+    t0 = time.time()
+    report = evaluate_skills(BelleVL(model, processor), heldout_items(args.heldout_pictures))
+    print(f"held-out skills ({args.heldout_pictures} pictures drawn independently, {time.time() - t0:.0f}s):")
+    print(report.table())
 
 
 def evaluate_mme(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Namespace) -> None:

@@ -52,9 +52,11 @@ def test_a_short_run_writes_a_loadable_published_checkpoint(trainer, tmp_path, c
     common = ["--steps", "3", "--batch-size", "4", "--vision-steps", "2", "--warm-steps", "1", "--warmup", "1"]
     code = trainer.main(
         [*common, *TINY, "--out", str(out), "--workers", "1", "--eval-samples", "2", "--mme-images", "0"]
+        + ["--heldout-pictures", "2"]
     )
     assert code == 0
     printed = capsys.readouterr().out
+    assert "held-out skills (2 pictures" in printed and "| **overall** |" in printed
     assert "held-out accuracy (2 samples" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["visual"]["n_queries"] == 16 and config["num_hidden_layers"] == 1
@@ -68,7 +70,7 @@ def test_a_short_run_writes_a_loadable_published_checkpoint(trainer, tmp_path, c
     resumed = tmp_path / "resumed"
     code = trainer.main(
         [*common, "--resume", str(out), "--out", str(resumed), "--steps", "1000", "--train-minutes", "0.001"]
-        + ["--vision-steps", "0", "--eval-samples", "0", "--mme-images", "0"]
+        + ["--vision-steps", "0", "--eval-samples", "0", "--mme-images", "0", "--heldout-pictures", "0"]
     )
     assert code == 0 and "time budget reached" in capsys.readouterr().out
     assert (resumed / "model.safetensors").is_file()
