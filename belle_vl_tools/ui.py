@@ -466,7 +466,9 @@ def build_app(
             )
             find = gr.Button("Locate", variant="primary", scale=1, elem_id="locate")
         with gr.Row():
-            located = gr.Image(label="Located", type="pil", format="png", interactive=False, elem_id="located-image")
+            located = gr.Image(
+                label="Located", type="pil", format="png", interactive=False, height=360, elem_id="located-image"
+            )
             located_boxes = gr.Dataframe(
                 headers=BOX_HEADERS, label="Boxes (pixels)", interactive=False, elem_id="located-boxes"
             )
