@@ -83,15 +83,16 @@ class _NoEnd:
 
 
 def mixed_requests(
-    runtime: BelleVL, pictures: list[Path], max_tokens: int, concurrent: int = CONCURRENT
+    runtime: BelleVL, pictures: list[Path], max_tokens: int, concurrent: int = CONCURRENT, with_picture: int = 4
 ) -> list[tuple[list[dict], SamplingParams]]:
-    """``concurrent`` conversations (every fourth with a picture) and settings: even ones greedy, odd ones sampled
-    with different seeds and penalties."""
+    """``concurrent`` conversations (``with_picture`` of them, spread out, ask about a picture) and settings: even
+    ones greedy, odd ones sampled with different seeds and penalties."""
     requests = []
+    step = concurrent // with_picture if with_picture else 0
     for i in range(concurrent):
         question = QUESTIONS[i % len(QUESTIONS)]
         content: Any = question
-        if i % 4 == 3 and pictures:
+        if step and i % step == step - 1 and i // step < with_picture and pictures:
             content = [{"type": "image", "image": str(pictures[i % len(pictures)])}, {"type": "text", "text": question}]
         messages = [{"role": "user", "content": content}]
         if i % 2 == 0:
@@ -128,10 +129,15 @@ async def _burst(engine: BatchEngine, requests: list[tuple[list[dict], SamplingP
 
 
 def bench_throughput(
-    runtime: BelleVL, pictures: list[Path], max_tokens: int = 32, rounds: int = 2, concurrent: int = CONCURRENT
+    runtime: BelleVL,
+    pictures: list[Path],
+    max_tokens: int = 32,
+    rounds: int = 2,
+    concurrent: int = CONCURRENT,
+    with_picture: int = 4,
 ) -> dict[str, Any]:
     """Wall time of ``concurrent`` streamed mixed requests batched and one at a time (medians over rounds)."""
-    requests = mixed_requests(runtime, pictures, max_tokens, concurrent)
+    requests = mixed_requests(runtime, pictures, max_tokens, concurrent, with_picture)
     times: dict[str, list[float]] = {"batched": [], "single": []}
     answers: dict[str, list[EngineResult]] = {}
     with BatchEngine(runtime, max_batch_size=concurrent) as batched, BatchEngine(runtime, max_batch_size=1) as single:
@@ -153,6 +159,7 @@ def bench_throughput(
     batched_s, single_s = statistics.median(times["batched"]), statistics.median(times["single"])
     return {
         "requests": concurrent,
+        "with_picture": with_picture,
         "max_tokens": max_tokens,
         "rounds": rounds,
         "tokens": tokens,
@@ -222,9 +229,12 @@ def bench_join(runtime: BelleVL, running: int = CONCURRENT - 1, steps_before: in
     }
 
 
-def run_benchmarks(runtime: BelleVL, pictures: list[Path], max_tokens: int = 32, rounds: int = 2) -> dict[str, Any]:
+def run_benchmarks(
+    runtime: BelleVL, pictures: list[Path], max_tokens: int = 32, rounds: int = 2, with_picture: int = 4
+) -> dict[str, Any]:
     """Both figures: ``{"throughput": bench_throughput(...), "join": bench_join(...)}``."""
-    return {"throughput": bench_throughput(runtime, pictures, max_tokens, rounds), "join": bench_join(runtime)}
+    throughput = bench_throughput(runtime, pictures, max_tokens, rounds, with_picture=with_picture)
+    return {"throughput": throughput, "join": bench_join(runtime)}
 
 
 def report(figures: dict[str, Any]) -> list[str]:
@@ -232,7 +242,8 @@ def report(figures: dict[str, Any]) -> list[str]:
     t, j = figures["throughput"], figures["join"]
     lines = [
         f"{t['requests']} concurrent streamed requests, mixed settings (half greedy, half seeded sampling with "
-        f"penalties, logit bias, stop strings, logprobs; 4 with a picture), up to {t['max_tokens']} new tokens each "
+        f"penalties, logit bias, stop strings, logprobs; {t['with_picture']} with a picture), "
+        f"up to {t['max_tokens']} new tokens each "
         f"({t['tokens']} tokens per round), medians of {t['rounds']} rounds:",
         f"  batched (max_batch_size={t['requests']}, up to {t['max_rows']} rows) {t['batched_s']:7.2f} s  "
         f"{t['tokens'] / t['batched_s']:7.1f} tok/s",
@@ -252,6 +263,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per engine (interleaved)")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--pictures", type=int, default=4, help="how many of the 16 requests ask about a picture")
     parser.add_argument("--vocab-ranks", type=int, default=8192, help="first N ranks of qwen.tiktoken (0: all)")
     args = parser.parse_args()
     bench = _runtime_benchmark()
@@ -267,7 +279,7 @@ def main() -> None:
             bench.picture(seed).save(path)
             pictures.append(path)
         runtime = BelleVL.from_pretrained(folder, prefix_cache_size=0)
-        figures = run_benchmarks(runtime, pictures, args.max_tokens, args.rounds)
+        figures = run_benchmarks(runtime, pictures, args.max_tokens, args.rounds, args.pictures)
     lm = bench.LM
     print(
         f"Belle-VL batching engine benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
