@@ -860,3 +860,73 @@ def test_slow_image_urls_do_not_delay_inline_pictures(pictures):
             for thread in threads:
                 thread.join(30)
             assert sorted(codes) == [400, 400, 429]
+
+
+# --- structured output by construction ----------------------------------------------------------------------------
+def test_structured_output_and_forced_tool_calls_hold_on_a_random_model(base_url):
+    openai = pytest.importorskip("openai")
+    from pydantic import BaseModel
+
+    class Shape(BaseModel):
+        color: str
+        sides: int
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    question = [{"role": "user", "content": "Describe a shape."}]
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=question, response_format=Shape, temperature=0, max_tokens=60
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Shape)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=question, response_format={"type": "json_object"}, temperature=0, max_tokens=40
+    )
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],
+            tool_choice="required",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=60,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and isinstance(arguments["city"], str)
+
+    named = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    calls = [c.choices[0].delta.tool_calls for c in named if c.choices and c.choices[0].delta.tool_calls]
+    assert calls[0][0].function.name == "get_weather" and "city" in json.loads(calls[0][0].function.arguments)
+
+
+def test_langchain_structured_output_against_the_server(base_url):
+    chat_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel
+
+    class Shape(BaseModel):
+        color: str
+        sides: int
+
+    llm = chat_openai.ChatOpenAI(base_url=f"{base_url}/v1", api_key="unused", model=MODEL, temperature=0, max_tokens=60)
+    for method in ("json_schema", "function_calling", "json_mode"):
+        structured = llm.with_structured_output(
+            Shape if method != "json_mode" else Shape.model_json_schema(), method=method
+        )
+        result = structured.invoke("Describe a shape as JSON with color and sides.")
+        assert result is not None, method
+        if method != "json_mode":
+            assert isinstance(result, Shape), method
+        else:
+            assert isinstance(result, dict), method

@@ -91,9 +91,9 @@ class Generator(Protocol):
 
 def check_features(generator: Generator, sampling: Sampling) -> None:
     """A 400 naming the first parameter the generator cannot honour."""
+    backend = getattr(generator, "name", "backend")
     for name in sampling.needs():
         if name not in generator.features:
-            backend = getattr(generator, "name", "backend")
             raise bad_request(
                 f"{name} is not supported by this server's backend ({backend}): it needs the local "
                 "runtime's batching engine.",
@@ -101,9 +101,12 @@ def check_features(generator: Generator, sampling: Sampling) -> None:
                 "unsupported_parameter",
             )
     if sampling.processors and "processors" not in generator.features:
+        raise bad_request("Logits processors need the local runtime's batching engine.", None, "unsupported_parameter")
+    if sampling.grammar is not None and "grammar" not in generator.features and sampling.response_format is None:
         raise bad_request(
-            "Constrained decoding needs the local runtime's batching engine.",
-            "response_format",
+            f"A forced tool call needs grammar-constrained decoding, which this server's backend ({backend}) "
+            "cannot do: use tool_choice 'auto'.",
+            "tool_choice",
             "unsupported_parameter",
         )
 
@@ -139,6 +142,16 @@ class BackendGenerator:
         self.backend = backend
         self.scheduler = scheduler
         self.name = type(backend).__name__
+        # the local runtime applies a grammar itself (response_format=Grammar)
+        self.features = frozenset({"grammar"}) if _is_local_runtime(backend) else frozenset()
+
+    def _kwargs(self, sampling: Sampling) -> dict[str, Any]:
+        kwargs = sampling.backend_kwargs()
+        if sampling.grammar is not None:
+            # the runtime takes the grammar; another backend gets the request's own response_format (a remote
+            # server constrains it there); check_features refused what neither can do
+            kwargs["response_format"] = sampling.grammar if "grammar" in self.features else sampling.response_format
+        return kwargs
 
     @property
     def stats(self) -> dict[str, int]:
@@ -160,7 +173,7 @@ class BackendGenerator:
 
     async def complete(self, messages: list[dict[str, Any]], sampling: Sampling, is_gone: IsGone) -> Output:
         loop = asyncio.get_running_loop()
-        generation = sampling.backend_kwargs()
+        generation = self._kwargs(sampling)
         job = Job(messages, generation, loop, key=batch_key(generation), future=loop.create_future())
         self.scheduler.submit(job)
         try:
@@ -172,7 +185,7 @@ class BackendGenerator:
 
     async def stream(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
-        job = Job(messages, sampling.backend_kwargs(), loop, stream=True, events=asyncio.Queue())
+        job = Job(messages, self._kwargs(sampling), loop, stream=True, events=asyncio.Queue())
         self.scheduler.submit(job)
         try:
             while True:
@@ -225,7 +238,7 @@ def _token_logprob(entry: Any) -> TokenLogprob:
 class EngineGenerator:
     """The local runtime through the iteration-level batching engine."""
 
-    features = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "processors"})
+    features = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "processors", "grammar"})
 
     def __init__(self, runtime: Any, *, max_batch_size: int, max_queue: int, on_batch: Callable[[int], None]) -> None:
         from ..engine import BatchEngine
@@ -274,6 +287,15 @@ class EngineGenerator:
     def _params(self, sampling: Sampling) -> Any:
         from ..engine import SamplingParams
 
+        processors = list(sampling.processors)
+        if sampling.grammar is not None:
+            from ..constrained import RowProcessor
+
+            limit = sampling.max_new_tokens or self.runtime.generation_config.max_new_tokens or 512
+            vocab = self.runtime.model.config.vocab_size
+            processors.append(
+                RowProcessor(sampling.grammar, self.runtime.tokenizer, vocab_size=vocab, max_new_tokens=limit)
+            )
         try:
             return SamplingParams(
                 max_new_tokens=sampling.max_new_tokens,
@@ -288,7 +310,7 @@ class EngineGenerator:
                 stop=list(sampling.stop),
                 logprobs=sampling.logprobs,
                 top_logprobs=sampling.top_logprobs,
-                processors=list(sampling.processors),
+                processors=processors,
             )
         except ValueError as exc:  # PromptError naming the field
             raise bad_request(" ".join(str(exc).split())) from None

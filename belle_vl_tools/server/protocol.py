@@ -150,6 +150,11 @@ class Sampling:
     logprobs: bool = False
     top_logprobs: int = 0
     processors: list[Any] = dataclasses.field(default_factory=list)
+    #: The grammar the answer is generated under (:class:`belle_vl_tools.constrained.Grammar`), from the tool-call
+    #: session: a forced tool call, or a response format.
+    grammar: Any = None
+    #: The request's own ``response_format`` when the grammar is just that (a backend may take it as it is).
+    response_format: dict[str, Any] | None = None
 
     def needs(self) -> list[str]:
         """The parameters only the batching engine can honour, with the value asked for."""

@@ -66,48 +66,57 @@ def _react_session_available() -> bool:
 
 def plan(request: ChatRequest) -> Plan:
     """The plan for ``request`` (the messages already hold their loaded pictures)."""
-    if (request.tools or request.format_type != "text") and _react_session_available():
-        planned = _plan_with_session(request)
-        if planned is not None:
-            return planned
+    if _react_session_available():
+        return _plan_with_session(request)
     return _plan_with_toolcalls(request)
 
 
-def _plan_with_session(request: ChatRequest) -> Plan | None:
-    """The core tool-call session's plan, or None when its interface is not the one this server knows."""
-    from .. import react
+def _openai_calls(calls: Any, parallel: bool) -> list[dict[str, Any]]:
+    out = [
+        {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+        }
+        for call in calls
+    ]
+    return out if parallel else out[:1]
 
-    prepare = getattr(react, "prepare_openai_request", None)
-    if prepare is None:
-        return None
-    prepared = prepare(
-        request.messages,
-        tools=request.tools,
-        tool_choice=request.tool_choice,
-        response_format=request.response_format,
+
+def _plan_with_session(request: ChatRequest) -> Plan:
+    """The core tool-call session's plan: its prompt, its stop strings, its grammar (a forced call, or the response
+    format) and its reading of the reply."""
+    from ..react import ToolSession
+
+    session = ToolSession.create(
+        tools=request.tools, tool_choice=request.tool_choice, response_format=request.response_format
     )
+    messages = request.messages
+    if not session.may_call:  # say what to write too: the grammar makes sure, the instruction makes it good
+        messages = _with_json_instruction(request, messages)
+    prepared = session.prepare(messages, {"stop": list(request.sampling.stop)})
+    grammar = prepared.generation.get("response_format")
     sampling = dataclasses.replace(
         request.sampling,
-        stop=[*request.sampling.stop, *getattr(prepared, "stop", [])],
-        processors=[*request.sampling.processors, *getattr(prepared, "processors", [])],
+        stop=list(prepared.generation.get("stop") or []),
+        grammar=grammar,
+        response_format=request.response_format if grammar is not None and not session.may_call else None,
+        processors=list(request.sampling.processors),
     )
 
     def parse(text: str, finish_reason: str) -> Answer:
-        reply = prepared.parse(text)
-        calls = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
-            }
-            for call in getattr(reply, "tool_calls", ())
-        ]
-        if not request.parallel_tool_calls:
-            calls = calls[:1]
-        content = getattr(reply, "content", None)
-        return Answer(content if content or not calls else None, calls, "tool_calls" if calls else finish_reason)
+        reply = session.parse(text)
+        if reply.tool_calls:
+            return Answer(
+                reply.content or None, _openai_calls(reply.tool_calls, request.parallel_tool_calls), "tool_calls"
+            )
+        content = reply.content if session.may_call and not reply.invalid_tool_calls else text
+        if request.format_type in ("json_object", "json_schema"):
+            content = extract_json(content) or content
+        return Answer(content, [], finish_reason)
 
-    return Plan(prepared.messages, sampling, True, parse)
+    whole_first = session.may_call or request.format_type != "text"
+    return Plan(list(prepared.messages), sampling, whole_first, parse)
 
 
 def _json_instruction(request: ChatRequest) -> str | None:
@@ -119,18 +128,25 @@ def _json_instruction(request: ChatRequest) -> str | None:
     return None
 
 
-def _plan_with_toolcalls(request: ChatRequest) -> Plan:
-    messages = request.messages
+def _with_json_instruction(request: ChatRequest, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     instruction = _json_instruction(request)
-    if instruction is not None:
-        messages = [dict(m) for m in messages]
-        if messages[0]["role"] == "system":
-            text = messages[0]["content"]
-            if isinstance(text, list):
-                text = "\n".join(p["text"] for p in text if p.get("type") == "text")
-            messages[0]["content"] = f"{text}\n{instruction}" if text else instruction
-        else:
-            messages.insert(0, {"role": "system", "content": f"{DEFAULT_SYSTEM}\n{instruction}"})
+    if instruction is None:
+        return messages
+    messages = [dict(m) for m in messages]
+    if messages[0]["role"] == "system":
+        text = messages[0]["content"]
+        if isinstance(text, list):
+            text = "\n".join(p["text"] for p in text if p.get("type") == "text")
+        messages[0]["content"] = f"{text}\n{instruction}" if text else instruction
+    else:
+        messages.insert(0, {"role": "system", "content": f"{DEFAULT_SYSTEM}\n{instruction}"})
+    return messages
+
+
+def _plan_with_toolcalls(request: ChatRequest) -> Plan:
+    """Without the tool-call session: the ReAct prompt and parsing of :mod:`belle_vl_tools.toolcalls`, and the
+    response format as an instruction only."""
+    messages = _with_json_instruction(request, request.messages)
     uses_tools = bool(request.tools) and request.tool_choice != "none"
     sampling = request.sampling
     if uses_tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
