@@ -355,6 +355,14 @@ def test_a_failing_processor_fails_only_its_request(engine):
     assert isinstance(fine, EngineResult) and fine.usage.completion_tokens >= 1
 
 
+def test_the_shared_message_model_is_accepted(engine, pictures):
+    from belle_vl_tools.messages import parse_messages
+
+    conversation = ask(pictures["blue"], "Which shape?")
+    as_dicts = engine.complete_sync(conversation, GREEDY)
+    assert engine.complete_sync(parse_messages(conversation), GREEDY).token_ids == as_dicts.token_ids
+
+
 def test_closed_engine_refuses_and_fails_waiting_requests(fresh):
     engine = BatchEngine(fresh)
     engine.close()
