@@ -1049,10 +1049,18 @@ def ui_command(
         str | None,
         typer.Option(envvar="BELLE_VL_REMOTE_API_KEY", help="The --remote server's API key.", show_default=False),
     ] = None,
-    max_image_bytes: Annotated[int, typer.Option(min=1, help="Largest uploaded picture, in bytes.")] = 20 << 20,
-    max_image_pixels: Annotated[
-        int, typer.Option(min=1, help="Largest uploaded picture, in pixels (width x height).")
-    ] = 40_000_000,
+    max_image_bytes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Largest uploaded picture, in bytes. [default: 20 MiB]", show_default=False),
+    ] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Largest uploaded picture, in pixels (width x height). [default: 40 million]",
+            show_default=False,
+        ),
+    ] = None,
     concurrency: Annotated[
         int | None,
         typer.Option(
@@ -1075,6 +1083,19 @@ def ui_command(
     for name, value in (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype)):
         if remote is not None and value is not None:
             raise typer.BadParameter(f"{name} applies to a local model, not to a --remote server.", param_hint=name)
+    unused = {
+        "--top-p": settings.top_p is not None,
+        "--seed": settings.seed is not None,
+        "--json": settings.json,
+        "--allow-urls": settings.allow_urls,
+    }
+    for name, given in unused.items():
+        if given:
+            raise typer.BadParameter(
+                f"{name} does not apply to the web chat: its side panel sets the temperature and max new tokens, "
+                "and pictures are uploaded.",
+                param_hint=name,
+            )
     key_source = ctx.get_parameter_source("remote_api_key")  # typer's own click: compare by name
     if remote is None and key_source is not None and key_source.name == "COMMANDLINE":
         raise typer.BadParameter("--remote-api-key needs --remote URL.", param_hint="--remote-api-key")
@@ -1083,7 +1104,10 @@ def ui_command(
         from . import ui as ui_module
     except ImportError as exc:
         _fail(f"The web chat needs Gradio ({exc}): pip install 'belle-vl-tools[ui]'.")
-    policy = ui_module.upload_policy(max_bytes=max_image_bytes, max_pixels=max_image_pixels)
+    policy = ui_module.upload_policy(
+        max_bytes=max_image_bytes or settings.max_image_bytes or ui_module.DEFAULT_MAX_BYTES,
+        max_pixels=max_pixels or settings.max_pixels or ui_module.DEFAULT_MAX_PIXELS,
+    )
     if remote is not None:
         from .backends.remote import RemoteBelleVL
 
@@ -1101,6 +1125,7 @@ def ui_command(
         image_policy=policy,
         concurrency_limit=concurrency or (8 if remote is not None else 1),
         max_new_tokens=settings.max_new_tokens or 512,
+        temperature=settings.temperature if settings.temperature is not None else 0.0,
     )
 
 

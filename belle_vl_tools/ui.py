@@ -43,7 +43,7 @@ from .errors import BelleVLError, ImageError
 from .grounding import Box, draw_boxes, parse_boxes, strip_grounding
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImagePolicy, load_image
 
-__all__ = ["DEFAULT_PORT", "WebChat", "build_app", "launch", "upload_policy"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_PORT", "WebChat", "build_app", "launch", "upload_policy"]
 
 logger = logging.getLogger(__name__)
 
@@ -418,6 +418,7 @@ def build_app(
     image_policy: ImagePolicy | None = None,
     concurrency_limit: int | None = 1,
     max_new_tokens: int = 512,
+    temperature: float = 0.0,
     title: str = "Belle-VL",
 ) -> gr.Blocks:
     """The web chat over ``backend`` as a Gradio app (not yet launched; see :func:`launch`).
@@ -428,6 +429,7 @@ def build_app(
         concurrency_limit: Model calls run at once across all browsers and scripts; the others wait in Gradio's
             queue (1 suits a local model, which answers one at a time anyway; a server batches several).
         max_new_tokens: The side panel's initial "max new tokens".
+        temperature: The side panel's initial temperature (0: greedy).
         title: The page's title.
     """
     chat = WebChat(backend, image_policy)
@@ -438,7 +440,12 @@ def build_app(
         shown = gr.State([])  # the conversation as the page shows it
         with gr.Sidebar(label="Settings", open=True):
             temperature = gr.Slider(
-                0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy: the same answer every time."
+                0.0,
+                max(2.0, temperature),
+                value=temperature,
+                step=0.05,
+                label="Temperature",
+                info="0 = greedy: the same answer every time.",
             )
             tokens = gr.Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1, label="Max new tokens")
             language = gr.Radio(
@@ -538,6 +545,7 @@ def launch(
     image_policy: ImagePolicy | None = None,
     concurrency_limit: int | None = 1,
     max_new_tokens: int = 512,
+    temperature: float = 0.0,
     block: bool = True,
     quiet: bool = False,
 ) -> gr.Blocks:
@@ -548,7 +556,13 @@ def launch(
     ``block=False`` the call returns once the server runs (close it with ``app.close()``).
     """
     policy = image_policy or upload_policy()
-    app = build_app(backend, image_policy=policy, concurrency_limit=concurrency_limit, max_new_tokens=max_new_tokens)
+    app = build_app(
+        backend,
+        image_policy=policy,
+        concurrency_limit=concurrency_limit,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+    )
     app.queue(default_concurrency_limit=concurrency_limit)
     app.launch(
         server_name=host,
@@ -558,9 +572,15 @@ def launch(
         max_file_size=policy.max_bytes,
         show_error=True,
         ssr_mode=False,
-        prevent_thread_lock=not block,
-        quiet=quiet,
+        prevent_thread_lock=True,
+        quiet=True,
         css=CSS,
         allowed_paths=[str(app.belle_vl_chat.drawn_dir)],  # type: ignore[attr-defined]
     )
+    if not quiet:
+        print(f"Belle-VL web chat ({app.belle_vl_chat.model_name}) at {app.local_url}", flush=True)  # type: ignore[attr-defined]
+        if app.share_url:
+            print(f"Public link: {app.share_url}", flush=True)
+    if block:
+        app.block_thread()
     return app

@@ -413,13 +413,14 @@ def test_the_command_passes_its_flags(launched: dict[str, Any]):
     result = CliRunner().invoke(
         cli.app,
         ["ui", "--host", "0.0.0.0", "--port", "7999", "--auth", "alice:s3:cret", "--max-new-tokens", "64"]
-        + ["--max-image-pixels", "1000000", "--model", "some/checkpoint"],
+        + ["--max-pixels", "1000000", "--model", "some/checkpoint"],
     )
     assert result.exit_code == 0, result.output
     assert launched["backend"] == "local model some/checkpoint"
     assert launched["host"] == "0.0.0.0" and launched["port"] == 7999 and launched["share"] is False
     assert launched["auth"] == ("alice", "s3:cret") and launched["max_new_tokens"] == 64
     assert launched["image_policy"].max_pixels == 1_000_000 and launched["concurrency_limit"] == 1
+    assert launched["image_policy"].max_bytes == ui.DEFAULT_MAX_BYTES and launched["temperature"] == 0.0
     assert "warning" not in result.output
 
 
@@ -430,6 +431,19 @@ def test_the_command_defaults_to_loopback_and_warns_without_a_login(launched: di
     assert "warning" not in result.output
     result = CliRunner().invoke(cli.app, ["ui", "--share"])
     assert launched["share"] is True and "no login" in result.output
+
+
+def test_the_command_takes_the_options_given_before_it(launched: dict[str, Any]):
+    result = CliRunner().invoke(cli.app, ["--temperature", "0.7", "--max-image-bytes", "1000", "ui"])
+    assert result.exit_code == 0, result.output
+    assert launched["temperature"] == 0.7 and launched["image_policy"].max_bytes == 1000
+
+
+@pytest.mark.parametrize("option", [["--top-p", "0.5"], ["--seed", "1"], ["--json"], ["--allow-urls"]])
+def test_the_command_refuses_options_that_do_not_apply_to_it(launched: dict[str, Any], option: list[str]):
+    result = CliRunner().invoke(cli.app, [*option, "ui"])
+    assert result.exit_code == 2 and "does not apply to the web chat" in " ".join(result.output.split())
+    assert not launched
 
 
 def test_the_command_with_a_remote_server(launched: dict[str, Any]):
