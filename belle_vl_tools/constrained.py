@@ -350,6 +350,7 @@ class RowProcessor:
         self.max_new_tokens = max_new_tokens
         self._consumed = 0
         self._closing = False
+        self._next_check = 0
         self._bitmask = xgr.allocate_token_bitmask(1, self._kit.vocab_size)
         self._words = self._bitmask[0].numpy()  # a view: the bits of the last mask
         self._np = np
@@ -385,9 +386,17 @@ class RowProcessor:
         if self._matcher.is_terminated():
             return logits
         remaining = None if self.max_new_tokens is None else self.max_new_tokens - self._consumed
-        if not self._closing and remaining is not None and remaining <= CLOSING_WINDOW:
+        if (
+            not self._closing
+            and remaining is not None
+            and remaining <= CLOSING_WINDOW
+            and self._consumed >= self._next_check
+        ):
             needed = self._closing_length(remaining)
-            self._closing = needed is None or needed + 1 + CLOSING_MARGIN >= remaining
+            slack = -1 if needed is None else remaining - needed - 1 - CLOSING_MARGIN
+            self._closing = slack <= 0
+            # Measured again after a quarter of the slack: the margin covers what a few tokens can open meanwhile.
+            self._next_check = self._consumed + max(1, slack // 4)
         if self._closing:
             token = self._closing_token(self._matcher, logits)
             logits.fill_(float("-inf"))

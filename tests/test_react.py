@@ -319,7 +319,7 @@ def test_render_output_is_accepted_by_the_processor(processor) -> None:
         },
         {"role": "tool", "content": "A red circle.", "tool_call_id": "a"},
     ]
-    item = processor.prepare(render_tool_messages(messages, TOOLS), load_images=False)
+    item = processor.prepare(render_tool_messages(messages, TOOLS))  # pure: pictures are not loaded
     text = processor.render_text(item.input_ids)
     assert "Observation: A red circle." in text and "Question: Describe image_1." in text
 
