@@ -12,7 +12,7 @@ Scripts use the same app through ``gradio_client``: ``/ask`` (picture, question)
 (picture, phrase, language) -> boxes and the picture with the boxes drawn.
 
 This module only translates between the page and the core: the backend interface (a local :class:`BelleVL` or a
-:class:`RemoteBelleVL`), the task prompts of :mod:`belle_vl_tools.prompts`, the task methods of
+:class:`RemoteBelleVL`), the task prompts of :mod:`belle_vl_tools.tasks` (the task registry), the task methods of
 :class:`~belle_vl_tools.backend.VisionTasks`, the image loader and the box drawing of
 :mod:`belle_vl_tools.grounding`. Uploads are read under an :class:`ImagePolicy` (Gradio's upload folder only,
 byte and pixel limits), so a corrupt file or a decompression bomb becomes a readable message in the page. Every
@@ -42,6 +42,7 @@ from .backend import Backend, LocateResult
 from .errors import BelleVLError, ImageError
 from .grounding import Box, draw_boxes, parse_boxes, strip_grounding
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImagePolicy, load_image
+from .tasks import get_task
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_PORT", "WebChat", "build_app", "launch", "upload_policy"]
 
@@ -271,7 +272,7 @@ class WebChat:
         if not text:
             raise _error("Type a question about the picture (or press Describe / Read text / Locate).")
         try:
-            text = prompts.ask_prompt(text)
+            text = get_task("ask").prompt(question=text)
         except BelleVLError as exc:
             raise _error(_one_line(exc)) from None
         generation = self.generation(temperature, max_new_tokens)
@@ -297,7 +298,11 @@ class WebChat:
             raise _error(NO_PICTURE)
         lang = self._language(language, self._last_user_text(history))
         try:
-            text = prompts.read_text_prompt(lang) if kind == "read_text" else prompts.describe_prompt(kind, lang)
+            text = (
+                get_task("read_text").prompt(language=lang)
+                if kind == "read_text"
+                else get_task("describe").prompt(detail=kind, language=lang)
+            )
         except BelleVLError as exc:
             raise _error(_one_line(exc)) from None
         box_after = {"text": _text(message), "files": []}
@@ -329,7 +334,7 @@ class WebChat:
         phrase = phrase or ""
         lang = self._language(language, phrase)
         try:
-            prompt = prompts.locate_prompt(phrase, lang)
+            prompt = get_task("locate").prompt(phrase=phrase, language=lang)
         except BelleVLError as exc:
             raise _error(_one_line(exc)) from None
         shown_user = {"role": "user", "content": [{"path": path} for path in paths] + [f"Locate: {phrase.strip()}"]}
