@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import inspect
 import sys
 import threading
 import warnings
@@ -50,7 +51,7 @@ def register_auto_classes() -> bool:
             return False
         from .configuration_qwen_vl import QWenConfig
         from .modeling_qwen_vl import QWenLMHeadModel
-        from .processing_qwen_vl import QWenVLProcessor
+        from .processing_qwen_vl import QWenVLImageProcessor, QWenVLProcessor
         from .tokenization_qwen_vl import QWenTokenizer
 
         _registered = True  # set first: the imports below may re-enter through the import hook
@@ -60,6 +61,11 @@ def register_auto_classes() -> bool:
                 getattr(transformers, auto).register(QWenConfig, QWenLMHeadModel, exist_ok=True)
         transformers.AutoTokenizer.register(QWenConfig, tokenizer_class=QWenTokenizer, exist_ok=True)
         transformers.AutoProcessor.register(QWenConfig, QWenVLProcessor, exist_ok=True)
+        image_auto = transformers.AutoImageProcessor
+        if "image_processor_classes" in inspect.signature(image_auto.register).parameters:
+            image_auto.register(QWenConfig, image_processor_classes={"pil": QWenVLImageProcessor}, exist_ok=True)
+        else:  # transformers before the per-backend registry
+            image_auto.register(QWenConfig, slow_image_processor_class=QWenVLImageProcessor, exist_ok=True)
         return True
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
-from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
 from .configuration_qwen_vl import DEFAULT_VISUAL, NUM_IMAGE_QUERIES
 from .errors import PromptError
@@ -55,7 +55,7 @@ PROCESSOR_CONFIG = "processor_config.json"
 _PLACEHOLDER_RE = re.compile(re.escape(IMG_START) + r"[^\n]*?" + re.escape(IMG_END))
 
 
-class QWenVLImageProcessor(ImageProcessingMixin):
+class QWenVLImageProcessor(BaseImageProcessor):
     """Pictures -> ``pixel_values``: RGB, bicubic resize to ``size``, rescale to [0, 1], normalize (CLIP's mean/std).
 
     The options are those of transformers' image processors and can be changed per call
@@ -167,8 +167,9 @@ def _square_size(size: Mapping[str, int] | int | Sequence[int]) -> dict[str, int
         height, width = (int(v) for v in size)
     if height != width or height < 1:
         raise ValueError(
-            f"size must be a square ({{'height': n, 'width': n}}): the vision tower takes square pictures, got {height} x {width}."
-        )  # noqa: E501
+            f"size must be a square ({{'height': n, 'width': n}}): the vision tower takes square pictures, "
+            f"got {height} x {width}."
+        )
     return {"height": height, "width": width}
 
 

@@ -160,7 +160,7 @@ def test_the_processor_is_pure(processor, pictures):
 
 
 def test_processor_save_and_auto_reload(processor, tmp_path, red):
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     processor.image_processor.do_normalize = False
     try:
@@ -183,6 +183,8 @@ def test_processor_save_and_auto_reload(processor, tmp_path, red):
     )
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert tokenizer.chat_template == CHAT_TEMPLATE
+    image_processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(image_processor) is type(processor.image_processor) and image_processor.do_normalize is False
 
 
 def test_a_published_folder_gets_the_default_chat_template(tiny_dir):
