@@ -728,6 +728,8 @@ def chat(
         if text.startswith("/image"):
             path = text[len("/image") :].strip()
             try:
+                if path == "-":
+                    raise ImageAccessDeniedError("/image -: stdin carries the chat's messages; give a file or a URL.")
                 attached.append(_picture(path, settings))
             except BelleVLError as exc:
                 typer.echo(f"error: {_one_line(_cli_hints(str(exc)))}", err=True)

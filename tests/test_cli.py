@@ -353,6 +353,8 @@ def test_chat_keeps_the_history_and_stops_at_exit(run, pictures):
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["completion_tokens"]  # the first turn is in it
     result = run("chat", input="Hi\n")  # ends at the end of the input
     assert result.exit_code == 0 and len(result.stdout.splitlines()) >= 1
+    result = run("chat", input="/image -\n/exit\n")
+    assert result.exit_code == 0 and result.stderr.startswith("error: /image -")
     result = run("chat", input="/image nowhere.png\n/exit\n")
     assert result.exit_code == 0 and result.stderr.startswith("error: ") and "ImagePolicy" not in result.stderr
 
