@@ -829,13 +829,23 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 model_kwargs[name] = QWenCache(config=self.config.get_text_config(decoder=True))
         return result
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        *args: Any,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> dict:
         """As transformers prepares them, but the pictures stay with any step whose ids hold image positions.
 
         transformers passes pictures only to the first forward of ``generate``; an assistant model's first forward
         (assisted decoding) is not counted as one, and would otherwise meet the image spans without pictures.
         """
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        # (inputs_embeds and cache are named so that generate sees this method forwards them)
+        if cache is not None:
+            kwargs["cache"] = cache
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         ids = model_inputs.get("input_ids")
         if self.config.visual is not None and ids is not None and bool((ids == self.config.image_pad_id).any()):
             for key in ("pixel_values", "mm_encoder_outputs", "image_features"):

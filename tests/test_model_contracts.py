@@ -8,6 +8,8 @@ decoding, save/load, resizing the embeddings, a training step, ``inputs_embeds``
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -399,3 +401,37 @@ def test_a_training_step_updates_every_trained_part(checkpointing):
     assert "transformer.h.0.attn.c_attn.weight" in changed
     assert "transformer.visual.conv1.weight" in changed  # the picture's gradient reaches the vision tower
     assert "lm_head.weight" in changed
+
+
+def test_generate_from_inputs_embeds_with_pictures(vlm):
+    ids, pixels = vision_inputs()
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        by_ids = vlm.generate(input_ids=ids, pixel_values=pixels, **kwargs)[:, ids.shape[1] :]
+        by_embeds = vlm.generate(inputs_embeds=vlm.get_input_embeddings()(ids), pixel_values=pixels, **kwargs)
+    assert torch.equal(by_embeds, by_ids)
+
+
+def test_generate_continues_from_a_returned_cache(model):
+    inputs = inputs_for(model)
+    kwargs = dict(do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = model.generate(**inputs, max_new_tokens=6, **kwargs)
+        first = model.generate(**inputs, max_new_tokens=3, **kwargs)
+        cache = first.cache if hasattr(first, "cache") else first.past_key_values
+        more = {k: v for k, v in inputs.items() if k != "input_ids"}
+        rest = model.generate(input_ids=first.sequences, max_new_tokens=3, cache=cache, **more, **kwargs)
+    assert torch.equal(rest.sequences, whole.sequences)
+
+
+def test_config_round_trips(tmp_path):
+    config = make_config(True, seq_length=128)
+    config.save_pretrained(tmp_path)
+    loaded = QWenConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert QWenConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    assert json.loads(config.to_json_string())["model_type"] == "qwen"
+    assert loaded.visual["n_queries"] == QUERIES and loaded.num_image_queries == QUERIES
+    assert loaded.image_pad_id == PAD_IMG and make_config(False).image_pad_id is None
+    with pytest.raises(ValueError, match="output_dim"):
+        QWenConfig(hidden_size=256, visual={"output_dim": 128})
