@@ -43,6 +43,7 @@ __all__ = [
     "make_conversation",
     "KINDS",
     "MME_SUBTASKS",
+    "PARAPHRASES",
     "YES_NO_SUBTASKS",
     "POSITIONS",
     "SHAPES",
@@ -54,6 +55,7 @@ __all__ = [
     "generate_mme_set",
     "generate_samples",
     "make_sample",
+    "paraphrase_texts",
     "random_scene",
     "render",
     "sample_texts",
@@ -312,9 +314,95 @@ def _yes_no(scene: Scene, rng: random.Random, answer: bool, subtask: str, langua
     return yes_no_prompt(q, language), reply
 
 
-def sample_texts(scene: Scene, kind: str, language: str, rng: random.Random) -> tuple[str, str]:
+#: Other wordings of the short questions (kind -> language -> templates), asked instead of the usual one with the
+#: probability ``paraphrase`` of :func:`make_sample`; the answers stay the same. Fields: {kind}, {color},
+#: {kind_zh}, {color_zh}, {phrase_zh}.
+PARAPHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "color": {
+        "en": (
+            "What is the color of the {kind}?", "Which color does the {kind} have?", "Tell me the color of the {kind}.",
+            "What colour is the {kind}?", "The {kind} is what color?",
+        ),
+        "zh": ("{kind_zh}是什么颜色？", "这个{kind_zh}是什么颜色的？", "{kind_zh}的颜色是什么？"),
+    },
+    "shape": {
+        "en": ("What shape is the {color} one?", "What is the {color} shape?", "Which shape is {color}?"),
+        "zh": ("{color_zh}的是什么形状？", "{color_zh}图形的形状是什么？"),
+    },
+    "count": {
+        "en": (
+            "How many shapes are in the picture?", "How many objects are there?", "Count the shapes.",
+            "How many shapes can you see?",
+        ),
+        "zh": ("图里有多少个图形？", "数一数图中有几个图形。"),
+    },
+    "position": {
+        "en": (
+            "Where's the {color} {kind}?", "Where is the {color} {kind} located?",
+            "In which part of the picture is the {color} {kind}?",
+        ),
+        "zh": ("{phrase_zh}在图的什么位置？", "{phrase_zh}在哪儿？"),
+    },
+}  # fmt: skip
+
+
+def paraphrase_texts() -> Iterator[str]:
+    """Every question :data:`PARAPHRASES` can ask (for the vocabulary), as the processor writes it."""
+    for by_language in PARAPHRASES.values():
+        for templates in by_language.values():
+            for template in templates:
+                for color, (_rgb, color_zh) in COLORS.items():
+                    for kind, kind_zh in SHAPES.items():
+                        fields = {"kind": kind, "color": color, "kind_zh": kind_zh, "color_zh": color_zh}
+                        yield "\n" + template.format(**fields, phrase_zh=color_zh + kind_zh)
+
+
+def _paraphrased(kind: str, language: str, question: str, shape: Shape | None, rng: random.Random) -> str:
+    templates = PARAPHRASES.get(kind, {}).get(language)
+    if not templates:
+        return question
+    template = rng.choice(templates)
+    if shape is None:
+        return template
+    color_zh, kind_zh = COLORS[shape.color][1], SHAPES[shape.kind]
+    return template.format(
+        kind=shape.kind, color=shape.color, kind_zh=kind_zh, color_zh=color_zh, phrase_zh=color_zh + kind_zh
+    )
+
+
+def _named_shape(scene: Scene, kind: str, language: str, question: str, answer: str) -> Shape | None:
+    """The shape a color, shape or position question names (by its unique kind, its unique color, or its
+    phrase in the answer)."""
+    zh = language == "zh"
+    for shape in scene.shapes:
+        kind_name = SHAPES[shape.kind] if zh else shape.kind
+        color_name = COLORS[shape.color][1] if zh else shape.color
+        if kind == "color" and scene.unique_kind(shape.kind) and kind_name in question:
+            return shape
+        if kind == "shape" and scene.unique_color(shape.color) and color_name in question:
+            return shape
+        if kind == "position" and shape.phrase(language) in answer:
+            return shape
+    return None
+
+
+def sample_texts(
+    scene: Scene, kind: str, language: str, rng: random.Random, paraphrase: float = 0.0
+) -> tuple[str, str]:
     """(question, answer) of one sample ``kind`` about ``scene`` in ``language`` ("en" or "zh"). Besides
-    :data:`KINDS`, ``"yes_no:<subtask>"`` asks a yes/no question of one of :data:`YES_NO_SUBTASKS`."""
+    :data:`KINDS`, ``"yes_no:<subtask>"`` asks a yes/no question of one of :data:`YES_NO_SUBTASKS`. With
+    ``paraphrase`` > 0, a color, shape, count or position question is asked in one of :data:`PARAPHRASES`'
+    wordings with that probability (``paraphrase=0`` draws exactly what earlier versions drew)."""
+    question, answer = _sample_texts(scene, kind, language, rng)
+    if paraphrase > 0 and kind in PARAPHRASES and rng.random() < paraphrase:
+        shape = _named_shape(scene, kind, language, question, answer)
+        if shape is None and kind != "count":
+            return question, answer
+        question = _paraphrased(kind, language, question, shape, rng)
+    return question, answer
+
+
+def _sample_texts(scene: Scene, kind: str, language: str, rng: random.Random) -> tuple[str, str]:
     zh = language == "zh"
     if kind == "color":
         shape = rng.choice([s for s in scene.shapes if scene.unique_kind(s.kind)])  # see _answerable
@@ -401,10 +489,12 @@ def make_sample(
     size: int = DEFAULT_SIZE,
     kinds: Sequence[str] | None = None,
     with_image: bool = True,
+    paraphrase: float = 0.0,
 ) -> dict[str, Any]:
     """Sample ``index`` of the stream of ``seed``: ``{"image", "messages", "kind", "language", "question",
     "answer", "scene"}``. ``messages`` is a user message (image part + text) and the assistant's answer, in the
-    chat format the processor takes. With ``with_image=False`` no picture is drawn (``image`` is None)."""
+    chat format the processor takes. With ``with_image=False`` no picture is drawn (``image`` is None). ``paraphrase``
+    is the share of short questions asked in other words (see :func:`sample_texts`)."""
     rng = _sample_rng(seed, index)
     kind = _choose_kind(rng, kinds)
     language = rng.choice(LANGUAGES)
@@ -412,7 +502,7 @@ def make_sample(
     scene = random_scene(rng, size, word=word)
     while not _answerable(scene, kind):  # no shape the question could name without ambiguity: draw again
         scene = random_scene(rng, size, word=word)
-    question, answer = sample_texts(scene, kind, language, rng)
+    question, answer = sample_texts(scene, kind, language, rng, paraphrase)
     image = render(scene) if with_image else None
     return {
         "image": image,
@@ -432,11 +522,12 @@ def make_conversation(
     turns: int = 1,
     size: int = DEFAULT_SIZE,
     kinds: Sequence[str] | None = None,
+    paraphrase: float = 0.0,
 ) -> dict[str, Any]:
     """Sample ``index`` of the stream of ``seed`` (see :func:`make_sample`) followed by ``turns - 1`` more
     questions about the same picture, each in its own user turn after the previous answer; ``messages`` holds the
     whole conversation (the picture only in the first turn)."""
-    sample = make_sample(seed, index, size=size, kinds=kinds)
+    sample = make_sample(seed, index, size=size, kinds=kinds, paraphrase=paraphrase)
     rng = _sample_rng(seed, index + 7_777_777)
     messages = list(sample["messages"])
     for _ in range(turns - 1):
@@ -444,7 +535,7 @@ def make_conversation(
         needs_word = kind in ("read_text", "yes_no:OCR")
         if not _answerable(sample["scene"], kind) or (needs_word and sample["scene"].word is None):
             continue
-        question, answer = sample_texts(sample["scene"], kind, sample["language"], rng)
+        question, answer = sample_texts(sample["scene"], kind, sample["language"], rng, paraphrase)
         messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return {**sample, "messages": messages}

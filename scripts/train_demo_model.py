@@ -80,6 +80,7 @@ from belle_vl_tools.demo_data import (
     corpus_texts,
     make_conversation,
     make_sample,
+    paraphrase_texts,
     random_scene,
     render,
 )
@@ -146,6 +147,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mme-images", type=int, default=100, help="pictures per subtask of the held-out MME-format set (0: none)"
     )
     p.add_argument(
+        "--paraphrase",
+        type=float,
+        default=0.0,
+        help="share of color/shape/count/position questions asked in other words, English and Chinese (0: none, "
+        "as for the shipped model)",
+    )
+    p.add_argument(
         "--heldout-pictures",
         type=int,
         default=50,
@@ -202,10 +210,12 @@ def build_untrained(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size % 14:
         raise SystemExit("--image-size must be a multiple of the 14-pixel patch")
     texts = list(corpus_texts())
+    if args.paraphrase > 0:
+        texts += list(paraphrase_texts())
     # the first training samples too: the texts follow a small grammar, so these cover its word pieces (a piece
     # missed would still be encoded, from smaller pieces: every single byte is in the vocabulary)
     for i in range(min(args.steps * args.batch_size, VOCAB_SAMPLES)):
-        sample = make_sample(args.seed, i, size=args.image_size, with_image=False)
+        sample = make_sample(args.seed, i, size=args.image_size, with_image=False, paraphrase=args.paraphrase)
         texts += ["\n" + sample["question"], sample["answer"]]
     with tempfile.TemporaryDirectory() as tmp:
         vocab = build_demo_vocab(Path(tmp) / "qwen.tiktoken", texts)
@@ -298,6 +308,7 @@ class ChatBatches(torch.utils.data.Dataset):
                 turns=rng.randint(1, args.max_turns),
                 size=args.image_size,
                 kinds=kinds.split(",") if kinds else None,
+                paraphrase=args.paraphrase,
             )
             for i in range(args.batch_size)
         ]

@@ -178,3 +178,19 @@ def test_held_out_sample_keeps_the_demo_models_measured_figures(heldout):
 def test_held_out_sample_meets_the_target(heldout):
     assert heldout.accuracy() >= 0.9, heldout.table()
     assert all(heldout.accuracy(skill) >= 0.8 for skill in heldout.asked), heldout.table()
+
+
+def test_training_data_can_ask_in_other_words_with_the_same_answers():
+    from belle_vl_tools.demo_data import PARAPHRASES, generate_samples, make_sample, paraphrase_texts
+
+    kinds = ["color", "shape", "count", "position"]
+    plain = generate_samples(40, seed=5, kinds=kinds)
+    reworded = [make_sample(5, i, kinds=kinds, paraphrase=1.0, with_image=False) for i in range(40)]
+    assert [s["answer"] for s in reworded] == [s["answer"] for s in plain]  # same scenes, same answers
+    assert [s["scene"] for s in reworded] == [s["scene"] for s in plain]
+    known = set(paraphrase_texts())
+    pairs = [(p["question"], r["question"]) for p, r in zip(plain, reworded, strict=True)]
+    changed = [r for p, r in pairs if p != r]
+    assert len(changed) >= 30  # (nearly) every question is asked in other words
+    assert all("\n" + r in known for r in changed)
+    assert all(PARAPHRASES[k] for k in kinds)
