@@ -102,7 +102,13 @@ class QWenConfig(PreTrainedConfig):
 
     @property
     def image_pad_id(self) -> int | None:
+        """Id of ``<imgpad>``: the positions the image features fill. None for a text-only model."""
         return None if self.visual is None else int(self.visual["image_start_id"]) + 2
+
+    @property
+    def image_token_id(self) -> int | None:
+        """transformers' name for the placeholder id (``generate`` reads it): :attr:`image_pad_id`."""
+        return self.image_pad_id
 
     @property
     def num_image_queries(self) -> int:

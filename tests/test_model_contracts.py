@@ -435,3 +435,19 @@ def test_config_round_trips(tmp_path):
     assert loaded.image_pad_id == PAD_IMG and make_config(False).image_pad_id is None
     with pytest.raises(ValueError, match="output_dim"):
         QWenConfig(hidden_size=256, visual={"output_dim": 128})
+
+
+def test_pictures_with_beams_samples_and_a_static_cache(vlm):
+    """generate encodes the pictures once and expands them for beams and returned sequences."""
+    ids, pixels = vision_inputs()
+    greedy = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        want = vlm.generate(input_ids=ids, pixel_values=pixels, **greedy)
+        static = vlm.generate(input_ids=ids, pixel_values=pixels, cache_implementation="static", **greedy)
+        beams = vlm.generate(input_ids=ids, pixel_values=pixels, num_beams=2, num_return_sequences=2, **greedy)
+        torch.manual_seed(0)
+        sampled = vlm.generate(input_ids=ids, pixel_values=pixels, num_return_sequences=2, max_new_tokens=4,
+                               do_sample=True, top_k=1)  # fmt: skip
+    assert torch.equal(static, want)
+    assert beams.shape == (2, ids.shape[1] + 4)
+    assert torch.equal(sampled, want.expand(2, -1))  # top_k=1: both samples are the greedy answer
