@@ -132,6 +132,12 @@ class Scene:
     word: str | None = None
     word_cell: tuple[int, int] | None = None
     word_box: tuple[int, int, int, int] | None = field(default=None, compare=False)
+    #: How a free-layout scene (see :func:`random_scene`) is drawn; the defaults draw as the grid layout does.
+    background: tuple[int, int, int] = BACKGROUND
+    canvas: tuple[int, int] | None = None  # drawn at this (width, height), then resized to size x size
+    font: str | None = None  # a TrueType file for the word (None: Pillow's own font)
+    font_size: int | None = None  # in canvas pixels
+    jpeg_quality: int | None = None  # JPEG-compressed at this quality after drawing
 
     def unique_kind(self, kind: str) -> bool:
         return sum(s.kind == kind for s in self.shapes) == 1
@@ -160,9 +166,18 @@ def _word_box(word: str, cell: tuple[int, int], size: int) -> tuple[int, int, in
     return x, y, x + (right - left), y + (bottom - top)
 
 
-def random_scene(rng: random.Random, size: int = DEFAULT_SIZE, word: bool | None = None, n: int | None = None) -> Scene:
+def random_scene(
+    rng: random.Random,
+    size: int = DEFAULT_SIZE,
+    word: bool | None = None,
+    n: int | None = None,
+    free: bool = False,
+) -> Scene:
     """A random scene: ``n`` (default 1-4) shapes with distinct (color, kind) pairs in distinct cells, and a
-    printed word in a free cell with probability 0.4 (``word=True``/``False`` forces it)."""
+    printed word in a free cell with probability 0.4 (``word=True``/``False`` forces it). With ``free``, the
+    free layout instead: shapes anywhere in several sizes, pictures and backgrounds (see :func:`_free_scene`)."""
+    if free:
+        return _free_scene(rng, size, word, n)
     n = n if n is not None else rng.randint(1, 4)
     cells = rng.sample(sorted(POSITIONS), n + 1)
     pairs = rng.sample([(c, k) for c in COLORS for k in SHAPES], n)
@@ -181,8 +196,101 @@ def random_scene(rng: random.Random, size: int = DEFAULT_SIZE, word: bool | None
     return Scene(size, tuple(shapes), text, cells[n], _word_box(text, cells[n], size))
 
 
+#: Light backgrounds of free-layout scenes (white among them).
+FREE_BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
+    (255, 255, 255), (252, 250, 243), (243, 243, 243), (240, 245, 252), (252, 242, 242), (242, 250, 240),
+)  # fmt: skip
+#: Picture sizes (width, height) of free-layout scenes before the resize to the model's input.
+FREE_CANVASES: tuple[tuple[int, int], ...] = ((112, 112), (168, 112), (112, 168), (224, 168), (140, 140))
+#: TrueType fonts free-layout words are printed in, when installed (besides Pillow's own font).
+FREE_FONTS: tuple[str, ...] = (
+    "DejaVuSansCondensed-Bold.ttf", "DejaVuSansCondensed.ttf", "LiberationSansNarrow-Bold.ttf", "DejaVuSerif.ttf",
+    "LiberationSerif-Regular.ttf", "DejaVuSansMono.ttf",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _free_fonts() -> tuple[str, ...]:
+    import os
+
+    found: dict[str, str] = {}
+    for root_dir in ("/usr/share/fonts", "/usr/local/share/fonts", "/Library/Fonts", "C:/Windows/Fonts"):
+        for root, _dirs, files in os.walk(root_dir):
+            for name in files:
+                if name in FREE_FONTS:
+                    found.setdefault(name, os.path.join(root, name))
+    return tuple(found[name] for name in FREE_FONTS if name in found)
+
+
+@functools.lru_cache(maxsize=64)
+def _truetype(path: str, size: int) -> Any:
+    return ImageFont.truetype(path, size)
+
+
+def _region(x: float, y: float, width: float, height: float) -> tuple[int, int]:
+    return min(2, int(3 * y / height)), min(2, int(3 * x / width))
+
+
+def _free_scene(rng: random.Random, size: int, word: bool | None, n: int | None) -> Scene:
+    """Shapes of 8-35% of the shorter side anywhere (not overlapping), on a light background, in one of several
+    picture sizes; the word (probability 0.4) anywhere free, in one of several fonts and sizes; JPEG. Each shape's
+    cell is the 3 x 3 region of its center; boxes are in the resized picture's pixels."""
+    width, height = rng.choice(FREE_CANVASES)
+    shorter = min(width, height)
+    n = n if n is not None else rng.randint(1, 4)
+    pairs = rng.sample([(c, k) for c in COLORS for k in SHAPES], n)
+    taken: list[tuple[float, float, float, float]] = []
+    gap = shorter * 0.03
+
+    def free(box: tuple[float, float, float, float]) -> bool:
+        return all(box[2] + gap <= o[0] or o[2] + gap <= box[0] or box[3] + gap <= o[1] or o[3] + gap <= box[1]
+                   for o in taken)  # fmt: skip
+
+    sx, sy = size / width, size / height
+    shapes = []
+    for color, kind in pairs:
+        for _attempt in range(100):
+            side = shorter * rng.uniform(0.08, 0.35)
+            x0, y0 = rng.uniform(1, width - side - 1), rng.uniform(1, height - side - 1)
+            box = (x0, y0, x0 + side, y0 + side)
+            if free(box):
+                taken.append(box)
+                cell = _region(x0 + side / 2, y0 + side / 2, width, height)
+                scaled = (round(x0 * sx), round(y0 * sy), round((x0 + side) * sx), round((y0 + side) * sy))
+                shapes.append(Shape(kind, color, cell, scaled))
+                break
+    fonts = (*_free_fonts(), None)
+    style = {
+        "background": rng.choice(FREE_BACKGROUNDS),
+        "canvas": (width, height),
+        "font": rng.choice(fonts),
+        "jpeg_quality": rng.randint(60, 95),
+    }
+    has_word = rng.random() < 0.4 if word is None else word
+    if has_word:
+        text = rng.choice(WORDS)
+        for _attempt in range(100):
+            font_size = max(9, round(shorter * rng.uniform(0.1, 0.2)))
+            font = _truetype(style["font"], font_size) if style["font"] else _font(font_size)
+            left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+            w, h = right - left, bottom - top
+            if w + 4 >= width or h + 4 >= height:
+                continue
+            x0, y0 = rng.uniform(2, width - w - 2), rng.uniform(2, height - h - 2)
+            box = (x0, y0, x0 + w, y0 + h)
+            if free(box):
+                cell = _region(x0 + w / 2, y0 + h / 2, width, height)
+                word_at = (round(x0), round(y0), round(x0 + w), round(y0 + h))  # canvas pixels, for drawing
+                return Scene(size, tuple(shapes), text, cell, word_at, font_size=font_size, **style)
+    return Scene(size, tuple(shapes), **style)
+
+
 def render(scene: Scene) -> Image.Image:
-    """The picture of ``scene`` (RGB, no antialiasing, so every shape pixel has its exact color)."""
+    """The picture of ``scene`` (RGB, no antialiasing, so every shape pixel has its exact color); a free-layout
+    scene is drawn at its canvas size, resized to ``size`` x ``size`` (as the processor resizes) and
+    JPEG-compressed."""
+    if scene.canvas is not None:
+        return _render_free(scene)
     image = Image.new("RGB", (scene.size, scene.size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
@@ -199,6 +307,36 @@ def render(scene: Scene) -> Image.Image:
         left, top, _r, _b = draw.textbbox((0, 0), scene.word, font=font)
         draw.text((scene.word_box[0] - left, scene.word_box[1] - top), scene.word, fill=TEXT_COLOR, font=font)
     return image
+
+
+def _render_free(scene: Scene) -> Image.Image:
+    import io
+
+    width, height = scene.canvas  # type: ignore[misc]
+    sx, sy = width / scene.size, height / scene.size
+    image = Image.new("RGB", (width, height), scene.background)
+    draw = ImageDraw.Draw(image)
+    for shape in scene.shapes:
+        x1, y1, x2, y2 = shape.box[0] * sx, shape.box[1] * sy, shape.box[2] * sx, shape.box[3] * sy
+        fill = COLORS[shape.color][0]
+        if shape.kind == "circle":
+            draw.ellipse((x1, y1, x2, y2), fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle((x1, y1, x2, y2), fill=fill)
+        else:
+            draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=fill)
+    if scene.word is not None and scene.word_box is not None and scene.font_size:
+        font = _truetype(scene.font, scene.font_size) if scene.font else _font(scene.font_size)
+        left, top, _r, _b = draw.textbbox((0, 0), scene.word, font=font)
+        draw.text((scene.word_box[0] - left, scene.word_box[1] - top), scene.word, fill=TEXT_COLOR, font=font)
+    image = image.resize((scene.size, scene.size), Image.Resampling.BICUBIC)
+    if scene.jpeg_quality is None:
+        return image
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=scene.jpeg_quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
 
 
 # --- texts ---------------------------------------------------------------------------------------------------------
@@ -224,23 +362,24 @@ def _a(color: str) -> str:
 def _describe(scene: Scene, detail: str, language: str) -> str:
     shapes = sorted(scene.shapes, key=lambda s: s.cell)
     n = len(shapes)
+    white = scene.background == BACKGROUND
     if language == "zh":
         if detail == "brief":
             items = "、".join(f"一个{s.phrase('zh')}" for s in shapes)
-            text = f"白色背景上有{items}。"
+            text = f"{'白色' if white else '浅色'}背景上有{items}。"
             return text + (f'图中写着"{scene.word}"。' if scene.word else "")
         items = "；".join(f"{POSITIONS[s.cell][1]}是一个{s.phrase('zh')}" for s in shapes)
-        text = f"这张图的背景是白色的，上面有{_zh_count(n)}个图形：{items}。"
+        text = f"这张图的背景是{'白色' if white else '浅色'}的，上面有{_zh_count(n)}个图形：{items}。"
         if scene.word and scene.word_cell:
             text += f'{POSITIONS[scene.word_cell][1]}用黑色写着单词"{scene.word}"。'
         return text
     if detail == "brief":
         items = _list_en([f"{_a(s.color)} {s.color} {s.kind}" for s in shapes])
-        text = f"{items[0].upper()}{items[1:]} on a white background."
+        text = f"{items[0].upper()}{items[1:]} on a {'white' if white else 'light'} background."
         return text + (f' The word "{scene.word}" is written on it.' if scene.word else "")
     noun = "shape" if n == 1 else "shapes"
     items = _list_en([f"{_a(s.color)} {s.color} {s.kind} {POSITIONS[s.cell][0]}" for s in shapes])
-    text = f"The picture shows {_en_count(n)} {noun} on a white background: {items}."
+    text = f"The picture shows {_en_count(n)} {noun} on a {'white' if white else 'light'} background: {items}."
     if scene.word and scene.word_cell:
         text += f' The word "{scene.word}" is written in black {POSITIONS[scene.word_cell][0]}.'
     return text
@@ -490,18 +629,21 @@ def make_sample(
     kinds: Sequence[str] | None = None,
     with_image: bool = True,
     paraphrase: float = 0.0,
+    free: float = 0.0,
 ) -> dict[str, Any]:
     """Sample ``index`` of the stream of ``seed``: ``{"image", "messages", "kind", "language", "question",
     "answer", "scene"}``. ``messages`` is a user message (image part + text) and the assistant's answer, in the
     chat format the processor takes. With ``with_image=False`` no picture is drawn (``image`` is None). ``paraphrase``
-    is the share of short questions asked in other words (see :func:`sample_texts`)."""
+    is the share of short questions asked in other words (see :func:`sample_texts`), ``free`` the share of
+    free-layout pictures (see :func:`random_scene`; 0 draws exactly what earlier versions drew)."""
     rng = _sample_rng(seed, index)
     kind = _choose_kind(rng, kinds)
     language = rng.choice(LANGUAGES)
     word = True if (kind == "read_text" and rng.random() < 0.8) or kind == "yes_no:OCR" else None
-    scene = random_scene(rng, size, word=word)
+    layout = free > 0 and rng.random() < free
+    scene = random_scene(rng, size, word=word, free=layout)
     while not _answerable(scene, kind):  # no shape the question could name without ambiguity: draw again
-        scene = random_scene(rng, size, word=word)
+        scene = random_scene(rng, size, word=word, free=layout)
     question, answer = sample_texts(scene, kind, language, rng, paraphrase)
     image = render(scene) if with_image else None
     return {
@@ -523,11 +665,12 @@ def make_conversation(
     size: int = DEFAULT_SIZE,
     kinds: Sequence[str] | None = None,
     paraphrase: float = 0.0,
+    free: float = 0.0,
 ) -> dict[str, Any]:
     """Sample ``index`` of the stream of ``seed`` (see :func:`make_sample`) followed by ``turns - 1`` more
     questions about the same picture, each in its own user turn after the previous answer; ``messages`` holds the
     whole conversation (the picture only in the first turn)."""
-    sample = make_sample(seed, index, size=size, kinds=kinds, paraphrase=paraphrase)
+    sample = make_sample(seed, index, size=size, kinds=kinds, paraphrase=paraphrase, free=free)
     rng = _sample_rng(seed, index + 7_777_777)
     messages = list(sample["messages"])
     for _ in range(turns - 1):

@@ -154,6 +154,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "as for the shipped model)",
     )
     p.add_argument(
+        "--free-layout",
+        type=float,
+        default=0.0,
+        help="share of pictures in the free layout: shapes of 8-35%% anywhere, several picture sizes, light "
+        "backgrounds, words in several fonts, JPEG (0: none, as for the shipped model)",
+    )
+    p.add_argument(
         "--heldout-pictures",
         type=int,
         default=50,
@@ -215,7 +222,9 @@ def build_untrained(args: argparse.Namespace) -> dict[str, Any]:
     # the first training samples too: the texts follow a small grammar, so these cover its word pieces (a piece
     # missed would still be encoded, from smaller pieces: every single byte is in the vocabulary)
     for i in range(min(args.steps * args.batch_size, VOCAB_SAMPLES)):
-        sample = make_sample(args.seed, i, size=args.image_size, with_image=False, paraphrase=args.paraphrase)
+        sample = make_sample(
+            args.seed, i, size=args.image_size, with_image=False, paraphrase=args.paraphrase, free=args.free_layout
+        )
         texts += ["\n" + sample["question"], sample["answer"]]
     with tempfile.TemporaryDirectory() as tmp:
         vocab = build_demo_vocab(Path(tmp) / "qwen.tiktoken", texts)
@@ -309,6 +318,7 @@ class ChatBatches(torch.utils.data.Dataset):
                 size=args.image_size,
                 kinds=kinds.split(",") if kinds else None,
                 paraphrase=args.paraphrase,
+                free=args.free_layout,
             )
             for i in range(args.batch_size)
         ]
@@ -326,7 +336,11 @@ class SceneBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         rng = random.Random(f"{self.args.seed + 1}:{step}")
-        scenes = [random_scene(rng, self.args.image_size) for _ in range(self.args.batch_size * 2)]
+        p = self.args.free_layout
+        scenes = [
+            random_scene(rng, self.args.image_size, free=p > 0 and rng.random() < p)
+            for _ in range(self.args.batch_size * 2)
+        ]
         return {"pixel_values": self.processor.pixel_values([render(scene) for scene in scenes]), "scenes": scenes}
 
 

@@ -194,3 +194,31 @@ def test_training_data_can_ask_in_other_words_with_the_same_answers():
     assert len(changed) >= 30  # (nearly) every question is asked in other words
     assert all("\n" + r in known for r in changed)
     assert all(PARAPHRASES[k] for k in kinds)
+
+
+def test_free_layout_training_pictures_match_their_answers():
+    import random
+
+    from belle_vl_tools.demo_data import BACKGROUND, COLORS, make_sample, random_scene, render
+
+    scenes = [random_scene(random.Random(i), free=True) for i in range(40)]
+    assert len({s.canvas for s in scenes}) >= 3 and any(s.background != BACKGROUND for s in scenes)
+    sides = [(sh.box[2] - sh.box[0]) for s in scenes for sh in s.shapes]
+    assert min(sides) < 0.15 * 112 and max(sides) > 0.25 * 112  # small and large shapes
+    cells = {sh.cell for s in scenes for sh in s.shapes}
+    assert len(cells) == 9
+    for scene in scenes[:10]:
+        image = render(scene)
+        assert image.size == (112, 112)
+        for shape in scene.shapes:
+            x1, y1, x2, y2 = shape.box
+            center = image.getpixel(((x1 + x2) // 2, (y1 + y2 * 3) // 4))  # inside circles, squares and triangles
+            rgb = COLORS[shape.color][0]
+            assert sum(abs(a - b) for a, b in zip(center, rgb, strict=True)) < 90, (shape, center)
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            assert (
+                shape.cell == (min(2, int(3 * cy / 112)), min(2, int(3 * cx / 112)))
+                or min(abs(v - b) for v in (cx, cy) for b in (112 / 3, 224 / 3)) < 2
+            )  # the region of the center (rounding aside)
+    sample = make_sample(1, 0, free=1.0, kinds=["describe_detailed"])
+    assert ("background" in sample["answer"] or "背景" in sample["answer"]) and sample["image"].size == (112, 112)
