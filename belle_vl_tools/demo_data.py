@@ -10,6 +10,13 @@ Pictures are drawn at ``DEFAULT_SIZE`` (112) pixels: the demo model's vision tow
 (capitals about 12 pixels tall, a word about as wide as a grid cell) while the vision tower stays cheap to train
 on a CPU. The picture size equals the model's input size, so the processor's resize leaves the pixels as drawn.
 
+Opt-in variety for a more robust model (both off by default, so the shipped model's stream is unchanged):
+``free`` draws a share of the pictures in a free layout (shapes of 8-35% of the picture anywhere, several picture
+sizes and aspect ratios resized to the model's input, light backgrounds, words in several fonts and sizes, JPEG;
+positions are the 3 x 3 regions of the shapes' centers), and ``paraphrase`` asks a share of the short questions in
+other words (:data:`PARAPHRASES`, English and Chinese). Its fonts differ from those of the independent held-out
+check (:mod:`belle_vl_tools.demo_heldout`).
+
 The prompts are exactly those of :mod:`belle_vl_tools.prompts` (describe, read-text, locate, yes/no), so the
 model learns the wording the tools send. Everything is seeded: ``generate_samples(n, seed)`` returns the same
 pictures and texts on every run. Only PIL, numpy and the standard library are used here (no torch).
