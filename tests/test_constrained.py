@@ -188,3 +188,13 @@ def test_generate_logits_processor_handles_a_batch_with_a_free_row(runtime, toke
     assert bool(torch.isinf(out[0]).any()) and not bool(torch.isinf(out[1]).any())
     with pytest.raises(GrammarError):
         logits_processor([Grammar.json_object()], tokenizer)(ids, torch.zeros(2, 8))
+
+
+def test_vision_tasks_take_response_format_and_the_picture_still_counts(runtime, pictures) -> None:
+    answers = [
+        runtime.ask(pictures[color], "What is it?", temperature=0, max_new_tokens=48, response_format=Item).text
+        for color in ("red", "blue")
+    ]
+    for text in answers:
+        Item.model_validate_json(text)
+    assert answers[0] != answers[1]  # the picture reached the model under the grammar too
