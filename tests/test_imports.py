@@ -232,3 +232,17 @@ def test_the_graph_walker_sees_an_upward_import(tmp_path):
     imports = _imports(fake, "images")
     assert ("runtime", True) in imports and ("tools", False) in imports
     assert _layer_of("runtime") > _layer_of("images")
+
+
+def test_python_dash_m_runs_package_modules_through_the_hook():
+    """The registration hook wraps loaders of this package's modules; runpy still finds their code."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['belle-vl', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('belle_vl_tools.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code)\n"
+    )
+    out = _run(code)
+    assert "Usage" in out and "exit 0" in out
