@@ -6,26 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from belle_vl_tools import ImagePolicy
-from belle_vl_tools.backend import ChatResult, Usage
+from belle_vl_tools.backend import Usage
+from belle_vl_tools.testing import ScriptedBackend
 from langchain_core.messages import ToolMessage
 from PIL import Image
 
 from langchain_belle_vl import BelleVLLocateObjectsTool, BelleVLToolkit
 
 
-class Answer:
-    model_name = "scripted"
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pictures: list[Any] = []
-
-    def chat(self, messages: list[dict[str, Any]], **generation: Any) -> ChatResult:
-        self.pictures.append(messages[0]["content"][0]["image"])
-        return ChatResult(self.text, "stop", Usage(1, 1, 1), self.model_name)
-
-    async def achat(self, messages: list[dict[str, Any]], **generation: Any) -> ChatResult:
-        return self.chat(messages, **generation)
+def Answer(text: str) -> ScriptedBackend:  # noqa: N802 - reads as the scripted answer it is
+    """The shared scripted backend, answering one fixed text."""
+    return ScriptedBackend(text, usage=Usage(1, 1, 1))
 
 
 def _call(tool: Any, args: dict[str, Any]) -> ToolMessage:
@@ -42,7 +33,7 @@ def test_toolkit_shares_store_and_policy(tmp_path: Path) -> None:
     message = _call(tools["visual_qa"], {"image": handle, "question": "Color?"})
     assert message.content == "red" and message.status == "success"
     assert message.artifact["model"] == "scripted"
-    assert backend.pictures[-1].getpixel((0, 0)) == (255, 0, 0)
+    assert backend.pictures()[0].getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_errors_reach_the_agent_as_messages(tmp_path: Path) -> None:
