@@ -42,9 +42,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 from .configuration_qwen_vl import DEFAULT_VISUAL, NUM_IMAGE_QUERIES
 from .errors import PromptError
 from .images import ImagePolicy, load_image
+from .messages import DEFAULT_SYSTEM
 from .tokenization_qwen_vl import CHAT_TEMPLATE, IMG_END, IMG_START, QWenTokenizer
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_MAX_WINDOW_SIZE = 6144
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -857,7 +857,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         if tools or documents:
             raise PromptError(
                 "This chat template has no tools or documents section: render tool descriptions into the system "
-                "message (belle_vl_tools.toolcalls does) or pass them as text."
+                "message (belle_vl_tools.react does) or pass them as text."
             )
         if tokenizer_kwargs:
             raise PromptError(f"tokenizer_kwargs {sorted(tokenizer_kwargs)} are not supported by QWenTokenizer.")

@@ -29,8 +29,8 @@ from .errors import BelleVLError, ImageNotFoundError
 from .grounding import Box, draw_boxes
 from .images import ImagePolicy, describe_source, load_image
 from .messages import Message
+from .react import ToolSpec
 from .tasks import get_task
-from .toolcalls import ToolSpec
 
 __all__ = [
     "TOOL_NAMES",

@@ -103,7 +103,7 @@ LAYERS: list[set[str]] = [
     # 3: backends: the interface, the local runtime and its engines, the remote client
     {"backend", "runtime", "model_card", "engine", "constrained", "backends", "backends.remote"},
     # 4: tool-call session, caption cache
-    {"react", "toolcalls", "captions"},
+    {"react", "captions"},
     # 5: agent tools
     {"tools"},
     # 6: apps: translation only

@@ -19,8 +19,8 @@ from PIL import Image
 from belle_vl_tools.backend import Usage
 from belle_vl_tools.errors import BackendError
 from belle_vl_tools.images import ImagePolicy
+from belle_vl_tools.react import ToolSpec
 from belle_vl_tools.testing import ScriptedBackend
-from belle_vl_tools.toolcalls import ToolSpec
 from belle_vl_tools.tools import TOOL_NAMES, BelleVLTool, ImageStore, ToolResult, UnknownImageHandleError, make_tools
 
 FEW_TOKENS = {"max_new_tokens": 6}

@@ -51,7 +51,7 @@ MAX_JSON_DEPTH = 64
 MAX_N = 8
 #: Most logit_bias entries, as the OpenAI API allows.
 MAX_LOGIT_BIAS = 300
-ROLES = ("system", "developer", "user", "assistant", "tool")
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -392,8 +392,10 @@ def _parse_messages(raw_messages: list[dict[str, Any]]) -> tuple[list[dict[str, 
     call_names: dict[str, str] = {}
     for i, raw in enumerate(raw_messages):
         role = raw.get("role")
-        if role not in ROLES:
-            raise bad_request(f"messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}.", f"messages[{i}].role")
+        if role not in OPENAI_ROLES:
+            raise bad_request(
+                f"messages[{i}].role is {role!r}; use one of {', '.join(OPENAI_ROLES)}.", f"messages[{i}].role"
+            )
         kind = _MESSAGE_TYPES[role]
         for key, value in raw.items():
             if key not in _keys(kind):
@@ -527,7 +529,7 @@ def parse_chat_request(
     tools: list[Any] = []
     uses_tool_history = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
     if req.tools is not None or uses_tool_history:
-        from ..toolcalls import ToolSpec
+        from ..react import ToolSpec
 
         try:
             tools = [ToolSpec.from_openai(dict(tool)) for tool in req.tools or []]

@@ -2,23 +2,20 @@
 generation settings, and how the model's reply becomes OpenAI ``content`` / ``tool_calls``.
 
 The server has no logic of its own here: it asks the core's tool-call session (:mod:`belle_vl_tools.react`, with
-grammar-constrained decoding from :mod:`belle_vl_tools.constrained`) when that is installed, and the ReAct protocol
-of :mod:`belle_vl_tools.toolcalls` otherwise. :func:`plan` is the one switch between the two.
+grammar-constrained decoding from :mod:`belle_vl_tools.constrained`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from collections.abc import Callable
 from typing import Any
 
+from ..messages import DEFAULT_SYSTEM
 from .protocol import ChatRequest, Sampling
 
 __all__ = ["Answer", "Plan", "extract_json", "plan"]
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 @dataclasses.dataclass
@@ -60,15 +57,9 @@ def extract_json(text: str) -> str | None:
     return None
 
 
-def _react_session_available() -> bool:
-    return importlib.util.find_spec("belle_vl_tools.react") is not None
-
-
 def plan(request: ChatRequest) -> Plan:
     """The plan for ``request`` (the messages already hold their loaded pictures)."""
-    if _react_session_available():
-        return _plan_with_session(request)
-    return _plan_with_toolcalls(request)
+    return _plan_with_session(request)
 
 
 def _openai_calls(calls: Any, parallel: bool) -> list[dict[str, Any]]:
@@ -141,46 +132,3 @@ def _with_json_instruction(request: ChatRequest, messages: list[dict[str, Any]])
     else:
         messages.insert(0, {"role": "system", "content": f"{DEFAULT_SYSTEM}\n{instruction}"})
     return messages
-
-
-def _plan_with_toolcalls(request: ChatRequest) -> Plan:
-    """Without the tool-call session: the ReAct prompt and parsing of :mod:`belle_vl_tools.toolcalls`, and the
-    response format as an instruction only."""
-    messages = _with_json_instruction(request, request.messages)
-    uses_tools = bool(request.tools) and request.tool_choice != "none"
-    sampling = request.sampling
-    if uses_tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-        from ..toolcalls import render_tool_messages
-
-        messages = render_tool_messages(messages, request.tools, request.tool_choice)
-    if uses_tools:
-        from ..toolcalls import STOP_SEQUENCES
-
-        sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *STOP_SEQUENCES])
-
-    def parse(text: str, finish_reason: str) -> Answer:
-        if uses_tools:
-            from ..toolcalls import parse_reply
-
-            parsed = parse_reply(text, request.tools)
-            if parsed.tool_calls:
-                calls = [
-                    {
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
-                    }
-                    for call in parsed.tool_calls
-                ]
-                if not request.parallel_tool_calls:
-                    calls = calls[:1]
-                return Answer(parsed.content or None, calls, "tool_calls")
-            text = parsed.content if not parsed.invalid_tool_calls else text
-        if request.format_type in ("json_object", "json_schema"):
-            found = extract_json(text)
-            if found is not None:
-                text = found
-        return Answer(text, [], finish_reason)
-
-    whole_first = uses_tools or request.format_type != "text"
-    return Plan(messages, sampling, whole_first, parse)
