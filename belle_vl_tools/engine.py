@@ -36,7 +36,7 @@ from .backend import Usage
 from .errors import BelleVLError, PromptError
 from .modeling_qwen_vl import CACHE_FIELD
 from .processing_qwen_vl import ChatInputs
-from .runtime import BelleVL, _Answer
+from .runtime import AnswerText, BelleVL
 
 #: Seeds ``torch.Generator.manual_seed`` accepts.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
@@ -244,7 +244,7 @@ class _Row:
     def __init__(self, request: _Request, runtime: BelleVL, vocab: int, device: torch.device) -> None:
         self.request = request
         s = request.settings
-        self.answer = _Answer(runtime.tokenizer, runtime.stop_ids, request.params.stop)
+        self.answer = AnswerText(runtime.tokenizer, runtime.stop_ids, request.params.stop)
         self.max_new_tokens: int = s["max_new_tokens"]
         self.greedy = s["temperature"] == 0
         self.generator: torch.Generator | None = None

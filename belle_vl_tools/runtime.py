@@ -189,7 +189,7 @@ def _cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-class _Answer:
+class AnswerText:
     """Accumulates generated ids for one row and yields display text exactly as the final answer will be."""
 
     def __init__(self, tokenizer: QWenTokenizer, stop_ids: set[int], stops: list[str]) -> None:
@@ -595,7 +595,7 @@ class BelleVL(VisionTasks):
             self._prefix_cache.put(id(cache), _Prefix(ids=full, spans=spans, cache=cache, alphas=list(kept)))
         return sequences[:, prompt_len:], prompt_len
 
-    def _result(self, item: ChatInputs, answer: _Answer) -> ChatResult:
+    def _result(self, item: ChatInputs, answer: AnswerText) -> ChatResult:
         usage = Usage(prompt_tokens=len(item.input_ids), completion_tokens=len(answer.ids), images=item.num_images)
         return ChatResult(answer.final_text(), answer.finish_reason(), usage, self.model_name)  # type: ignore[arg-type]
 
@@ -609,7 +609,7 @@ class BelleVL(VisionTasks):
         item = self.prepare(messages, system)
         with self._lock:
             new_ids, _ = self._generate([item], settings)
-        answer = _Answer(self.tokenizer, self.stop_ids, settings.stop)
+        answer = AnswerText(self.tokenizer, self.stop_ids, settings.stop)
         answer.push(new_ids[0].tolist())
         return self._result(item, answer)
 
@@ -625,7 +625,7 @@ class BelleVL(VisionTasks):
             new_ids, _ = self._generate(items, settings)
         results = []
         for item, row in zip(items, new_ids.tolist(), strict=True):
-            answer = _Answer(self.tokenizer, self.stop_ids, settings.stop)
+            answer = AnswerText(self.tokenizer, self.stop_ids, settings.stop)
             answer.push(row)
             results.append(self._result(item, answer))
         return results
@@ -649,7 +649,7 @@ class BelleVL(VisionTasks):
 
         worker = threading.Thread(target=work, name="belle-vl-generate", daemon=True)
         worker.start()
-        answer = _Answer(self.tokenizer, self.stop_ids, settings.stop)
+        answer = AnswerText(self.tokenizer, self.stop_ids, settings.stop)
         try:
             while True:
                 kind, payload = queue.get()

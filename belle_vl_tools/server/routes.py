@@ -38,7 +38,7 @@ from .generation import Delta, Generator, Output, TokenLogprob, check_features
 from .media import MediaPool
 from .metrics import Metrics
 from .protocol import ChatRequest, Sampling, TextRequest, parse_chat_request, parse_completion_request, parse_json
-from .structured import Answer, plan
+from .structured import ChoiceContent, plan
 
 __all__ = ["ServerConfig", "ServerState", "build_router"]
 
@@ -119,7 +119,7 @@ def _chat_logprobs(entries: Sequence[TokenLogprob] | None, top: int) -> cc.Choic
     )
 
 
-def _tool_calls(answer: Answer) -> list[ChatCompletionMessageFunctionToolCall] | None:
+def _tool_calls(answer: ChoiceContent) -> list[ChatCompletionMessageFunctionToolCall] | None:
     if not answer.tool_calls:
         return None
     return [ChatCompletionMessageFunctionToolCall.model_validate(call) for call in answer.tool_calls]

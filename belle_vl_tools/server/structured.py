@@ -15,11 +15,11 @@ from typing import Any
 from ..messages import DEFAULT_SYSTEM
 from .protocol import ChatRequest, Sampling
 
-__all__ = ["Answer", "Plan", "extract_json", "plan"]
+__all__ = ["ChoiceContent", "Plan", "extract_json", "plan"]
 
 
 @dataclasses.dataclass
-class Answer:
+class ChoiceContent:
     """What goes into a choice: content, tool calls (OpenAI dicts), finish reason."""
 
     content: str | None
@@ -38,7 +38,7 @@ class Plan:
     messages: list[dict[str, Any]]
     sampling: Sampling
     whole_answer_first: bool
-    parse: Callable[[str, str], Answer]
+    parse: Callable[[str, str], ChoiceContent]
 
 
 def extract_json(text: str) -> str | None:
@@ -95,16 +95,16 @@ def _plan_with_session(request: ChatRequest) -> Plan:
         processors=list(request.sampling.processors),
     )
 
-    def parse(text: str, finish_reason: str) -> Answer:
+    def parse(text: str, finish_reason: str) -> ChoiceContent:
         reply = session.parse(text)
         if reply.tool_calls:
-            return Answer(
+            return ChoiceContent(
                 reply.content or None, _openai_calls(reply.tool_calls, request.parallel_tool_calls), "tool_calls"
             )
         content = reply.content if session.may_call and not reply.invalid_tool_calls else text
         if request.format_type in ("json_object", "json_schema"):
             content = extract_json(content) or content
-        return Answer(content, [], finish_reason)
+        return ChoiceContent(content, [], finish_reason)
 
     whole_first = session.may_call or request.format_type != "text"
     return Plan(list(prepared.messages), sampling, whole_first, parse)
@@ -112,10 +112,10 @@ def _plan_with_session(request: ChatRequest) -> Plan:
 
 def _json_instruction(request: ChatRequest) -> str | None:
     if request.format_type == "json_object":
-        return "Answer with one JSON object and nothing else."
+        return "ChoiceContent with one JSON object and nothing else."
     if request.format_type == "json_schema":
         schema = json.dumps(request.json_schema, ensure_ascii=False)
-        return f"Answer with one JSON object that follows this JSON schema, and nothing else: {schema}"
+        return f"ChoiceContent with one JSON object that follows this JSON schema, and nothing else: {schema}"
     return None
 
 
