@@ -28,6 +28,7 @@ import typer
 
 from . import __version__
 from .errors import BelleVLError, CheckpointError, ImageAccessDeniedError, ImageNotFoundError
+from .prompts import Detail, Language
 
 if TYPE_CHECKING:
     from .backend import ChatResult
@@ -38,16 +39,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 MODEL_PANEL = "Model options"
 GENERATION_PANEL = "Generation options"
 PICTURE_PANEL = "Picture options"
-
-
-class Detail(str, Enum):
-    brief = "brief"
-    detailed = "detailed"
-
-
-class Language(str, Enum):
-    en = "en"
-    zh = "zh"
 
 
 class DType(str, Enum):
@@ -562,11 +553,10 @@ def ask(
     json_output: JsonOpt = False,
 ) -> None:
     """Answer a question about a picture."""
-    from . import prompts
-    from .backend import image_message
+    from .tasks import get_task
 
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    messages = image_message(_picture(image, settings), prompts.ask_prompt(question))
+    messages = get_task("ask").messages(_picture(image, settings), question=question)
     _answer(_load_backend(settings), messages, settings)
 
 
@@ -576,8 +566,8 @@ def ask(
 def describe(
     ctx: typer.Context,
     image: ImageArg,
-    detail: Annotated[Detail, typer.Option(help="A short or a detailed description.")] = Detail.brief,
-    language: LanguageOpt = Language.en,
+    detail: Annotated[Detail, typer.Option(help="A short or a detailed description.")] = "brief",
+    language: LanguageOpt = "en",
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
@@ -585,11 +575,10 @@ def describe(
     json_output: JsonOpt = False,
 ) -> None:
     """Describe a picture."""
-    from . import prompts
-    from .backend import image_message
+    from .tasks import get_task
 
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    messages = image_message(_picture(image, settings), prompts.describe_prompt(detail.value, language.value))
+    messages = get_task("describe").messages(_picture(image, settings), detail=detail, language=language)
     _answer(_load_backend(settings), messages, settings)
 
 
@@ -599,7 +588,7 @@ def describe(
 def read_text(
     ctx: typer.Context,
     image: ImageArg,
-    language: LanguageOpt = Language.en,
+    language: LanguageOpt = "en",
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
@@ -607,11 +596,10 @@ def read_text(
     json_output: JsonOpt = False,
 ) -> None:
     """Read out the text visible in a picture."""
-    from . import prompts
-    from .backend import image_message
+    from .tasks import get_task
 
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    messages = image_message(_picture(image, settings), prompts.read_text_prompt(language.value))
+    messages = get_task("read_text").messages(_picture(image, settings), language=language)
     _answer(_load_backend(settings), messages, settings)
 
 
@@ -637,7 +625,7 @@ def locate(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Save the picture with the boxes drawn on it here.")
     ] = None,
-    language: LanguageOpt = Language.en,
+    language: LanguageOpt = "en",
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
@@ -646,12 +634,12 @@ def locate(
 ) -> None:
     """Find what a phrase names in a picture: boxes in pixels, optionally drawn onto a copy of the picture."""
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
-    from . import prompts
+    from .tasks import get_task
 
     _check_image_out(out)
     picture = _picture(image, settings)
-    prompts.locate_prompt(phrase, language.value)  # a bad phrase fails before the model loads
-    result = _load_backend(settings).locate(picture, phrase, language=language.value, **settings.generation)
+    get_task("locate").prompt(phrase=phrase, language=language)  # a bad phrase fails before the model loads
+    result = _load_backend(settings).locate(picture, phrase, language=language, **settings.generation)
     if out is not None:
         from .grounding import draw_boxes
 
@@ -762,8 +750,8 @@ def caption(
             help="The caption cache (SQLite). [default: beside --out, e.g. captions.cache.sqlite]", show_default=False
         ),
     ] = None,
-    detail: Annotated[Detail, typer.Option(help="Short or detailed captions.")] = Detail.brief,
-    language: LanguageOpt = Language.en,
+    detail: Annotated[Detail, typer.Option(help="Short or detailed captions.")] = "brief",
+    language: LanguageOpt = "en",
     prompt: Annotated[str | None, typer.Option(help="A captioning prompt of your own instead.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Pictures captioned together.")] = 8,
     recursive: Annotated[bool, typer.Option(help="Look into subfolders too.")] = True,
@@ -800,8 +788,8 @@ def caption(
                 cache=store,
                 model_name=key,
                 prompt=prompt,
-                detail=detail.value,
-                language=language.value,
+                detail=detail,
+                language=language,
                 batch_size=batch_size,
                 progress=True,
                 on_error="skip",
