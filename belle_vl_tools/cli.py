@@ -73,6 +73,14 @@ DTypeOpt = Annotated[
         show_default=False,
     ),
 ]
+RemoteOpt = Annotated[
+    str | None,
+    typer.Option(help="Use a `belle-vl serve` server at this URL instead of a local model.", show_default=False),
+]
+RemoteKeyOpt = Annotated[
+    str | None,
+    typer.Option(envvar="BELLE_VL_REMOTE_API_KEY", help="The --remote server's API key.", show_default=False),
+]
 MaxNewTokensOpt = Annotated[
     int | None,
     typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.", rich_help_panel=MODEL_PANEL),
@@ -920,14 +928,8 @@ def mcp_command(
     allow_urls: Annotated[
         bool, typer.Option("--allow-urls", help="Let the tools fetch http(s) image URLs (public addresses only).")
     ] = False,
-    remote: Annotated[
-        str | None,
-        typer.Option(help="Use a `belle-vl serve` server at this URL instead of a local model.", show_default=False),
-    ] = None,
-    remote_api_key: Annotated[
-        str | None,
-        typer.Option(envvar="BELLE_VL_REMOTE_API_KEY", help="The --remote server's API key.", show_default=False),
-    ] = None,
+    remote: RemoteOpt = None,
+    remote_api_key: RemoteKeyOpt = None,
     cache: Annotated[
         Path | None,
         typer.Option(
@@ -1031,14 +1033,8 @@ def ui_command(
             show_default=False,
         ),
     ] = None,
-    remote: Annotated[
-        str | None,
-        typer.Option(help="Use a `belle-vl serve` server at this URL instead of a local model.", show_default=False),
-    ] = None,
-    remote_api_key: Annotated[
-        str | None,
-        typer.Option(envvar="BELLE_VL_REMOTE_API_KEY", help="The --remote server's API key.", show_default=False),
-    ] = None,
+    remote: RemoteOpt = None,
+    remote_api_key: RemoteKeyOpt = None,
     max_image_bytes: Annotated[
         int | None,
         typer.Option(min=1, help="Largest uploaded picture, in bytes. [default: 20 MiB]", show_default=False),

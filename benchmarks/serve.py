@@ -36,6 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine import QUESTIONS  # noqa: E402  (the engine benchmark beside this file: the same 16 prompts)
+
 from belle_vl_tools import BelleVL  # noqa: E402
 from belle_vl_tools.server import background_server, create_app  # noqa: E402
 from belle_vl_tools.testing import write_tiny_checkpoint  # noqa: E402
@@ -51,24 +53,6 @@ def _runtime_benchmark() -> Any:
 
 CONCURRENT = 16
 TARGETS = {"throughput": 3.0, "ttft_steps": 4.0, "constrained": 0.10}
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain why the sky is blue.",
-    "List three uses of a paperclip.",
-    "hi",
-    "Translate 'good morning' into German.",
-    "What is 17 times 23?",
-    "Summarize a detective novel.",
-    "Name a large mammal.",
-    "How do bees make honey?",
-    "Give me a word that rhymes with cat.",
-    "What colour is a ripe banana?",
-    "Why do we sleep?",
-    "Suggest a name for a goldfish.",
-    "What is a prime number?",
-    "Describe the smell of rain.",
-]
 SCHEMA = {
     "type": "object",
     "properties": {"color": {"type": "string"}, "sides": {"type": "integer"}, "note": {"type": "string"}},
