@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -224,7 +225,8 @@ Reply = str | Sequence[str] | Callable[[list[Message]], str]
 class ScriptedBackend(VisionTasks):
     """A backend that answers from a script and records every call; no model, no torch.
 
-    ``reply`` is one fixed text, a list of texts given out in turn, or a function of the (parsed) messages.
+    ``reply`` (settable between calls) is one fixed text, a list of texts given out in turn, or a function of the
+    (parsed) messages.
     ``error`` is raised by every call instead; ``gate``, when given, is waited on before answering (to hold
     calls in flight). Streams are cut into pieces of ``chunk`` characters. Each call is recorded in ``calls``
     as (messages parsed into the core message model, generation settings).
@@ -240,13 +242,15 @@ class ScriptedBackend(VisionTasks):
         usage: Usage | None = None,
         chunk: int = 5,
     ) -> None:
-        self._reply = list(reply) if isinstance(reply, list | tuple) else reply
+        self.reply = list(reply) if isinstance(reply, list | tuple) else reply
         self.model_name = model_name
         self.error = error
         self.gate = gate
         self.usage = usage
         self.chunk = chunk
         self.calls: list[tuple[list[Message], dict[str, Any]]] = []
+        #: Released once per call, as soon as the call is recorded (before the gate): counts calls in flight.
+        self.started = threading.Semaphore(0)
 
     # --- what the tests read -----------------------------------------------------------------------------------
     def messages(self, call: int = -1) -> list[Message]:
@@ -265,18 +269,19 @@ class ScriptedBackend(VisionTasks):
     def _answer(self, messages: Any, generation: dict[str, Any]) -> tuple[str, Usage]:
         parsed = parse_messages(messages)
         self.calls.append((parsed, dict(generation)))
+        self.started.release()
         if self.gate is not None and not self.gate.wait(30):
             raise TimeoutError("ScriptedBackend: the gate was never opened")
         if self.error is not None:
             raise self.error
-        if isinstance(self._reply, list):
-            if not self._reply:
+        if isinstance(self.reply, list):
+            if not self.reply:
                 raise AssertionError("ScriptedBackend: no scripted answer left")
-            text = self._reply.pop(0)
-        elif callable(self._reply):
-            text = self._reply(parsed)
+            text = self.reply.pop(0)
+        elif callable(self.reply):
+            text = self.reply(parsed)
         else:
-            text = self._reply
+            text = self.reply
         images = sum(len(m.images) for m in parsed)
         return text, self.usage or Usage(10, max(1, len(text.split())), images)
 

@@ -18,8 +18,10 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from belle_vl_tools.backend import ChatResult, StreamChunk, Usage  # noqa: E402
+from belle_vl_tools.backend import Usage  # noqa: E402
+from belle_vl_tools.messages import parse_messages  # noqa: E402
 from belle_vl_tools.server import background_server, create_app  # noqa: E402
+from belle_vl_tools.testing import ScriptedBackend  # noqa: E402
 
 MODEL = "tiny-vl"
 TOKENS = 10
@@ -305,40 +307,11 @@ def test_64_concurrent_requests_each_get_their_own_answer(base_url, app, runtime
 
 
 # --- a scripted backend for queueing, tools and formats -----------------------------------------------------------
-class Scripted:
-    """A backend that records what it is asked and answers with a fixed text, optionally after a gate opens."""
-
-    model_name = "scripted"
+class Scripted(ScriptedBackend):
+    """The shared scripted backend, answering in one piece, optionally after a gate opens."""
 
     def __init__(self, reply: str = "ok", gate: threading.Event | None = None) -> None:
-        self.reply = reply
-        self.gate = gate
-        self.calls: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
-        self.started = threading.Semaphore(0)
-
-    def _answer(self, messages: Any, generation: dict[str, Any]) -> ChatResult:
-        self.calls.append((messages, generation))
-        self.started.release()
-        if self.gate is not None:
-            assert self.gate.wait(30)
-        return ChatResult(self.reply, "stop", Usage(5, 2), self.model_name)
-
-    def chat(self, messages: Any, **generation: Any) -> ChatResult:
-        return self._answer(messages, generation)
-
-    def generate_batch(self, conversations: Any, **generation: Any) -> list[ChatResult]:
-        return [self._answer(c, generation) for c in conversations]
-
-    def stream(self, messages: Any, **generation: Any):
-        result = self._answer(messages, generation)
-        yield StreamChunk(result.text, "stop", result.usage)
-
-    async def achat(self, messages: Any, **generation: Any) -> ChatResult:
-        return self.chat(messages, **generation)
-
-    async def astream(self, messages: Any, **generation: Any):
-        for chunk in self.stream(messages, **generation):
-            yield chunk
+        super().__init__(reply, gate=gate, usage=Usage(5, 2), chunk=1 << 20)
 
 
 def test_a_full_queue_answers_503_and_a_gone_client_frees_its_place():
@@ -438,10 +411,7 @@ def test_tools_are_answered_as_openai_tool_calls():
         (call,) = choice.message.tool_calls
         assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
         prompt, generation = backend.calls[-1]
-        assert (
-            "get_weather: Call this tool" in prompt[0]["content"]
-            and "Question: Weather in Paris?" in prompt[0]["content"]
-        )
+        assert "get_weather: Call this tool" in prompt[0].text and "Question: Weather in Paris?" in prompt[0].text
         assert "Observation:" in generation["stop"]
 
         # the tool's result goes back as an observation in the assistant's text; the final answer is content
@@ -454,7 +424,7 @@ def test_tools_are_answered_as_openai_tool_calls():
         assert reply.choices[0].message.content == "It is sunny."
         assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
         prompt, _ = backend.calls[-1]
-        assert prompt[-1]["role"] == "assistant" and "Observation: 22 C and sunny" in prompt[-1]["content"]
+        assert prompt[-1].role == "assistant" and "Observation: 22 C and sunny" in prompt[-1].text
 
         # streamed, the call arrives as tool_calls deltas
         backend.reply = 'Action: get_weather\nAction Input: {"city": "Rome"}'
@@ -467,7 +437,7 @@ def test_tools_are_answered_as_openai_tool_calls():
         # tool_choice "none": no tool instruction
         client.chat.completions.create(model="scripted", messages=messages[:1], tools=[WEATHER], tool_choice="none")
         prompt, _ = backend.calls[-1]
-        assert prompt == [{"role": "user", "content": "Weather in Paris?"}]
+        assert prompt == parse_messages([{"role": "user", "content": "Weather in Paris?"}])
 
 
 def test_response_format_json_object():
@@ -482,7 +452,7 @@ def test_response_format_json_object():
         reply = client.post("/v1/chat/completions", json=body).json()
         assert json.loads(reply["choices"][0]["message"]["content"]) == {"color": "red", "count": 2}
         prompt, _ = backend.calls[-1]
-        assert prompt[0]["role"] == "system" and "JSON object" in prompt[0]["content"]
+        assert prompt[0].role == "system" and "JSON object" in prompt[0].text
 
 
 def test_api_key_is_required_when_set():
@@ -517,8 +487,8 @@ def test_urls_are_fetched_only_when_enabled(monkeypatch, pictures):
         body = {"model": "scripted", "messages": image_turn("https://images.example.com/a.png", "hi")}
         assert client.post("/v1/chat/completions", json=body).status_code == 200
         assert fetched == ["https://images.example.com/a.png"]
-        part = backend.calls[-1][0][0]["content"][0]
-        assert isinstance(part["image"], Image.Image) and part["image"].size == (96, 80)
+        [picture] = backend.pictures()
+        assert isinstance(picture, Image.Image) and picture.size == (96, 80)
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------------
