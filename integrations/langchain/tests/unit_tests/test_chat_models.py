@@ -5,14 +5,13 @@ A scripted backend stands in for the model, so these tests pin the protocol on l
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
-from belle_vl_tools.backend import ChatResult, StreamChunk, Usage
+from belle_vl_tools.backend import Usage
 from belle_vl_tools.errors import PromptError
 from belle_vl_tools.messages import ToolCall
+from belle_vl_tools.testing import ScriptedBackend as CoreScriptedBackend
 from belle_vl_tools.tools import ImageStore
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -25,35 +24,9 @@ PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/
 DATA_URL = f"data:image/png;base64,{PNG}"
 
 
-class ScriptedBackend:
-    """Answers with the next scripted text, streamed in small pieces; records what it was sent."""
-
-    model_name = "scripted"
-
-    def __init__(self, *answers: str) -> None:
-        self.answers = list(answers)
-        self.calls: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
-
-    def _next(self, messages: Sequence[dict[str, Any]], generation: dict[str, Any]) -> str:
-        self.calls.append((list(messages), generation))
-        return self.answers.pop(0)
-
-    def chat(self, messages: Sequence[dict[str, Any]], **generation: Any) -> ChatResult:
-        return ChatResult(self._next(messages, generation), "stop", Usage(30, 7, 0), self.model_name)
-
-    async def achat(self, messages: Sequence[dict[str, Any]], **generation: Any) -> ChatResult:
-        return self.chat(messages, **generation)
-
-    def stream(self, messages: Sequence[dict[str, Any]], **generation: Any) -> Iterator[StreamChunk]:
-        text = self._next(messages, generation)
-        for i in range(0, len(text), 5):
-            yield StreamChunk(text[i : i + 5])
-        yield StreamChunk("", finish_reason="stop", usage=Usage(30, 7, 0))
-
-    async def astream(self, messages: Sequence[dict[str, Any]], **generation: Any) -> AsyncIterator[StreamChunk]:
-        for chunk in self.stream(messages, **generation):
-            await asyncio.sleep(0)
-            yield chunk
+def ScriptedBackend(*answers: str) -> CoreScriptedBackend:  # noqa: N802 - reads as the backend it builds
+    """The shared scripted backend, giving out ``answers`` in turn (streams come in pieces of 5 characters)."""
+    return CoreScriptedBackend(list(answers), usage=Usage(30, 7, 0))
 
 
 def get_weather(city: str) -> str:
@@ -151,7 +124,7 @@ def test_bound_tools_give_tool_calls() -> None:
     assert call["name"] == "get_weather" and call["args"] == {"city": "北京"} and call["id"].startswith("call_")
     assert message.response_metadata["finish_reason"] == "tool_calls"
     sent, generation = backend.calls[0]
-    assert "get_weather: Call this tool" in sent[0]["content"] and sent[0]["content"].endswith("Weather in Beijing?")
+    assert "get_weather: Call this tool" in sent[0].text and sent[0].text.endswith("Weather in Beijing?")
     assert "Observation:" in generation["stop"]
 
 
@@ -176,7 +149,7 @@ def test_agent_history_is_rendered() -> None:
     message = ChatBelleVL(model=backend).bind_tools([get_weather]).invoke(history)
     assert message.content == "It is sunny." and message.tool_calls == []
     sent, _ = backend.calls[0]
-    assert sent[-1]["role"] == "assistant" and sent[-1]["content"].endswith("Observation: sunny")
+    assert sent[-1].role == "assistant" and sent[-1].text.endswith("Observation: sunny")
 
 
 def test_streaming_text_and_tool_call_chunks() -> None:
@@ -219,7 +192,7 @@ def test_structured_output_through_tool_calling() -> None:
     backend = ScriptedBackend('Action: Person\nAction Input: {"name": "Li Lei", "age": 12}')
     person = ChatBelleVL(model=backend).with_structured_output(Person).invoke("Who?")
     assert person == Person(name="Li Lei", age=12)
-    assert "must call one of the tools" in backend.calls[0][0][0]["content"]
+    assert "must call one of the tools" in backend.calls[0][0][0].text
 
 
 def test_tool_choice_forms() -> None:
@@ -228,7 +201,7 @@ def test_tool_choice_forms() -> None:
     chat.bind_tools([get_weather, Person], tool_choice="get_weather").invoke("hi")
     chat.bind_tools([get_weather], tool_choice="none").invoke("hi")
     chat.bind_tools([get_weather], tool_choice="any").invoke("hi")
-    first, second, third = (call[0][0]["content"] for call in backend.calls)
+    first, second, third = (call[0][0].text for call in backend.calls)
     assert "must call the get_weather tool" in first and "Person:" not in first
     assert second == "hi"
     assert "must call one of the tools" in third
