@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from belle_vl_tools.backend import ChatResult, StreamChunk, Usage
+from belle_vl_tools.backend import StreamChunk, Usage
+from belle_vl_tools.messages import Message
+from belle_vl_tools.testing import ScriptedBackend as CoreScriptedBackend
 from llama_index.core.embeddings import BaseEmbedding
 from PIL import Image, ImageDraw
 
@@ -24,50 +26,24 @@ def draw_picture(color: str, shape: str, size: tuple[int, int] = (96, 80), offse
     return image
 
 
-class ScriptedBackend:
-    """A core backend whose replies come from a script (a function of the messages); it records every call."""
+class ScriptedBackend(CoreScriptedBackend):
+    """The shared scripted backend, its replies a function of the (parsed) messages; streams come word by word."""
 
-    def __init__(self, reply: Callable[[list[dict[str, Any]]], str], model_name: str = "scripted") -> None:
-        self.reply = reply
-        self.model_name = model_name
-        self.calls: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
+    def __init__(self, reply: Callable[[list[Message]], str], model_name: str = "scripted") -> None:
+        super().__init__(reply, model_name=model_name)
 
-    def _answer(self, messages: Sequence[dict[str, Any]], generation: dict[str, Any]) -> str:
-        self.calls.append((list(messages), dict(generation)))
-        return self.reply(list(messages))
-
-    def chat(self, messages: Sequence[dict[str, Any]], **generation: Any) -> ChatResult:
-        text = self._answer(messages, generation)
-        return ChatResult(text, "stop", Usage(10, len(text.split())), self.model_name)
-
-    def stream(self, messages: Sequence[dict[str, Any]], **generation: Any) -> Iterator[StreamChunk]:
-        text = self._answer(messages, generation)
+    def stream(self, messages: Any, **generation: Any) -> Iterator[StreamChunk]:
+        text = "".join(chunk.delta for chunk in super().stream(messages, **generation))
+        usage = Usage(10, max(1, len(text.split())))
         pieces = re.findall(r"\S*\s*", text)
         for piece in pieces[:-1]:
             yield StreamChunk(piece)
-        yield StreamChunk(pieces[-1] if pieces else "", "stop", Usage(10, len(text.split())))
-
-    async def achat(self, messages: Sequence[dict[str, Any]], **generation: Any) -> ChatResult:
-        return self.chat(messages, **generation)
-
-    async def astream(self, messages: Sequence[dict[str, Any]], **generation: Any) -> AsyncIterator[StreamChunk]:
-        for chunk in self.stream(messages, **generation):
-            yield chunk
-
-    def generate_batch(self, conversations: Sequence[Sequence[dict[str, Any]]], **generation: Any) -> list[ChatResult]:
-        return [self.chat(conversation, **generation) for conversation in conversations]
+        yield StreamChunk(pieces[-1] if pieces else "", "stop", usage)
 
 
-def last_text(messages: list[dict[str, Any]]) -> str:
+def last_text(messages: list[Message]) -> str:
     """All text of a core conversation, joined (to script replies on)."""
-    texts = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            texts.append(content)
-        else:
-            texts.extend(part.get("text", "") for part in content if isinstance(part, dict))
-    return "\n".join(texts)
+    return "\n".join(message.text for message in messages)
 
 
 class WordHashEmbedding(BaseEmbedding):

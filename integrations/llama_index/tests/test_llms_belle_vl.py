@@ -258,9 +258,9 @@ def test_tool_results_become_observations_and_the_final_answer_is_returned() -> 
         model.get_tool_calls_from_response(second)
     rendered = backend.calls[-1][0]
     assistant = rendered[-1]
-    assert assistant["role"] == "assistant"
-    assert "Action: weather" in assistant["content"]
-    assert assistant["content"].rstrip().endswith("Observation: Sunny in Paris.")
+    assert assistant.role == "assistant"
+    assert "Action: weather" in assistant.text
+    assert assistant.text.rstrip().endswith("Observation: Sunny in Paris.")
 
 
 def test_streaming_with_tools_shows_only_the_answer() -> None:
@@ -311,10 +311,10 @@ def test_a_picture_returned_by_a_tool_reaches_the_model(llm: BelleVL, pictures: 
 def test_function_agent_uses_belle_vl_as_the_reasoning_model() -> None:
     from llama_index.core.agent.workflow import FunctionAgent
 
-    def script(messages: list[dict[str, Any]]) -> str:
-        if messages[-1]["role"] != "assistant":  # no observation yet
+    def script(messages: list[Any]) -> str:
+        if messages[-1].role != "assistant":  # no observation yet
             return 'Thought: I should check.\nAction: weather\nAction Input: {"city": "Rome"}'
-        observation = messages[-1]["content"].split("Observation:")[-1].strip()
+        observation = messages[-1].text.split("Observation:")[-1].strip()
         return "Thought: I now know the final answer\nFinal Answer: The tool said: " + observation
 
     backend = ScriptedBackend(script)
@@ -349,9 +349,9 @@ def test_system_messages_are_merged_and_later_ones_become_user_turns() -> None:
         ]
     )
     messages = backend.calls[-1][0]
-    assert [m["role"] for m in messages] == ["system", "user", "user"]
-    assert messages[0]["content"] == "Be brief.\nBe kind."
-    assert messages[-1]["content"] == "Stop now."
+    assert [m.role for m in messages] == ["system", "user", "user"]
+    assert messages[0].text == "Be brief.\nBe kind."
+    assert messages[-1].text == "Stop now."
 
 
 def test_generation_settings_reach_the_backend() -> None:

@@ -191,8 +191,8 @@ def test_a_killed_run_resumes_without_losing_or_redoing_captions(tmp_path: Path)
 
     captioned: list[str] = []
 
-    def caption(messages: list[dict[str, Any]]) -> str:
-        picture = messages[0]["content"][0]["image"]
+    def caption(messages: list[Any]) -> str:
+        picture = messages[0].images[0]
         captioned.append(image_digest(picture))
         return "caption " + "-".join(str(v) for v in picture.resize((1, 1)).getpixel((0, 0)))
 

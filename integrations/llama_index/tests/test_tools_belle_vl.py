@@ -140,8 +140,8 @@ def test_react_agent_with_a_scripted_llm(spec: BelleVLToolSpec, pictures: dict[s
     image = str(pictures["blue"])
     expected = spec.describe_image(image)
 
-    def script(messages: list[dict[str, Any]]) -> str:
-        observations = [m for m in messages if "Observation:" in str(m["content"]) and m["role"] != "system"]
+    def script(messages: list[Any]) -> str:
+        observations = [m for m in messages if "Observation:" in m.text and m.role != "system"]
         if not observations:
             arguments = json.dumps({"image": image, "detail": "brief"})
             return f"Thought: I should look at the picture.\nAction: describe_image\nAction Input: {arguments}"
@@ -161,12 +161,11 @@ def test_function_agent_with_belle_vl_and_its_own_tools(spec: BelleVLToolSpec, p
     image = str(pictures["red"])
     expected = spec.read_text(image)
 
-    def script(messages: list[dict[str, Any]]) -> str:
-        if messages[-1]["role"] != "assistant":
+    def script(messages: list[Any]) -> str:
+        if messages[-1].role != "assistant":
             return f'Thought: read it.\nAction: read_text\nAction Input: {{"image": "{image}"}}'
         return (
-            "Thought: I now know the final answer\nFinal Answer: "
-            + messages[-1]["content"].split("Observation:")[-1].strip()
+            "Thought: I now know the final answer\nFinal Answer: " + messages[-1].text.split("Observation:")[-1].strip()
         )
 
     agent = FunctionAgent(tools=spec.to_tool_list(), llm=BelleVL(backend=ScriptedBackend(script)))
