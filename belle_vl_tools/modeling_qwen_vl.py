@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -53,6 +53,70 @@ def _flag(value: bool | None, config: Any, name: str) -> bool:
     return bool(getattr(config, name, False)) if value is None else bool(value)
 
 
+class QWenCacheLayer(DynamicLayer):
+    """A :class:`~transformers.cache_utils.DynamicLayer` whose keys and values sit at the front of a buffer with
+    room to spare, so that a decoding step writes its one new position in place.
+
+    ``DynamicLayer`` concatenates the whole cache with each new token (a copy of every cached key and value per
+    step and layer: on a CPU the largest cost of a decoding step beside the weights). ``keys`` / ``values`` stay
+    what transformers expects, [batch, heads, length, head_dim] tensors (views of the buffer); anything that
+    replaces them (cropping, beam reordering, batch selection, offloading) is taken as the new content on the next
+    update. Where a step needs gradients through the cache it concatenates as ``DynamicLayer`` does.
+    """
+
+    #: spare positions allocated beyond what is needed: a quarter of the length, at least 128 and at most 1024
+    MIN_ROOM, MAX_ROOM = 128, 1024
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _fits(self, new: torch.Tensor, total: int) -> bool:
+        room = getattr(self, "_room", None)
+        if room is None or total > room[0].shape[-2]:
+            return False
+        keys, buf = self.keys, room[0]
+        if buf.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # an inference tensor cannot be written outside inference mode
+        if buf.dtype != new.dtype or buf.device != new.device or buf.shape[:2] != new.shape[:2]:
+            return False
+        if keys is None or keys.numel() == 0:
+            return True
+        return all(
+            t.data_ptr() == b.data_ptr() and t.stride() == b.stride() and t.shape[:2] == b.shape[:2]
+            for t, b in ((self.keys, room[0]), (self.values, room[1]))
+        )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._room = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        past = self.get_seq_length()
+        total = past + key_states.shape[-2]
+        if not self._fits(key_states, total):
+            capacity = total + min(self.MAX_ROOM, max(self.MIN_ROOM, total // 4))
+            batch, heads, _, dim = key_states.shape
+            keys = key_states.new_empty(batch, heads, capacity, dim)
+            values = value_states.new_empty(batch, heads, capacity, value_states.shape[-1])
+            if past:
+                keys[..., :past, :] = self.keys
+                values[..., :past, :] = self.values
+            self._room = (keys, values)
+        keys, values = self._room
+        keys[..., past:total, :] = key_states
+        values[..., past:total, :] = value_states
+        self.keys, self.values = keys[..., :total, :], values[..., :total, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._room = None
+
+
 class QWenCache(DynamicCache):
     """A :class:`~transformers.DynamicCache` that also keeps the dynamic-NTK factor of each row.
 
@@ -65,6 +129,12 @@ class QWenCache(DynamicCache):
 
     def __init__(self, *args: Any, ntk_alphas: Sequence[float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # layers that append in place (QWenCacheLayer) where transformers would build plain DynamicLayers
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = QWenCacheLayer
+        for i, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer and not layer.is_initialized:
+                self.layers[i] = QWenCacheLayer()
         self.ntk_alphas = [float(a) for a in ntk_alphas] if ntk_alphas is not None else None
 
     def reset(self) -> None:
@@ -101,8 +171,10 @@ class QWenRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in one kernel (a handful of small ops per call otherwise, twice per layer)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -153,8 +225,10 @@ def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the first ``cos.shape[-1]`` channels of ``t`` [B, T, H, D] in float32."""
     rot_dim = cos.shape[-1]
     tf = t.float()
-    t_rot, t_pass = tf[..., :rot_dim], tf[..., rot_dim:]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if rot_dim == t.shape[-1]:  # Qwen rotates every channel: no pass-through part to cut off and join again
+        return (tf * cos + rotate_half(tf) * sin).type_as(t)
+    t_rot, t_pass = tf[..., :rot_dim], tf[..., rot_dim:]
     t_rot = t_rot * cos + rotate_half(t_rot) * sin
     return torch.cat((t_rot, t_pass), dim=-1).type_as(t)
 
@@ -218,12 +292,11 @@ class QWenAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention output and, with ``output_attentions``, the weights [B, heads, T, S] (else None)."""
         bsz, q_len, _ = hidden_states.shape
-        shape = (bsz, q_len, self.num_heads, self.head_dim)
-        q, k, v = self.c_attn(hidden_states).split(self.projection_size, dim=-1)
-        cos, sin = rotary
-        q = apply_rotary(q.view(shape), cos, sin).transpose(1, 2)
-        k = apply_rotary(k.view(shape), cos, sin).transpose(1, 2)
-        v = v.view(shape).transpose(1, 2)
+        qkv = self.c_attn(hidden_states).view(bsz, q_len, 3 * self.num_heads, self.head_dim)
+        # queries and keys rotate with the same angles: one call for both heads' groups
+        qk = apply_rotary(qkv[:, :, : 2 * self.num_heads], *rotary)
+        q, k = qk[:, :, : self.num_heads].transpose(1, 2), qk[:, :, self.num_heads :].transpose(1, 2)
+        v = qkv[:, :, 2 * self.num_heads :].transpose(1, 2)
         if logn is not None:
             q = q * logn[:, None, :, None].to(q.dtype)
         if past_key_values is not None:
@@ -741,17 +814,22 @@ class QWenModel(QWenPreTrainedModel):
         inputs_embeds = self._merge_images(input_ids, inputs_embeds, pixel_values, image_features, past)
 
         batch, q_len = inputs_embeds.shape[:2]
+        # positions derived here are below this bound; ones passed in may be anything
+        bound: int | None = None
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+                bound = attention_mask.shape[-1]
             else:
                 position_ids = torch.arange(past, past + q_len, device=inputs_embeds.device).unsqueeze(0)
+                bound = past + q_len
         position_ids = position_ids.expand(batch, -1)
 
         alphas = self._ntk_alphas(batch, past + q_len, attention_mask, cache, past)
         rotary = self.rotary_emb(position_ids, alphas)
         logn = None
-        if self.config.use_logn_attn and not self.training:
+        # the logn factor is 1 up to seq_length: skipped (per layer) where no position can pass it
+        if self.config.use_logn_attn and not self.training and (bound is None or bound > self.config.seq_length):
             pos1 = position_ids.double() + 1
             seq_len = self.config.seq_length
             logn = torch.where(pos1 > seq_len, pos1.log() / math.log(seq_len), torch.ones_like(pos1)).float()
@@ -944,6 +1022,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "QWenCache",
+    "QWenCacheLayer",
     "QWenLMHeadModel",
     "QWenModel",
     "QWenPreTrainedModel",

@@ -57,9 +57,26 @@ LM: dict[str, Any] = {
 #: sized so that encoding an image is about a third of the first question's time to first token.
 VISUAL: dict[str, Any] = {"image_size": 448, "patch_size": 14, "width": 256, "layers": 4, "heads": 4}
 
+#: The decoding-floor section's language model: hidden 768 x 8 layers, MLP 2048, 8,192 vocabulary ranks; its
+#: decoder's linear layers (output head included) hold 177 MB of fp32 weights, read once per decoding step.
+PERF_LM: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 6,
+    "kv_channels": 128,
+    "intermediate_size": 2048,
+}
 NEW_TOKENS = 64
 BATCH = 8
-TARGETS = {"overhead": 1.03, "ttft": 0.25, "batch": 3.0}
+TARGETS = {"overhead": 1.03, "ttft": 0.25, "batch": 3.0, "step": 1.3, "session": 0.5}
+#: The model card's session: one picture, then three follow-up questions in the same history.
+SESSION = [
+    "What is in the picture?",
+    "Which colors do you see?",
+    "Is there a circle, and where is it?",
+    "Describe the picture in one sentence.",
+]
+SESSION_TOKENS = 16
 
 STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper, a storm and a lost ship."}]
 QUESTIONS = [
@@ -343,6 +360,122 @@ def bench_batch(model: Any, processor: Any, repeats: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. decoding at the weight-read floor, and the model card's session with and without the caches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def decoder_linears(model: Any) -> list[torch.nn.Linear]:
+    """The language model's linear layers (blocks and output head), in the order a decoding step runs them."""
+    return [m for m in [*model.transformer.h.modules(), model.lm_head] if isinstance(m, torch.nn.Linear)]
+
+
+def weight_floor(model: Any, repeats: int) -> tuple[float, int]:
+    """Median time of running every decoder linear layer once on one token (batch 1), and their weight bytes: the
+    least time a decoding step can take, each weight being read once."""
+    layers = decoder_linears(model)
+    inputs = [torch.randn(1, 1, layer.in_features, dtype=layer.weight.dtype) for layer in layers]
+    nbytes = sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters())
+
+    def run() -> None:
+        for layer, x in zip(layers, inputs, strict=True):
+            layer(x)
+
+    with torch.inference_mode():
+        for _ in range(5):
+            run()
+        times = [timed(run)[0] for _ in range(repeats)]
+    return median(times), nbytes
+
+
+def bench_decoding(runtime: BelleVL, repeats: int) -> dict[str, float]:
+    """A decoding step of ``BelleVL.chat`` (greedy, text): the time of 80 new tokens minus that of 16, over 64."""
+    short, long = 16, 80
+
+    def answer(n: int) -> Any:
+        return runtime.chat(STORY, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+
+    answer(short), answer(long)
+    shorts, longs, floors = [], [], []
+    nbytes = 0
+    for _ in range(repeats):  # interleaved with the floor, so that drifts of the machine hit both alike
+        shorts.append(timed(lambda: answer(short))[0])
+        longs.append(timed(lambda: answer(long))[0])
+        floor, nbytes = weight_floor(runtime.model, 20)
+        floors.append(floor)
+    step = (median(longs) - median(shorts)) / (long - short)
+    return {"step": step, "floor": median(floors), "bytes": nbytes}
+
+
+def run_session(model: Any, tokenizer: Any, image: Path, cold: bool) -> list[str]:
+    """The model card's session: ``model.chat`` four times with the growing history (``cold``: the runtime's
+    caches cleared before every question, so each one encodes the picture and prefills the whole history)."""
+    from belle_vl_tools.model_card import runtime_for
+
+    history: list = []
+    answers = []
+    for i, question in enumerate(SESSION):
+        query = f"Picture 1: <img>{image}</img>\n{question}" if i == 0 else question
+        if cold:
+            runtime_for(model, tokenizer).clear_caches()
+        answer, history = model.chat(
+            tokenizer,
+            query,
+            history=history,
+            do_sample=False,
+            max_new_tokens=SESSION_TOKENS,
+            min_new_tokens=SESSION_TOKENS,
+        )
+        answers.append(answer)
+    return answers
+
+
+def bench_session(runtime: BelleVL, images: list[Path], repeats: int) -> dict[str, float]:
+    model, tokenizer = runtime.model, runtime.tokenizer
+    warm_times, cold_times = [], []
+    for _ in range(repeats):
+        for image in images:
+            t_cold, cold = timed(lambda image=image: run_session(model, tokenizer, image, cold=True))
+            t_warm, warm = timed(lambda image=image: run_session(model, tokenizer, image, cold=False))
+            assert warm == cold, "the caches changed an answer"
+            cold_times.append(t_cold)
+            warm_times.append(t_warm)
+    return {"warm": median(warm_times), "cold": median(cold_times)}
+
+
+def report_decoding(runtime: BelleVL, decoding: dict, session: dict) -> None:
+    config = runtime.model.config
+    step, floor = decoding["step"], decoding["floor"]
+    print(
+        f"Decoding floor: LM hidden {config.hidden_size} x {config.num_hidden_layers} layers, MLP "
+        f"{config.intermediate_size}, vocab {config.vocab_size}; decoder linear layers "
+        f"{decoding['bytes'] / 1e6:.0f} MB (fp32), read in {ms(floor).strip()} at batch 1 "
+        f"({decoding['bytes'] / floor / 1e9:.1f} GB/s)"
+    )
+    rows = [
+        (
+            "4. decoding step of BelleVL.chat / the decoder's linear layers alone (batch 1)",
+            f"{ms(step)} / {ms(floor)}",
+            step / floor,
+            f"<= {TARGETS['step']:.2f}",
+            step / floor <= TARGETS["step"],
+        ),
+        (
+            f"5. model.chat session, 1 picture + {len(SESSION) - 1} follow-ups ({SESSION_TOKENS} tokens each): "
+            "caches on / off",
+            f"{ms(session['warm'])} / {ms(session['cold'])}",
+            session["warm"] / session["cold"],
+            f"<= {TARGETS['session']:.2f}",
+            session["warm"] / session["cold"] <= TARGETS["session"],
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':<{width}}  {'medians':<23}  {'ratio':>6}  target")
+    for name, times, ratio, target, ok in rows:
+        print(f"{name:<{width}}  {times:<23}  {ratio:6.3f}  {target:<7} {'ok' if ok else 'MISSED'}")
+    print()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -454,6 +587,12 @@ def main() -> None:
         help="keep the first N ranks of qwen.tiktoken (0: all 151,643), so that the output head's share of the "
         "work stays near the real model's instead of dominating a small LM",
     )
+    parser.add_argument(
+        "--only",
+        choices=("all", "decoding", "runtime"),
+        default="all",
+        help="decoding: only the decoding-floor and session rows (4, 5); runtime: only rows 1-3",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     lm = {
@@ -475,6 +614,19 @@ def main() -> None:
             picture(i).save(path)
             images.append(path)
         warm_image, images = images[0], images[1:]
+
+        if args.only in ("all", "decoding"):
+            perf = write_tiny_checkpoint(
+                Path(tmp) / "belle-vl-perf", seed=0, visual=visual, vocab_file=vocab, **PERF_LM
+            )
+            perf_runtime = BelleVL.from_pretrained(perf)
+            decoding = bench_decoding(perf_runtime, args.repeats)
+            session = bench_session(perf_runtime, images[:2], repeats=2)
+            report_decoding(perf_runtime, decoding, session)
+            del perf_runtime
+            if args.only == "decoding":
+                print(f"Total {time.perf_counter() - started:.0f} s.")
+                return
 
         runtime = BelleVL.from_pretrained(folder)
         model, processor = runtime.model, runtime.processor

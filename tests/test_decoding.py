@@ -1,0 +1,131 @@
+"""Decoding-speed work keeps results equal: the in-place cache layer, the skipped logn factor, the compiled path.
+
+Each optimisation is compared with the plain computation it replaces (transformers' ``DynamicLayer``, logn computed
+from explicit ``position_ids``): same keys and values, same logits, and identical greedy ids.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from belle_vl_tools.modeling_qwen_vl import QWenCache, QWenCacheLayer
+from tests.test_model_contracts import IMG, PAD_IMG, QUERIES, make_model
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return make_model(vision=True, attn="sdpa")
+
+
+def _kv(step: int, n: int = 1, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(batch, 3, n, 8, generator=g), torch.randn(batch, 3, n, 8, generator=g)
+
+
+def _twins() -> tuple[QWenCacheLayer, DynamicLayer]:
+    return QWenCacheLayer(), DynamicLayer()
+
+
+def test_the_in_place_layer_holds_what_concatenation_holds():
+    ours, plain = _twins()
+    ours.update(*_kv(0, n=5))
+    plain.update(*_kv(0, n=5))
+    buffer = ours._room[0]
+    for step in range(1, 200):  # past the first buffer's room: it grows, keeping what it held
+        k_ours, v_ours = ours.update(*_kv(step))
+        k_plain, v_plain = plain.update(*_kv(step))
+        assert torch.equal(k_ours, k_plain) and torch.equal(v_ours, v_plain)
+    assert ours.get_seq_length() == plain.get_seq_length() == 204
+    assert ours._room[0] is not buffer and ours._room[0].shape[-2] > 204
+
+
+def test_steps_write_in_place_until_the_room_is_used_up():
+    layer = QWenCacheLayer()
+    layer.update(*_kv(0, n=5))
+    buffer = layer._room[0]
+    for step in range(1, 50):
+        keys, _ = layer.update(*_kv(step))
+        assert keys.data_ptr() == buffer.data_ptr()  # a view of the same buffer: nothing was copied
+
+
+def test_crop_reorder_and_select_are_followed_by_the_next_update():
+    ours, plain = _twins()
+    for layer in (ours, plain):
+        layer.update(*_kv(0, n=6))
+        layer.update(*_kv(1))
+        layer.crop(-3)
+        layer.update(*_kv(2, n=2))
+        layer.reorder_cache(torch.tensor([1, 0]))
+        layer.update(*_kv(3))
+        layer.batch_repeat_interleave(2)
+        layer.update(*_kv(4, batch=4))
+        layer.batch_select_indices(torch.tensor([0, 3]))
+        layer.update(*_kv(5))
+    assert torch.equal(ours.keys, plain.keys) and torch.equal(ours.values, plain.values)
+    ours.reset()
+    assert ours.get_seq_length() == 0
+    assert torch.equal(ours.update(*_kv(6))[0], _kv(6)[0])
+
+
+def test_a_cache_filled_in_inference_mode_goes_on_outside_it():
+    layer = QWenCacheLayer()
+    with torch.inference_mode():
+        layer.update(*_kv(0, n=4))
+    with torch.no_grad():  # an inference tensor cannot be written here: the layer copies instead of failing
+        keys, _ = layer.update(*_kv(1))
+    assert keys.shape[-2] == 5 and torch.equal(keys[..., 4:, :], _kv(1)[0])
+
+
+def test_gradients_flow_through_a_cache_that_needs_them():
+    layer = QWenCacheLayer()
+    k = torch.randn(1, 2, 3, 4, requires_grad=True)
+    keys, values = layer.update(k, k * 2)
+    keys2, _ = layer.update(torch.randn(1, 2, 1, 4, requires_grad=True), torch.randn(1, 2, 1, 4))
+    (keys2.sum() + values.sum()).backward()
+    assert torch.equal(k.grad, torch.full_like(k, 3.0))
+
+
+def test_qwen_cache_builds_in_place_layers():
+    cache = QWenCache(config=make_model(vision=False).config)
+    assert cache.layers and all(type(layer) is QWenCacheLayer for layer in cache.layers)
+    assert QWenCache().layer_class_to_replicate is QWenCacheLayer
+
+
+def _prompt() -> torch.Tensor:
+    torch.manual_seed(3)
+    text = torch.randint(0, IMG, (1, 7))
+    image = torch.tensor([[IMG] + [PAD_IMG] * QUERIES + [IMG + 1]])
+    return torch.cat([text[:, :3], image, text[:, 3:]], dim=1)
+
+
+def test_greedy_ids_equal_with_the_in_place_cache_and_a_plain_dynamic_cache(vlm):
+    ids = _prompt()
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    greedy = {
+        "do_sample": False,
+        "max_new_tokens": 40,
+        "min_new_tokens": 40,
+        "suppress_tokens": [IMG, IMG + 1, PAD_IMG],
+    }
+    with torch.inference_mode():
+        ours = vlm.generate(input_ids=ids, pixel_values=pixels, **greedy)
+        plain = vlm.generate(input_ids=ids, pixel_values=pixels, cache=DynamicCache(), **greedy)
+        other_picture = vlm.generate(input_ids=ids, pixel_values=-pixels, **greedy)
+    assert torch.equal(ours, plain)
+    assert not torch.equal(ours, other_picture)  # the picture reached the model on this path
+
+
+@pytest.mark.parametrize("length", [20, 90])  # below and beyond seq_length (64): logn is 1, then it is not
+def test_skipping_the_logn_factor_below_seq_length_changes_nothing(vlm, length):
+    torch.manual_seed(length)
+    ids = torch.randint(0, IMG, (1, length))
+    with torch.inference_mode():
+        derived = vlm(input_ids=ids).logits  # positions derived: logn skipped when all are below seq_length
+        explicit = vlm(input_ids=ids, position_ids=torch.arange(length)[None]).logits  # always computed
+        no_logn = make_model(vision=True, attn="sdpa", use_logn_attn=False)(input_ids=ids).logits
+    torch.testing.assert_close(derived, explicit, rtol=0, atol=1e-5)
+    if length > 64:  # the factor matters there, so the comparison above is not vacuous
+        assert not torch.allclose(explicit, no_logn, atol=1e-3)
