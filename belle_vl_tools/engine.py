@@ -30,11 +30,10 @@ from queue import SimpleQueue
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from .backend import Usage
 from .errors import BelleVLError, PromptError
-from .modeling_qwen_vl import CACHE_FIELD
+from .modeling_qwen_vl import CACHE_FIELD, QWenCacheLayer
 from .processing_qwen_vl import ChatInputs
 from .runtime import AnswerText, BelleVL
 
@@ -299,45 +298,13 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-class _GrowingLayer(DynamicLayer):
-    """A cache layer that writes each step's keys and values into spare room at the end of its buffers instead of
-    concatenating (which copies the whole cache every step); the buffers grow by half when full."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.set(keys, values)
-
-    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold these keys and values [rows, heads, length, dim], with room to grow."""
-        length = keys.shape[-2]
-        room = length + max(64, length // 2)
-        self._keys = keys.new_empty((*keys.shape[:-2], room, keys.shape[-1]))
-        self._values = values.new_empty((*values.shape[:-2], room, values.shape[-1]))
-        self._keys[..., :length, :] = keys
-        self._values[..., :length, :] = values
-        self._length = length
-        self.device = keys.device
-        self.is_initialized = True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys = self._keys[..., : self._length, :]
-        self.values = self._values[..., : self._length, :]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        new = key_states.shape[-2]
-        if self._length + new > self._keys.shape[-2]:
-            self.set(self.keys, self.values)
-        self._keys[..., self._length : self._length + new, :] = key_states
-        self._values[..., self._length : self._length + new, :] = value_states
-        self._length += new
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._length
+def _in_place(layer: Any) -> QWenCacheLayer:
+    """The layer as one that appends each step's keys and values in place (the running batch's cache)."""
+    if isinstance(layer, QWenCacheLayer):
+        return layer
+    grown = QWenCacheLayer()
+    grown.hold(layer.keys, layer.values)
+    return grown
 
 
 class _BatchCache:
@@ -354,13 +321,13 @@ class _BatchCache:
     def merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append the rows of another cache (a prefill's) below the current ones."""
         if self.cache is None:
-            cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in cache.layers]
+            cache.layers = [_in_place(layer) for layer in cache.layers]
             self.cache, self.mask = cache, mask
             return
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.set(
+            mine.hold(
                 torch.cat([_pad_left(mine.keys, width - old_len, -2), _pad_left(theirs.keys, width - new_len, -2)]),
                 torch.cat([_pad_left(mine.values, width - old_len, -2), _pad_left(theirs.values, width - new_len, -2)]),
             )
@@ -379,9 +346,9 @@ class _BatchCache:
         self.mask = self.mask[:, lead:]
         for layer in self.cache.layers:
             keys, values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
-            if isinstance(layer, _GrowingLayer):
-                layer.set(keys, values)
-            else:  # a prefill's own cache, before it joins the batch
+            if isinstance(layer, QWenCacheLayer):
+                layer.hold(keys, values)
+            else:  # a plain layer of a prefill's own cache, before it joins the batch
                 layer.keys, layer.values = keys, values
         _set_alphas(self.cache, [alphas[i] for i in indices])
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -116,45 +116,64 @@ class QWenCacheLayer(DynamicLayer):
         super().reset()
         self._room = None
 
+    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly these keys and values [batch, heads, length, head_dim] (copied, with room to grow)."""
+        self.reset()
+        self.update(keys, values)
 
-class QWenCache(DynamicCache):
-    """A :class:`~transformers.DynamicCache` that also keeps the dynamic-NTK factor of each row.
+
+class _KeepsNtkFactors:
+    """Keeps the dynamic-NTK factor of each row of a cache, following the rows through beam reordering, repetition
+    and selection (a mixin of :class:`QWenCache` and :class:`QWenStaticCache`).
 
     Qwen rotates keys with a base scaled by a factor that depends on the prompt's length (:func:`ntk_alpha`); the
     reference keeps the factor chosen at prefill for all decoding steps. The factor is chosen when the cache is first
-    filled and follows the rows through beam reordering, repetition and selection.
+    filled.
     """
 
     ntk_alphas: list[float] | None
 
     def __init__(self, *args: Any, ntk_alphas: Sequence[float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.ntk_alphas = [float(a) for a in ntk_alphas] if ntk_alphas is not None else None
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[misc]
+        self.ntk_alphas = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # type: ignore[misc]
+        if self.ntk_alphas is not None:
+            self.ntk_alphas = [self.ntk_alphas[int(i)] for i in beam_idx.tolist()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)  # type: ignore[misc]
+        if self.ntk_alphas is not None:
+            self.ntk_alphas = [a for a in self.ntk_alphas for _ in range(repeats)]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)  # type: ignore[misc]
+        if self.ntk_alphas is not None:
+            self.ntk_alphas = [self.ntk_alphas[int(i)] for i in torch.as_tensor(indices).tolist()]
+
+
+class QWenCache(_KeepsNtkFactors, DynamicCache):
+    """A :class:`~transformers.DynamicCache` that keeps each row's dynamic-NTK factor and appends in place
+    (:class:`QWenCacheLayer`)."""
+
+    def __init__(self, *args: Any, ntk_alphas: Sequence[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, ntk_alphas=ntk_alphas, **kwargs)
         # layers that append in place (QWenCacheLayer) where transformers would build plain DynamicLayers
         if self.layer_class_to_replicate is DynamicLayer:
             self.layer_class_to_replicate = QWenCacheLayer
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer and not layer.is_initialized:
                 self.layers[i] = QWenCacheLayer()
-        self.ntk_alphas = [float(a) for a in ntk_alphas] if ntk_alphas is not None else None
 
-    def reset(self) -> None:
-        super().reset()
-        self.ntk_alphas = None
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.ntk_alphas is not None:
-            self.ntk_alphas = [self.ntk_alphas[int(i)] for i in beam_idx.tolist()]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.ntk_alphas is not None:
-            self.ntk_alphas = [a for a in self.ntk_alphas for _ in range(repeats)]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.ntk_alphas is not None:
-            self.ntk_alphas = [self.ntk_alphas[int(i)] for i in torch.as_tensor(indices).tolist()]
+class QWenStaticCache(_KeepsNtkFactors, StaticCache):
+    """A :class:`~transformers.StaticCache` (fixed shapes, for ``torch.compile``) that keeps each row's dynamic-NTK
+    factor. ``generate(cache_implementation="static")`` builds one."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -709,6 +728,10 @@ class QWenModel(QWenPreTrainedModel):
             if given:
                 raise ValueError("Images were given to a text-only checkpoint (no `visual` block in config.json).")
             return inputs_embeds
+        if inputs_embeds.shape[1] == 1 and (torch.compiler.is_compiling() or past > 0):
+            # one generated token after the prompt: an <img> or <imgpad> there is an ordinary token, not a picture's
+            # span (pictures that generate passes along again went in with the prompt)
+            return inputs_embeds
         pad_mask, start_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         positions = int(pad_mask.sum())
         per_image = self.config.num_image_queries
@@ -751,15 +774,17 @@ class QWenModel(QWenPreTrainedModel):
     ) -> list[float]:
         if self.training or not self.config.use_dynamic_ntk:
             return [1.0] * batch
-        stored = cache.ntk_alphas if isinstance(cache, QWenCache) else None
-        if past > 0 and stored is not None and len(stored) == batch:
-            return list(stored)  # the prefill's factor is kept while decoding
+        stored = cache.ntk_alphas if isinstance(cache, _KeepsNtkFactors) else None
+        # the prefill's factor is kept while decoding (a compiled step is always a decoding step: transformers
+        # compiles those only, and a static cache's length is a tensor there)
+        if stored is not None and len(stored) == batch and (torch.compiler.is_compiling() or past > 0):
+            return list(stored)
         if attention_mask is not None and attention_mask.dim() == 2:
             lengths = attention_mask.sum(-1).tolist()
         else:
             lengths = [total_len] * batch
         alphas = [ntk_alpha(int(n), self.config.seq_length) for n in lengths]
-        if isinstance(cache, QWenCache):
+        if isinstance(cache, _KeepsNtkFactors):
             cache.ntk_alphas = alphas
         return alphas
 
@@ -820,9 +845,9 @@ class QWenModel(QWenPreTrainedModel):
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
                 bound = attention_mask.shape[-1]
-            else:
-                position_ids = torch.arange(past, past + q_len, device=inputs_embeds.device).unsqueeze(0)
-                bound = past + q_len
+            else:  # (a static cache's length is a tensor: no Python number is taken from it)
+                position_ids = (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0)
+                bound = past + q_len if isinstance(past, int) else None
         position_ids = position_ids.expand(batch, -1)
 
         alphas = self._ntk_alphas(batch, past + q_len, attention_mask, cache, past)
@@ -856,6 +881,10 @@ class QWenModel(QWenPreTrainedModel):
             attentions=all_attentions if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()
+
+
+#: The forward arguments that carry pictures.
+_PICTURE_INPUTS = ("pixel_values", "mm_encoder_outputs", "image_features")
 
 
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
@@ -907,6 +936,14 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 model_kwargs[name] = QWenCache(config=self.config.get_text_config(decoder=True))
         return result
 
+    def _prepare_static_cache(self, *args: Any, **kwargs: Any) -> Cache:
+        """As transformers builds it for ``cache_implementation="static"``, as a :class:`QWenStaticCache`."""
+        cache = super()._prepare_static_cache(*args, **kwargs)
+        if type(cache) is StaticCache:
+            cache.__class__ = QWenStaticCache  # same fields and tensors; adds the NTK factors' bookkeeping
+            cache.ntk_alphas = None
+        return cache
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -925,10 +962,20 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             kwargs["cache"] = cache
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         ids = model_inputs.get("input_ids")
-        if self.config.visual is not None and ids is not None and bool((ids == self.config.image_pad_id).any()):
-            for key in ("pixel_values", "mm_encoder_outputs", "image_features"):
+        # (a single new token never holds a picture's span: an <imgpad> generated while decoding is a token)
+        if (
+            self.config.visual is not None
+            and ids is not None
+            and ids.shape[1] > 1
+            and bool((ids == self.config.image_pad_id).any())
+        ):
+            for key in _PICTURE_INPUTS:
                 if kwargs.get(key) is not None and model_inputs.get(key) is None:
                     model_inputs[key] = kwargs[key]
+        elif ids is not None and ids.shape[1] == 1 and not kwargs.get("is_first_iteration"):
+            # a decoding step: the pictures went in with the prompt (and a compiled step sees one set of inputs)
+            for key in _PICTURE_INPUTS:
+                model_inputs.pop(key, None)
         return model_inputs
 
     def forward(
@@ -1023,6 +1070,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 __all__ = [
     "QWenCache",
     "QWenCacheLayer",
+    "QWenStaticCache",
     "QWenLMHeadModel",
     "QWenModel",
     "QWenPreTrainedModel",

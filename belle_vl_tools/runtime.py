@@ -8,6 +8,10 @@ Caches:
   with one of them (same tokens, same pictures) only prefills what is new. A prefix is reused only while the
   dynamic-NTK factor of the new prompt equals the one its keys were rotated with.
 
+With ``compile=True`` the KV caches are static (:class:`~belle_vl_tools.modeling_qwen_vl.QWenStaticCache`, sized in
+steps of :data:`STATIC_CACHE_STEP` positions) and transformers' ``generate`` runs every decoding step through
+``torch.compile`` (CUDA graphs on a GPU); the first request of each new cache size or batch size compiles.
+
 One generation runs at a time per model (a lock), so a ``BelleVL`` is safe to call from several threads;
 ``achat`` / ``astream`` run the work in a thread and do not block the event loop.
 """
@@ -37,7 +41,7 @@ from .constrained import Grammar, grammar_from, logits_processor
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .images import ImagePolicy, _resolve_local_path, image_digest, load_image
 from .messages import parse_messages, to_content_lists
-from .modeling_qwen_vl import CACHE_FIELD, QWenCache, QWenLMHeadModel, ntk_alpha, stop_token_ids
+from .modeling_qwen_vl import CACHE_FIELD, QWenCache, QWenLMHeadModel, QWenStaticCache, ntk_alpha, stop_token_ids
 from .processing_qwen_vl import ChatInputs, QWenVLProcessor
 from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
 
@@ -271,6 +275,20 @@ class _StreamBridge(BaseStreamer):
 # Caches
 # ---------------------------------------------------------------------------------------------------------------
 
+#: With ``compile=True``, static caches hold a multiple of this many positions, never fewer than the largest one
+#: made before (each new size compiles once).
+STATIC_CACHE_STEP = 512
+
+
+def _compile_config(device: torch.device) -> Any:
+    """transformers' settings for compiling the decoding steps: CUDA graphs on a GPU, inductor's C++ on a CPU."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told so
+    return config
+
 
 class _LRU(OrderedDict):
     def __init__(self, capacity: int) -> None:
@@ -292,6 +310,11 @@ class _Prefix:
     spans: list[tuple[int, str]]  # (start of the image's positions, image digest)
     cache: Any
     alphas: list[float]
+
+
+def _static_room(cache: Any) -> int:
+    """Positions a cache can hold (static caches are full at their size; dynamic ones grow)."""
+    return cache.get_max_length() if isinstance(cache, QWenStaticCache) else 0
 
 
 def _image_spans(ids: Sequence[int], pad_id: int, digests: Sequence[str]) -> list[tuple[int, str]]:
@@ -334,6 +357,7 @@ class BelleVL(VisionTasks):
         vision_cache_size: int = 64,
         prefix_cache_size: int = 2,
         max_context_tokens: int = 32768,
+        compile: bool = False,
     ) -> None:
         if model.config.visual is not None and processor.num_image_queries != model.config.num_image_queries:
             raise CheckpointError(
@@ -356,6 +380,9 @@ class BelleVL(VisionTasks):
         self.stop_ids = set(stop_token_ids(tok.eod_id))
         model.ensure_chat_stop_tokens()
         self.stats = {"vision_encoded": 0, "vision_cache_hits": 0, "prefix_tokens_reused": 0}
+        self.compile = bool(compile)
+        self._compile_config = _compile_config(self.device) if self.compile else None
+        self._static_size = 0  # the largest static cache made so far (compile=True)
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -374,6 +401,7 @@ class BelleVL(VisionTasks):
         max_context_tokens: int = 32768,
         verbose: bool = False,
         check_weights: bool = False,
+        compile: bool = False,
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
@@ -385,7 +413,8 @@ class BelleVL(VisionTasks):
         Loading is quiet (no progress bars, transformers' info and warnings, or Python warnings) unless ``verbose``.
         The config's sizes (and, for a local folder, its vocabulary against the tokenizer file) are checked before
         anything is built; ``check_weights=True`` also refuses weights holding NaN or infinities (it reads them all).
-        Problems raise :class:`CheckpointError` naming the key or weight.
+        Problems raise :class:`CheckpointError` naming the key or weight. ``compile=True`` decodes with static caches
+        through ``torch.compile`` (see the module's docstring); answers are the same.
         """
         model_kwargs.pop("trust_remote_code", None)
         if dtype is not None:
@@ -421,6 +450,7 @@ class BelleVL(VisionTasks):
             vision_cache_size=vision_cache_size,
             prefix_cache_size=prefix_cache_size,
             max_context_tokens=max_context_tokens,
+            compile=compile,
         )
 
     @property
@@ -509,10 +539,12 @@ class BelleVL(VisionTasks):
                 "the processor's max_window_size, or raise max_context_tokens."
             )
 
-    def _take_prefix(self, ids: list[int], spans: list[tuple[int, str]], alphas: list[float]) -> tuple[Any, int]:
+    def _take_prefix(
+        self, ids: list[int], spans: list[tuple[int, str]], alphas: list[float], need: int
+    ) -> tuple[Any, int]:
         best_key, best_len = None, 0
         for key, entry in self._prefix_cache.items():
-            if entry.alphas != alphas:
+            if entry.alphas != alphas or (self.compile and _static_room(entry.cache) < need):
                 continue
             n = _shared_prefix(entry, ids, spans, self.processor.num_image_queries)
             if n > best_len:
@@ -521,7 +553,7 @@ class BelleVL(VisionTasks):
             return None, 0
         entry = self._prefix_cache.pop(best_key)
         cache = entry.cache
-        extra = cache.get_seq_length() - best_len
+        extra = int(cache.get_seq_length()) - best_len
         if extra > 0:
             cache.crop(-extra)
         self.stats["prefix_tokens_reused"] += best_len
@@ -553,10 +585,14 @@ class BelleVL(VisionTasks):
             ntk_alpha(len(it.input_ids), self.model.config.seq_length) if self.model.config.use_dynamic_ntk else 1.0
             for it in items
         ]
+        need = prompt_len + (settings.config.max_new_tokens or 0)
         if single:
             ids = items[0].input_ids
             spans = _image_spans(ids, pad_id, items[0].image_digests)
-            past, reused = self._take_prefix(ids, spans, alphas)
+            past, reused = self._take_prefix(ids, spans, alphas, need)
+        if self.compile and past is None:
+            self._static_size = max(self._static_size, -(-need // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
+            past = QWenStaticCache(config=self.model.config, max_cache_len=self._static_size)
         skip = [sum(1 for start, _ in spans if start < reused)] if single else [0] * len(items)
         features = self._image_features(items, skip)
 
@@ -580,6 +616,8 @@ class BelleVL(VisionTasks):
             kwargs["image_features"] = features.to(self.device)
         if past is not None:
             kwargs[CACHE_FIELD] = past
+        if self._compile_config is not None:
+            settings.config.compile_config = self._compile_config
         if streamer is not None:
             kwargs["streamer"] = streamer
         if settings.seed is not None:
@@ -589,9 +627,13 @@ class BelleVL(VisionTasks):
         sequences = out.sequences
         cache = getattr(out, CACHE_FIELD, None)
         if single and cache is not None:
-            length = cache.get_seq_length()
+            length = int(cache.get_seq_length())
             full = sequences[0, :length].tolist()
-            kept = cache.ntk_alphas if isinstance(cache, QWenCache) and cache.ntk_alphas is not None else alphas
+            kept = (
+                cache.ntk_alphas
+                if isinstance(cache, QWenCache | QWenStaticCache) and cache.ntk_alphas is not None
+                else alphas
+            )
             self._prefix_cache.put(id(cache), _Prefix(ids=full, spans=spans, cache=cache, alphas=list(kept)))
         return sequences[:, prompt_len:], prompt_len
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.configuration_utils import CompileConfig
 
-from belle_vl_tools.modeling_qwen_vl import QWenCache, QWenCacheLayer
+from belle_vl_tools.modeling_qwen_vl import QWenCache, QWenCacheLayer, QWenStaticCache
 from tests.test_model_contracts import IMG, PAD_IMG, QUERIES, make_model
 
 
@@ -129,3 +130,96 @@ def test_skipping_the_logn_factor_below_seq_length_changes_nothing(vlm, length):
     torch.testing.assert_close(derived, explicit, rtol=0, atol=1e-5)
     if length > 64:  # the factor matters there, so the comparison above is not vacuous
         assert not torch.allclose(explicit, no_logn, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static caches and compiled decoding steps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _compile_config(backend: str) -> CompileConfig:
+    config = CompileConfig(backend=backend, fullgraph=True, dynamic=False, mode=None)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told so
+    return config
+
+
+def test_static_cache_decoding_compiles_in_one_graph_with_equal_greedy_ids(vlm):
+    """fullgraph=True fails on any graph break: a decoding step (pictures and all) traces as one graph."""
+    ids = _prompt()
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    greedy = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12, "suppress_tokens": [IMG, IMG + 1]}
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager = vlm.generate(input_ids=ids, pixel_values=pixels, **greedy)
+        static = vlm.generate(input_ids=ids, pixel_values=pixels, cache_implementation="static", **greedy)
+        compiled = vlm.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            cache_implementation="static",
+            compile_config=_compile_config("eager"),
+            **greedy,
+        )
+    assert torch.equal(eager, static) and torch.equal(eager, compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled, not run eagerly
+
+
+def test_a_static_cache_keeps_the_prefill_ntk_factor():
+    """seq_length 16 and a 20-token prompt: the factor is 3 at prefill and would be 7 past 32 tokens."""
+    model = make_model(vision=False, attn="sdpa", seq_length=16, use_dynamic_ntk=True)
+    ids = torch.randint(0, IMG, (1, 20), generator=torch.Generator().manual_seed(5))
+    greedy = {"do_sample": False, "max_new_tokens": 24, "min_new_tokens": 24, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        dynamic = model.generate(input_ids=ids, **greedy)
+        static = model.generate(input_ids=ids, cache_implementation="static", **greedy)
+    cache = static.cache if hasattr(static, "cache") else static.past_key_values
+    assert isinstance(cache, QWenStaticCache) and cache.ntk_alphas == [3.0]
+    assert torch.equal(dynamic.sequences, static.sequences)
+
+
+class _Force(LogitsProcessor):
+    """Make the first generated tokens these ones."""
+
+    def __init__(self, prompt_len: int, tokens: list[int]) -> None:
+        self.prompt_len, self.tokens = prompt_len, tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        if step < len(self.tokens):
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, self.tokens[step]] = 0.0
+        return scores
+
+
+def test_image_tokens_the_model_generates_are_ordinary_tokens(vlm):
+    """An <img> or <imgpad> the model writes while decoding is not a picture's span: generation goes on."""
+    ids = _prompt()
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    forced = [IMG, PAD_IMG, PAD_IMG, IMG + 1]
+    with torch.inference_mode():
+        out = vlm.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            do_sample=False,
+            max_new_tokens=8,
+            min_new_tokens=8,
+            logits_processor=LogitsProcessorList([_Force(ids.shape[1], forced)]),
+        )
+    assert out[0, ids.shape[1] : ids.shape[1] + 4].tolist() == forced and out.shape[1] == ids.shape[1] + 8
+
+
+def test_the_runtime_compiled_answers_as_the_eager_one(tiny_dir, pictures):
+    """BelleVL(compile=True): static caches, decoding steps through torch.compile (inductor), the prefix cache
+    still reused, and the same greedy answers as the eager runtime, with and without a picture."""
+    from belle_vl_tools import BelleVL
+
+    eager = BelleVL.from_pretrained(tiny_dir)
+    compiled = BelleVL.from_pretrained(tiny_dir, compile=True)
+    greedy = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}
+    first = [{"role": "user", "content": [{"type": "image", "image": str(pictures["red"])}, "What is it?"]}]
+    second = [{"role": "user", "content": [{"type": "image", "image": str(pictures["red"])}, "And its color?"]}]
+    other = [{"role": "user", "content": [{"type": "image", "image": str(pictures["blue"])}, "What is it?"]}]
+    text = [{"role": "user", "content": "Tell me a story."}]
+    for messages in (first, second, other, text):
+        assert compiled.chat(messages, **greedy).text == eager.chat(messages, **greedy).text
+    assert compiled.stats["prefix_tokens_reused"] > 0
+    assert compiled.chat(first, **greedy).text != compiled.chat(other, **greedy).text  # the picture counts
