@@ -860,6 +860,14 @@ def serve(
     max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body, in bytes.")] = 32 << 20,
     max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 8,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Decode with static caches through torch.compile (CUDA graphs on a GPU; the first request of each "
+            "cache size compiles). Requests are batched per batch, not between decoding steps.",
+        ),
+    ] = False,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
@@ -892,6 +900,7 @@ def serve(
         max_request_bytes=max_request_bytes,
         max_images_per_request=max_images,
         default_max_tokens=settings.max_new_tokens,
+        compile=compile,
     )
 
 

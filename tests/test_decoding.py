@@ -207,19 +207,55 @@ def test_image_tokens_the_model_generates_are_ordinary_tokens(vlm):
     assert out[0, ids.shape[1] : ids.shape[1] + 4].tolist() == forced and out.shape[1] == ids.shape[1] + 8
 
 
-def test_the_runtime_compiled_answers_as_the_eager_one(tiny_dir, pictures):
-    """BelleVL(compile=True): static caches, decoding steps through torch.compile (inductor), the prefix cache
-    still reused, and the same greedy answers as the eager runtime, with and without a picture."""
+@pytest.fixture(scope="module")
+def compiled(tiny_dir):
+    """The tiny checkpoint with compile=True (inductor; compiles on its first decoding step)."""
     from belle_vl_tools import BelleVL
 
-    eager = BelleVL.from_pretrained(tiny_dir)
-    compiled = BelleVL.from_pretrained(tiny_dir, compile=True)
-    greedy = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}
-    first = [{"role": "user", "content": [{"type": "image", "image": str(pictures["red"])}, "What is it?"]}]
-    second = [{"role": "user", "content": [{"type": "image", "image": str(pictures["red"])}, "And its color?"]}]
-    other = [{"role": "user", "content": [{"type": "image", "image": str(pictures["blue"])}, "What is it?"]}]
+    return BelleVL.from_pretrained(tiny_dir, compile=True)
+
+
+GREEDY = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}
+
+
+def test_the_runtime_compiled_answers_as_the_eager_one(compiled, runtime, pictures):
+    """BelleVL(compile=True): static caches, decoding steps through torch.compile (inductor), the prefix cache
+    still reused, and the same greedy answers as the eager runtime, with and without a picture."""
+
+    def ask(picture: str, question: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image", "image": str(pictures[picture])}, question]}]
+
+    first, second, other = ask("red", "What is it?"), ask("red", "And its color?"), ask("blue", "What is it?")
     text = [{"role": "user", "content": "Tell me a story."}]
     for messages in (first, second, other, text):
-        assert compiled.chat(messages, **greedy).text == eager.chat(messages, **greedy).text
+        assert compiled.chat(messages, **GREEDY).text == runtime.chat(messages, **GREEDY).text
     assert compiled.stats["prefix_tokens_reused"] > 0
-    assert compiled.chat(first, **greedy).text != compiled.chat(other, **greedy).text  # the picture counts
+    assert compiled.chat(first, **GREEDY).text != compiled.chat(other, **GREEDY).text  # the picture counts
+
+
+def test_serving_a_compiled_runtime(compiled, runtime, monkeypatch):
+    """`belle-vl serve --compile` loads a compiled runtime; the server answers through the scheduler (the engine
+    keeps caches of its own) with the eager runtime's greedy answer, and refuses engine=True."""
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    import belle_vl_tools.server as server
+    from belle_vl_tools.cli import app as cli
+    from belle_vl_tools.server import create_app
+
+    seen: dict = {}
+    monkeypatch.setattr(server, "serve", lambda *args, **kwargs: seen.update(kwargs))
+    assert CliRunner().invoke(cli, ["serve", "--compile"]).exit_code == 0 and seen["compile"] is True
+    assert CliRunner().invoke(cli, ["serve"]).exit_code == 0 and seen["compile"] is False
+
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    with TestClient(create_app(compiled, model_name="tiny")) as client:
+        reply = client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 12},
+        )
+    assert reply.status_code == 200, reply.text
+    expected = runtime.chat(messages, do_sample=False, max_new_tokens=12).text
+    assert reply.json()["choices"][0]["message"]["content"] == expected
+    with pytest.raises(ValueError, match="compile=True"):
+        create_app(compiled, engine=True)

@@ -378,11 +378,18 @@ def make_generator(
     on_batch: Callable[[int], None],
 ) -> Generator:
     """The engine for a local runtime when it is available (``engine=None``) or asked for (``True``); otherwise
-    the backend scheduler."""
-    use_engine = engine if engine is not None else (_is_local_runtime(backend) and engine_available())
+    the backend scheduler. A runtime loaded with ``compile=True`` goes through the scheduler: the engine decodes
+    with caches of its own, which are not the compiled static ones."""
+    compiled = bool(getattr(backend, "compile", False)) and _is_local_runtime(backend)
+    use_engine = engine if engine is not None else (_is_local_runtime(backend) and engine_available() and not compiled)
     if use_engine:
         if not _is_local_runtime(backend):
             raise ValueError("engine=True needs the local runtime (belle_vl_tools.BelleVL) as the backend.")
+        if compiled:
+            raise ValueError(
+                "engine=True cannot serve a runtime loaded with compile=True (the engine decodes with its own caches, "
+                "not the compiled static ones): pass engine=None, or load the runtime without compile."
+            )
         if not engine_available():
             raise ValueError("engine=True needs belle_vl_tools.engine, which this installation lacks.")
         return EngineGenerator(backend, max_batch_size=max_batch_size, max_queue=max_queue, on_batch=on_batch)
