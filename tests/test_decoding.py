@@ -259,3 +259,31 @@ def test_serving_a_compiled_runtime(compiled, runtime, monkeypatch):
     assert reply.json()["choices"][0]["message"]["content"] == expected
     with pytest.raises(ValueError, match="compile=True"):
         create_app(compiled, engine=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Half precision with SDPA: how a GPU user loads the model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sdpa_prefill_matches_float32_eager(tmp_path, dtype):
+    """The vision tower, the resampler and the prefill loaded in bf16/fp16 with SDPA (the kernels a GPU runs, flash
+    among them where installed) give the float32 eager model's logits within half-precision tolerance."""
+    from belle_vl_tools.modeling_qwen_vl import QWenLMHeadModel
+    from tests.test_model_contracts import vision_inputs
+
+    reference = make_model(vision=True, attn="eager")
+    reference.save_pretrained(tmp_path)
+    half = QWenLMHeadModel.from_pretrained(tmp_path, dtype=dtype, attn_implementation="sdpa").eval()
+    assert half.transformer.h[0].attn.c_attn.weight.dtype == dtype
+    assert half.config._attn_implementation == "sdpa"
+    ids, pixels = vision_inputs()
+    with torch.inference_mode():
+        want = reference(input_ids=ids, pixel_values=pixels).logits
+        got = half(input_ids=ids, pixel_values=pixels.to(dtype)).logits.float()
+        other_picture = half(input_ids=ids, pixel_values=-pixels.to(dtype)).logits.float()
+    tolerance = 0.03 * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=tolerance)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+    assert (other_picture - want).abs().max() > 3 * tolerance  # the pictures matter beyond the tolerance
