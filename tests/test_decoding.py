@@ -287,3 +287,45 @@ def test_half_precision_sdpa_prefill_matches_float32_eager(tmp_path, dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=tolerance)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
     assert (other_picture - want).abs().max() > 3 * tolerance  # the pictures matter beyond the tolerance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# min_new_tokens without transformers' per-step vocabulary masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_holding_the_end_tokens_scores_as_transformers_processors_do():
+    from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+
+    from belle_vl_tools.runtime import _HoldEndTokens
+
+    end = [5, 17, 30]
+    ours = _HoldEndTokens(end, prompt_len=6, minimum=4, device=torch.device("cpu"))
+    theirs = LogitsProcessorList(
+        [
+            MinLengthLogitsProcessor(6 + 4, torch.tensor(end)),  # transformers derives min_length from min_new_tokens
+            MinNewTokensLengthLogitsProcessor(6, 4, torch.tensor(end)),
+        ]
+    )
+    scores = torch.randn(2, 40, generator=torch.Generator().manual_seed(0))
+    scores[:, end] = 50.0  # the end tokens would win
+    for length in range(6, 14):
+        ids = torch.zeros(2, length, dtype=torch.long)
+        want = theirs(ids, scores.clone())
+        assert torch.equal(ours(ids, scores.clone()), want)
+        assert (want.argmax(-1).tolist()[0] in end) == (length >= 10)  # held for 4 tokens, then free
+
+
+def test_min_new_tokens_in_the_runtime_gives_transformers_ids(runtime):
+    """With the end token favoured, min_new_tokens holds it back for exactly as many tokens as transformers would."""
+    end = runtime.generation_config.eos_token_id
+    end = end if isinstance(end, int) else end[0]
+    settings = {"do_sample": False, "max_new_tokens": 20, "min_new_tokens": 7, "sequence_bias": {(end,): 30.0}}
+    item = runtime.prepare([{"role": "user", "content": "Tell me a story."}])
+    ids = torch.tensor([item.input_ids])
+    with torch.inference_mode():
+        want = runtime.model.generate(input_ids=ids, **settings)[0, ids.shape[1] :].tolist()
+    assert len(want) == 8 and want[-1] == end  # seven tokens held, then the favoured end token
+    result = runtime.chat([{"role": "user", "content": "Tell me a story."}], **settings)
+    assert result.usage.completion_tokens == len(want) and result.finish_reason == "stop"  # the end token counts
+    assert result.text == runtime.tokenizer.decode(want[:-1]).strip()
