@@ -104,7 +104,6 @@ def copy_bandwidth(device: torch.device, gib: float, repeats: int = 10) -> float
     dst = torch.empty_like(src)
     dst.copy_(src)
     seconds = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
-    del src, dst
     return 2 * n / seconds
 
 
