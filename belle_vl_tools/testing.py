@@ -45,6 +45,30 @@ TINY_VISUAL: dict[str, Any] = {
 }
 
 
+#: config.json sizes of the published Belle-VL (Qwen-14B-Chat's language model, Qwen-VL's vision tower with
+#: output_dim 5120), for checks and benchmarks at full size.
+BELLE_VL_CONFIG: dict[str, Any] = {
+    "hidden_size": 5120,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "kv_channels": 128,
+    "intermediate_size": 27392,
+    "vocab_size": 152064,
+    "seq_length": 2048,
+    "max_position_embeddings": 8192,
+    "visual": {
+        "heads": 16,
+        "image_size": 448,
+        "image_start_id": 151857,
+        "layers": 48,
+        "mlp_ratio": 4.9231,
+        "output_dim": 5120,
+        "patch_size": 14,
+        "width": 1664,
+    },
+}
+
+
 def count_ranks(vocab_file: str | os.PathLike) -> int:
     """Number of ordinary tokens in a ``qwen.tiktoken`` file (special tokens are numbered from it)."""
     with open(vocab_file, "rb") as f:
@@ -192,7 +216,7 @@ def _write_weights(out: Path, state: dict[str, torch.Tensor], layout: Layout, sh
     (out / index_name).write_text(json.dumps(index, indent=2) + "\n")
 
 
-__all__ = ["TINY_CONFIG", "TINY_VISUAL", "count_ranks", "published_config", "write_tiny_checkpoint"]
+__all__ = ["BELLE_VL_CONFIG", "TINY_CONFIG", "TINY_VISUAL", "count_ranks", "published_config", "write_tiny_checkpoint"]
 
 
 def write_test_pictures(folder: str | os.PathLike) -> dict[str, Path]:

@@ -21,29 +21,11 @@ from belle_vl_tools.checkpoint_checks import (
 )
 from belle_vl_tools.configuration_qwen_vl import QWenConfig
 from belle_vl_tools.errors import CheckpointError
+from belle_vl_tools.testing import BELLE_VL_CONFIG
 
 DEMO = Path(__file__).resolve().parents[1] / "belle_vl_tools" / "demo" / "model"
 
-BELLE_VL = {
-    "hidden_size": 5120,
-    "num_hidden_layers": 40,
-    "num_attention_heads": 40,
-    "kv_channels": 128,
-    "intermediate_size": 27392,
-    "vocab_size": 152064,
-    "seq_length": 2048,
-    "max_position_embeddings": 8192,
-    "visual": {
-        "heads": 16,
-        "image_size": 448,
-        "image_start_id": 151857,
-        "layers": 48,
-        "mlp_ratio": 4.9231,
-        "output_dim": 5120,
-        "patch_size": 14,
-        "width": 1664,
-    },
-}
+BELLE_VL = BELLE_VL_CONFIG
 QWEN_VL_CHAT = {
     **BELLE_VL,
     "hidden_size": 4096,
