@@ -50,6 +50,7 @@ __all__ = [
     "make_conversation",
     "KINDS",
     "MME_SUBTASKS",
+    "ONE_SHAPE_PARAPHRASES",
     "PARAPHRASES",
     "YES_NO_SUBTASKS",
     "POSITIONS",
@@ -491,10 +492,25 @@ PARAPHRASES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }  # fmt: skip
 
+#: Wordings that name no shape, asked (besides :data:`PARAPHRASES`) about pictures with a single shape: a user
+#: who sees one shape asks "What color is the shape?", and "shape" in a color question must not turn it into a
+#: shape question.
+ONE_SHAPE_PARAPHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "color": {
+        "en": ("What color is the shape?", "What color is it?", "What color is the object?", "What colour is this?"),
+        "zh": ("这个图形是什么颜色？", "它是什么颜色的？"),
+    },
+    "shape": {
+        "en": ("What shape is it?", "What shape is this?", "What is the shape?", "Which shape is in the picture?"),
+        "zh": ("这是什么形状？", "图中的图形是什么形状？"),
+    },
+}  # fmt: skip
+
 
 def paraphrase_texts() -> Iterator[str]:
-    """Every question :data:`PARAPHRASES` can ask (for the vocabulary), as the processor writes it."""
-    for by_language in PARAPHRASES.values():
+    """Every question :data:`PARAPHRASES` and :data:`ONE_SHAPE_PARAPHRASES` can ask (for the vocabulary), as the
+    processor writes it."""
+    for by_language in (*PARAPHRASES.values(), *ONE_SHAPE_PARAPHRASES.values()):
         for templates in by_language.values():
             for template in templates:
                 for color, (_rgb, color_zh) in COLORS.items():
@@ -503,8 +519,12 @@ def paraphrase_texts() -> Iterator[str]:
                         yield "\n" + template.format(**fields, phrase_zh=color_zh + kind_zh)
 
 
-def _paraphrased(kind: str, language: str, question: str, shape: Shape | None, rng: random.Random) -> str:
-    templates = PARAPHRASES.get(kind, {}).get(language)
+def _paraphrased(
+    kind: str, language: str, question: str, shape: Shape | None, rng: random.Random, one_shape: bool = False
+) -> str:
+    templates = PARAPHRASES.get(kind, {}).get(language, ())
+    if one_shape:
+        templates += ONE_SHAPE_PARAPHRASES.get(kind, {}).get(language, ())
     if not templates:
         return question
     template = rng.choice(templates)
@@ -538,13 +558,14 @@ def sample_texts(
     """(question, answer) of one sample ``kind`` about ``scene`` in ``language`` ("en" or "zh"). Besides
     :data:`KINDS`, ``"yes_no:<subtask>"`` asks a yes/no question of one of :data:`YES_NO_SUBTASKS`. With
     ``paraphrase`` > 0, a color, shape, count or position question is asked in one of :data:`PARAPHRASES`'
-    wordings with that probability (``paraphrase=0`` draws exactly what earlier versions drew)."""
+    wordings with that probability, about a picture with one shape also in :data:`ONE_SHAPE_PARAPHRASES`'
+    (``paraphrase=0`` draws exactly what earlier versions drew)."""
     question, answer = _sample_texts(scene, kind, language, rng)
     if paraphrase > 0 and kind in PARAPHRASES and rng.random() < paraphrase:
         shape = _named_shape(scene, kind, language, question, answer)
         if shape is None and kind != "count":
             return question, answer
-        question = _paraphrased(kind, language, question, shape, rng)
+        question = _paraphrased(kind, language, question, shape, rng, one_shape=len(scene.shapes) == 1)
     return question, answer
 
 

@@ -196,6 +196,22 @@ def test_training_data_can_ask_in_other_words_with_the_same_answers():
     assert all(PARAPHRASES[k] for k in kinds)
 
 
+def test_questions_that_name_no_shape_are_asked_only_about_pictures_of_one_shape():
+    from belle_vl_tools.demo_data import COLORS, ONE_SHAPE_PARAPHRASES, SHAPES, make_sample
+
+    generic = {t for by_language in ONE_SHAPE_PARAPHRASES.values() for ts in by_language.values() for t in ts}
+    samples = [make_sample(9, i, kinds=["color", "shape"], paraphrase=1.0, with_image=False) for i in range(300)]
+    asked = [s for s in samples if s["question"] in generic]
+    assert len(asked) >= 20 and all(len(s["scene"].shapes) == 1 for s in asked)
+    # "What color is the shape?" is a color question: its answer names the color, as the usual wording's does
+    for s in asked:
+        shape, zh = s["scene"].shapes[0], s["language"] == "zh"
+        if s["kind"] == "color":
+            assert (COLORS[shape.color][1] if zh else shape.color) in s["answer"]
+        else:
+            assert (SHAPES[shape.kind] if zh else shape.kind) in s["answer"]
+
+
 def test_free_layout_training_pictures_match_their_answers():
     import random
 
