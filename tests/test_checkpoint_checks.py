@@ -21,11 +21,10 @@ from belle_vl_tools.checkpoint_checks import (
 )
 from belle_vl_tools.configuration_qwen_vl import QWenConfig
 from belle_vl_tools.errors import CheckpointError
-from belle_vl_tools.testing import BELLE_VL_CONFIG
+from belle_vl_tools.testing import BELLE_VL_CONFIG as BELLE_VL
 
 DEMO = Path(__file__).resolve().parents[1] / "belle_vl_tools" / "demo" / "model"
 
-BELLE_VL = BELLE_VL_CONFIG
 QWEN_VL_CHAT = {
     **BELLE_VL,
     "hidden_size": 4096,
