@@ -317,6 +317,28 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
+def letter_centers(scene: Scene) -> list[tuple[str, float, float]]:
+    """Each letter of the scene's printed word with the center of its ink, in the pixels of the picture
+    :func:`render` returns (``scene.size`` square); empty without a word. The trainer labels the patches under
+    the letters with it."""
+    if scene.word is None or scene.word_box is None:
+        return []
+    if scene.canvas is not None and scene.font_size:
+        width, height = scene.canvas
+        font = _truetype(scene.font, scene.font_size) if scene.font else _font(scene.font_size)
+    else:
+        width = height = scene.size
+        font = _font(max(8, round(scene.size * 0.15)))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, _r, _b = draw.textbbox((0, 0), scene.word, font=font)
+    x0, y0 = scene.word_box[0] - left, scene.word_box[1] - top
+    centers = []
+    for i, letter in enumerate(scene.word):
+        x1, y1, x2, y2 = draw.textbbox((x0 + font.getlength(scene.word[:i]), y0), letter, font=font)
+        centers.append((letter, (x1 + x2) / 2 * scene.size / width, (y1 + y2) / 2 * scene.size / height))
+    return centers
+
+
 def _render_free(scene: Scene) -> Image.Image:
     import io
 

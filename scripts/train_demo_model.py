@@ -97,6 +97,7 @@ from belle_vl_tools.demo_data import (
     WORDS,
     build_demo_vocab,
     corpus_texts,
+    letter_centers,
     make_conversation,
     make_sample,
     paraphrase_texts,
@@ -146,6 +147,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steps of the vision tower's own pre-training on scene labels before the chat training (0: none)",
     )
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the scene-label loss in chat training")
+    p.add_argument(
+        "--read-minutes",
+        type=float,
+        default=0.0,
+        help="minutes of the vision tower's reading pre-training on pictures with words, before the chat training "
+        "(0: none)",
+    )
+    p.add_argument("--read-lr", type=float, default=5e-4, help="peak learning rate of the reading pre-training")
+    p.add_argument(
+        "--read-keep",
+        type=float,
+        default=0.3,
+        help="reading pre-training: weight of keeping the tower's output features near those it started with",
+    )
     p.add_argument("--vision-lr-mult", type=float, default=1.0, help="learning rate of the vision tower / the LM's")
     p.add_argument(
         "--train-minutes",
@@ -501,6 +516,106 @@ def pretrain_vision(model: QWenLMHeadModel, processor: QWenVLProcessor, args: ar
     return probe
 
 
+class ReadBatches(torch.utils.data.Dataset):
+    """Batch ``step`` of the reading pre-training: ``2 x batch_size`` scenes (a word on 80%, the free layout on
+    85%), their pixels, the word of each (0 = none) and the letter under each patch (0 = none, 1-26 = A-Z)."""
+
+    def __init__(self, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
+        self.processor, self.args = processor, args
+        self.grid = args.image_size // 14
+
+    def __len__(self) -> int:
+        return 10**9  # ended by --read-minutes
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        rng = random.Random(f"{self.args.seed + 2}:{self.args.sample_offset}:{step}")
+        scenes = [
+            random_scene(rng, self.args.image_size, word=rng.random() < 0.8, free=rng.random() < 0.85)
+            for _ in range(self.args.batch_size * 2)
+        ]
+        letters = torch.zeros(len(scenes), self.grid * self.grid, dtype=torch.long)
+        for row, scene in enumerate(scenes):
+            for letter, x, y in letter_centers(scene):
+                patch = min(self.grid - 1, int(y // 14)) * self.grid + min(self.grid - 1, int(x // 14))
+                letters[row, patch] = 1 + ord(letter) - ord("A")
+        return {
+            "pixel_values": self.processor.pixel_values([render(scene) for scene in scenes]),
+            "words": torch.tensor([0 if s.word is None else 1 + WORDS.index(s.word) for s in scenes]),
+            "letters": letters,
+        }
+
+
+class ReadProbe(torch.nn.Module):
+    """Read-outs of the printed word: the letter under each patch from the tower's last patch states, and the
+    word from the output features pooled by one attention query (as the language model's attention can)."""
+
+    def __init__(self, width: int, dim: int) -> None:
+        super().__init__()
+        self.letters = torch.nn.Linear(width, 27)
+        self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pool = torch.nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.word = torch.nn.Linear(dim, 1 + len(WORDS))
+
+    def forward(self, patches: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, _ = self.pool(self.query.expand(features.shape[0], -1, -1), features, features)
+        return self.letters(patches), self.word(pooled[:, 0])
+
+
+def pretrain_reading(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
+    """Teach the tower to read words anywhere (``--read-minutes``): the language model's loss on read-text
+    answers reaches the tower too weakly and too rarely for that (free-layout reading stayed at chance through
+    hours of chat training). Dense labels do: the letter under every patch, and the word from the pooled output
+    features, with a penalty (``--read-keep``) on moving the output features away from those the tower started
+    with, so that the language model's other skills keep what they read. The probe is thrown away."""
+    visual = model.transformer.visual
+    start = copy.deepcopy(visual).eval().requires_grad_(False)
+    probe = ReadProbe(visual.conv1.weight.shape[0], visual.attn_pool.query.shape[1]).to(model.device)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(visual.parameters()), "lr_mult": 1.0}, {"params": list(probe.parameters()), "lr_mult": 2.0}],
+        lr=args.read_lr,
+        weight_decay=0.0,
+    )
+    params = list(visual.parameters()) + list(probe.parameters())
+    visual.train()
+    t_start, budget = time.time(), args.read_minutes * 60
+    for step, batch in enumerate(batches(ReadBatches(processor, args), args)):
+        progress = (time.time() - t_start) / budget
+        if progress >= 1.0:
+            print(f"reading pre-training: {step} steps ({progress * args.read_minutes:.1f} min)", flush=True)
+            break
+        batch = to_device(batch, model.device)
+        encoded = visual.encode(batch["pixel_values"])
+        with torch.no_grad():
+            kept = start(batch["pixel_values"])
+        letter_logits, word_logits = probe(encoded.last_hidden_state, encoded.pooler_output)
+        letters = batch["letters"].flatten()
+        weights = torch.where(letters > 0, 10.0, 1.0)  # letters cover few patches
+        letter_loss = (F.cross_entropy(letter_logits.flatten(0, 1), letters, reduction="none") * weights).sum()
+        letter_loss = letter_loss / weights.sum()
+        word_loss = F.cross_entropy(word_logits, batch["words"])
+        drift = ((encoded.pooler_output - kept) ** 2).mean() / (kept**2).mean()
+        loss = word_loss + letter_loss + args.read_keep * drift
+        lr = args.read_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        optimizer.step()
+        if step % (args.log_every * 5) == 0:
+            with torch.no_grad():
+                said = word_logits.argmax(1)
+                has = batch["words"] > 0
+                word_right = (said[has] == batch["words"][has]).float().mean().item()
+                marked = letters > 0
+                letter_right = (letter_logits.flatten(0, 1).argmax(1)[marked] == letters[marked]).float().mean().item()
+            print(
+                f"read step {step:5d} loss {loss.item():.4f} word {word_right:.3f} letters {letter_right:.3f} "
+                f"drift {drift.item():.4f} {(time.time() - t_start) / (step + 1):.2f}s/step",
+                flush=True,
+            )
+
+
 def lr_at(step: int, progress: float, args: argparse.Namespace) -> float:
     """Linear warm-up over ``--warmup`` steps, then cosine decay to ``--min-lr-ratio`` over ``progress`` (0..1)."""
     if step < args.warmup:
@@ -641,6 +756,8 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
             model.transformer.visual.proj.mul_(args.vision_proj_scale)
     if args.resampler_sharpness and args.resume is None:
         local_resampler_start(model.transformer.visual.attn_pool, args.resampler_sharpness)
+    if args.read_minutes:
+        pretrain_reading(model, processor, args)
     probe = pretrain_vision(model, processor, args) if args.vision_steps else None
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -211,3 +211,26 @@ def test_each_yes_no_subtask_is_right_about_the_scene(subtask):
 def test_unknown_yes_no_subtask_is_refused():
     with pytest.raises(ValueError, match="yes_no:<subtask>"):
         dd.make_sample(0, 0, kinds=["yes_no:nonsense"])
+
+
+@pytest.mark.parametrize("free", [False, True])
+def test_letter_centers_lie_on_the_printed_letters_in_reading_order(free: bool):
+    import random
+
+    rng = random.Random(5)
+    for _ in range(12):
+        scene = dd.random_scene(rng, dd.DEFAULT_SIZE, word=True, free=free)
+        if scene.word is None:  # a free scene with no room left for the word
+            continue
+        centers = dd.letter_centers(scene)
+        assert [letter for letter, _x, _y in centers] == list(scene.word)
+        ink = np.asarray(dd.render(scene)).max(axis=2) < 90  # the word is black; shapes are colored
+        ys, xs = np.nonzero(ink)
+        left, right, top, bottom = xs.min(), xs.max(), ys.min(), ys.max()
+        xs_c = [x for _l, x, _y in centers]
+        assert xs_c == sorted(xs_c) and xs_c[0] < xs_c[-1]
+        third = (right - left) / 3
+        assert left <= xs_c[0] <= left + third + 1 and right - third - 1 <= xs_c[-1] <= right + 1
+        for _letter, _x, y in centers:
+            assert top - 1 <= y <= bottom + 1
+    assert dd.letter_centers(dd.random_scene(rng, dd.DEFAULT_SIZE, word=False)) == []

@@ -74,3 +74,32 @@ def test_a_short_run_writes_a_loadable_published_checkpoint(trainer, tmp_path, c
     )
     assert code == 0 and "time budget reached" in capsys.readouterr().out
     assert (resumed / "model.safetensors").is_file()
+
+
+def test_reading_pretraining_labels_the_letters_and_trains_the_tower_alone(trainer, processor, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from belle_vl_tools.demo_data import WORDS
+
+    args = trainer.parse_args(["--batch-size", "6", "--sample-offset", "7"])
+    batch = trainer.ReadBatches(processor, args)[3]
+    assert torch.equal(batch["letters"], trainer.ReadBatches(processor, args)[3]["letters"])
+    assert batch["pixel_values"].shape[0] == 12 and (batch["words"] > 0).any() and (batch["words"] == 0).any()
+    for word, letters in zip(batch["words"].tolist(), batch["letters"], strict=True):
+        marked = {chr(ord("A") + i - 1) for i in letters[letters > 0].tolist()}
+        if word == 0:
+            assert not marked
+        else:  # letters of a small word may share a patch (the last one labels it)
+            assert marked and marked <= set(WORDS[word - 1]) and 1 <= int((letters > 0).sum()) <= 3
+
+    out = tmp_path / "demo"
+    common = ["--batch-size", "4", "--vision-steps", "0", "--warm-steps", "0", "--warmup", "1", "--eval-samples", "0"]
+    common += ["--mme-images", "0", "--heldout-pictures", "0"]
+    assert trainer.main([*common, *TINY, "--steps", "1", "--out", str(out)]) == 0
+    read = tmp_path / "read"
+    resumed = ["--resume", str(out), "--out", str(read), "--steps", "0", "--read-minutes", "0.02"]
+    assert trainer.main([*common, *resumed]) == 0
+    assert "read step     0" in capsys.readouterr().out
+    before, after = load_file(out / "model.safetensors"), load_file(read / "model.safetensors")
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(name.startswith("transformer.visual.") for name in moved)
