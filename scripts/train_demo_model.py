@@ -71,15 +71,16 @@ and the model sits at chance for thousands of steps before it learns that. The s
     ``yes_no,yes_no,yes_no:position,yes_no:position,describe_brief,describe_detailed,locate``.
 
 ``--train-minutes`` and ``--read-minutes`` bound wall-clock time, so stages 6-11 are reproducible in their batches
-but not in their step counts. Stage 1 ran the script as it was before batches became a function of the step (same
+but not in their step counts (and free-layout words depend on the fonts installed: stages 10 and 11 ran where
+only DejaVu was). Stage 1 ran the script as it was before batches became a function of the step (same
 recipe, other batches).
 
 Stage 2 on 2 CPU cores would take about 10 hours (23,600 steps of 32 conversations at 1.5 s). The shipped weights
 score, on held-out MME-format pictures (``generate_mme_set``, seed 8888, 200 per subtask): existence 194.75,
 count 195.5, position 186, color 199.25, OCR 169 (of 200; after stage 9: 200, 197.75, 188.5, 200, 169.75; after
 stage 5: 198.5, 200, 192.5, 200, 188.75). On the independent held-out pictures (``belle_vl_tools.demo_heldout``,
-50 pictures) they answer 89% (after stage 9: 83%, after stage 5: 67%); reading a word printed anywhere went from
-0 to 16 of 32 with stages 10 and 11 and stays the weakest skill.
+50 pictures) they answer 88% (89% where only DejaVu fonts are installed; after stage 9: 83%, after stage 5: 67%);
+reading a word printed anywhere went from 0 to 16 of 32 with stages 10 and 11 and stays the weakest skill.
 """
 
 from __future__ import annotations

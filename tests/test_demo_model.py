@@ -130,11 +130,12 @@ def test_the_notebook_runs_top_to_bottom(monkeypatch, capsys):
 # --- held-out pictures: drawn by another function than the training pictures (belle_vl_tools.demo_heldout) ---------
 #: The fixed CI sample: 16 pictures (100 questions) of a stream no training or report run uses.
 HELDOUT_SEED, HELDOUT_PICTURES = 4242, 16
-#: Right answers the shipped demo model gives on that sample (measured: color 13/13, shape 14/16, count 14/16,
-#: position 14/14, read-word 4/9, yes/no 15/16, Chinese 15/16; 89/100 overall), less a margin of one for
-#: numerical differences between machines. Raise them when a retrained model does better.
+#: Right answers the shipped demo model gives on that sample, which depends on the fonts installed (measured with
+#: DejaVu and Liberation: color 13/13, shape 15/16, count 13/16, position 14/14, read-word 6/9, yes/no 15/16,
+#: Chinese 16/16, 92/100 overall; with DejaVu alone: shape 14, count 14, read-word 4, Chinese 15, 89/100), less a
+#: margin of one for numerical differences between machines. Raise them when a retrained model does better.
 HELDOUT_MINIMUM = {
-    "color": 12, "shape": 13, "count": 13, "position": 13, "read-word": 3, "yes/no": 14, "Chinese": 14,
+    "color": 12, "shape": 13, "count": 12, "position": 13, "read-word": 3, "yes/no": 14, "Chinese": 14,
 }  # fmt: skip
 HELDOUT_MINIMUM_OVERALL = 0.85
 
@@ -175,7 +176,7 @@ def test_held_out_sample_keeps_the_demo_models_measured_figures(heldout):
 @pytest.mark.xfail(
     strict=True,
     reason="issue 16's target (>= 90% overall, >= 80% per skill on held-out pictures) is not met: the shipped "
-    "demo model reads about half of the words printed anywhere in other fonts (read-word 4/9 on this sample)",
+    "demo model reads about half of the words printed anywhere in other fonts (read-word 4-6 of 9 on this sample)",
 )
 def test_held_out_sample_meets_the_target(heldout):
     assert heldout.accuracy() >= 0.9, heldout.table()
