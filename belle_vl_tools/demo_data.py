@@ -166,7 +166,7 @@ def _font(size: int) -> Any:
 def _word_box(word: str, cell: tuple[int, int], size: int) -> tuple[int, int, int, int]:
     """Where ``word`` is drawn (its top-left anchor and extent) when centered in ``cell``."""
     step = size / 3
-    font = _font(max(8, round(size * 0.15)))
+    font = _font(_grid_font_size(size))
     left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), word, font=font)
     cx, cy = (cell[1] + 0.5) * step, (cell[0] + 0.5) * step
     x = min(max(1, round(cx - (right - left) / 2)), size - 1 - (right - left))
@@ -233,6 +233,18 @@ def _free_fonts() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=64)
 def _truetype(path: str, size: int) -> Any:
     return ImageFont.truetype(path, size)
+
+
+def _grid_font_size(size: int) -> int:
+    """The size of the grid layout's words (Pillow's own font) in a ``size`` x ``size`` picture."""
+    return max(8, round(size * 0.15))
+
+
+def _word_font(scene: Scene) -> Any:
+    """The font the scene's word is drawn in: the free layout's own, or the grid layout's."""
+    if scene.canvas is not None and scene.font_size:
+        return _truetype(scene.font, scene.font_size) if scene.font else _font(scene.font_size)
+    return _font(_grid_font_size(scene.size))
 
 
 def _region(x: float, y: float, width: float, height: float) -> tuple[int, int]:
@@ -311,7 +323,7 @@ def render(scene: Scene) -> Image.Image:
         else:
             draw.polygon([((x1 + x2 - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=fill)
     if scene.word is not None and scene.word_box is not None:
-        font = _font(max(8, round(scene.size * 0.15)))
+        font = _word_font(scene)
         left, top, _r, _b = draw.textbbox((0, 0), scene.word, font=font)
         draw.text((scene.word_box[0] - left, scene.word_box[1] - top), scene.word, fill=TEXT_COLOR, font=font)
     return image
@@ -323,12 +335,8 @@ def letter_centers(scene: Scene) -> list[tuple[str, float, float]]:
     the letters with it."""
     if scene.word is None or scene.word_box is None:
         return []
-    if scene.canvas is not None and scene.font_size:
-        width, height = scene.canvas
-        font = _truetype(scene.font, scene.font_size) if scene.font else _font(scene.font_size)
-    else:
-        width = height = scene.size
-        font = _font(max(8, round(scene.size * 0.15)))
+    width, height = scene.canvas if scene.canvas is not None and scene.font_size else (scene.size, scene.size)
+    font = _word_font(scene)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left, top, _r, _b = draw.textbbox((0, 0), scene.word, font=font)
     x0, y0 = scene.word_box[0] - left, scene.word_box[1] - top
@@ -356,7 +364,7 @@ def _render_free(scene: Scene) -> Image.Image:
         else:
             draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=fill)
     if scene.word is not None and scene.word_box is not None and scene.font_size:
-        font = _truetype(scene.font, scene.font_size) if scene.font else _font(scene.font_size)
+        font = _word_font(scene)
         left, top, _r, _b = draw.textbbox((0, 0), scene.word, font=font)
         draw.text((scene.word_box[0] - left, scene.word_box[1] - top), scene.word, fill=TEXT_COLOR, font=font)
     image = image.resize((scene.size, scene.size), Image.Resampling.BICUBIC)
