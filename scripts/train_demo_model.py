@@ -175,6 +175,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.3,
         help="reading pre-training: weight of keeping the tower's output features near those it started with",
     )
+    p.add_argument(
+        "--read-aux",
+        type=float,
+        default=0.0,
+        help="chat training: weight of the reading loss (letters and word, on a batch of --batch-size pictures "
+        "with words) kept beside the language model's, with the reading pre-training's probe (0: none)",
+    )
     p.add_argument("--vision-lr-mult", type=float, default=1.0, help="learning rate of the vision tower / the LM's")
     p.add_argument(
         "--train-minutes",
@@ -531,21 +538,23 @@ def pretrain_vision(model: QWenLMHeadModel, processor: QWenVLProcessor, args: ar
 
 
 class ReadBatches(torch.utils.data.Dataset):
-    """Batch ``step`` of the reading pre-training: ``2 x batch_size`` scenes (a word on 80%, the free layout on
-    85%), their pixels, the word of each (0 = none) and the letter under each patch (0 = none, 1-26 = A-Z)."""
+    """Batch ``step`` of the reading pre-training: ``pictures`` scenes (a word on 80%, the free layout on 85%),
+    their pixels, the word of each (0 = none) and the letter under each patch (0 = none, 1-26 = A-Z). ``stream``
+    tells apart the pre-training's batches from those kept beside the chat training (``--read-aux``)."""
 
-    def __init__(self, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
-        self.processor, self.args = processor, args
+    def __init__(self, processor: QWenVLProcessor, args: argparse.Namespace, pictures: int, stream: int = 0) -> None:
+        self.processor, self.args, self.pictures, self.stream = processor, args, pictures, stream
         self.grid = args.image_size // 14
 
     def __len__(self) -> int:
         return 10**9  # ended by --read-minutes
 
     def __getitem__(self, step: int) -> dict[str, Any]:
-        rng = random.Random(f"{self.args.seed + 2}:{self.args.sample_offset}:{step}")
+        key = f"{self.args.seed + 2}:{self.args.sample_offset}:{step}"
+        rng = random.Random(key if not self.stream else f"{key}:{self.stream}")
         scenes = [
             random_scene(rng, self.args.image_size, word=rng.random() < 0.8, free=rng.random() < 0.85)
-            for _ in range(self.args.batch_size * 2)
+            for _ in range(self.pictures)
         ]
         letters = torch.zeros(len(scenes), self.grid * self.grid, dtype=torch.long)
         for row, scene in enumerate(scenes):
@@ -575,12 +584,13 @@ class ReadProbe(torch.nn.Module):
         return self.letters(patches), self.word(pooled[:, 0])
 
 
-def pretrain_reading(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Namespace) -> None:
+def pretrain_reading(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Namespace) -> ReadProbe:
     """Teach the tower to read words anywhere (``--read-minutes``): the language model's loss on read-text
     answers reaches the tower too weakly and too rarely for that (free-layout reading stayed at chance through
     hours of chat training). Dense labels do: the letter under every patch, and the word from the pooled output
     features, with a penalty (``--read-keep``) on moving the output features away from those the tower started
-    with, so that the language model's other skills keep what they read. The probe is thrown away."""
+    with, so that the language model's other skills keep what they read. Returns the probe (``--read-aux`` goes on
+    with it; it is not saved)."""
     visual = model.transformer.visual
     start = copy.deepcopy(visual).eval().requires_grad_(False)
     probe = ReadProbe(visual.conv1.weight.shape[0], visual.attn_pool.query.shape[1]).to(model.device)
@@ -592,23 +602,17 @@ def pretrain_reading(model: QWenLMHeadModel, processor: QWenVLProcessor, args: a
     params = list(visual.parameters()) + list(probe.parameters())
     visual.train()
     t_start, budget = time.time(), args.read_minutes * 60
-    for step, batch in enumerate(batches(ReadBatches(processor, args), args)):
+    for step, batch in enumerate(batches(ReadBatches(processor, args, 2 * args.batch_size), args)):
         progress = (time.time() - t_start) / budget
         if progress >= 1.0:
             print(f"reading pre-training: {step} steps ({progress * args.read_minutes:.1f} min)", flush=True)
             break
         batch = to_device(batch, model.device)
-        encoded = visual.encode(batch["pixel_values"])
         with torch.no_grad():
             kept = start(batch["pixel_values"])
-        letter_logits, word_logits = probe(encoded.last_hidden_state, encoded.pooler_output)
-        letters = batch["letters"].flatten()
-        weights = torch.where(letters > 0, 10.0, 1.0)  # letters cover few patches
-        letter_loss = (F.cross_entropy(letter_logits.flatten(0, 1), letters, reduction="none") * weights).sum()
-        letter_loss = letter_loss / weights.sum()
-        word_loss = F.cross_entropy(word_logits, batch["words"])
-        drift = ((encoded.pooler_output - kept) ** 2).mean() / (kept**2).mean()
-        loss = word_loss + letter_loss + args.read_keep * drift
+        loss, features, right = reading_loss(visual, probe, batch)
+        drift = ((features - kept) ** 2).mean() / (kept**2).mean()
+        loss = loss + args.read_keep * drift
         lr = args.read_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
@@ -617,17 +621,31 @@ def pretrain_reading(model: QWenLMHeadModel, processor: QWenVLProcessor, args: a
         torch.nn.utils.clip_grad_norm_(params, args.clip)
         optimizer.step()
         if step % (args.log_every * 5) == 0:
-            with torch.no_grad():
-                said = word_logits.argmax(1)
-                has = batch["words"] > 0
-                word_right = (said[has] == batch["words"][has]).float().mean().item()
-                marked = letters > 0
-                letter_right = (letter_logits.flatten(0, 1).argmax(1)[marked] == letters[marked]).float().mean().item()
             print(
-                f"read step {step:5d} loss {loss.item():.4f} word {word_right:.3f} letters {letter_right:.3f} "
+                f"read step {step:5d} loss {loss.item():.4f} word {right[0]:.3f} letters {right[1]:.3f} "
                 f"drift {drift.item():.4f} {(time.time() - t_start) / (step + 1):.2f}s/step",
                 flush=True,
             )
+    return probe
+
+
+def reading_loss(
+    visual: torch.nn.Module, probe: ReadProbe, batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """The reading loss of a :class:`ReadBatches` batch (word + letters), the tower's output features, and the
+    share of words and of marked letters read right."""
+    encoded = visual.encode(batch["pixel_values"])
+    letter_logits, word_logits = probe(encoded.last_hidden_state, encoded.pooler_output)
+    letters = batch["letters"].flatten()
+    weights = torch.where(letters > 0, 10.0, 1.0)  # letters cover few patches
+    letter_loss = (F.cross_entropy(letter_logits.flatten(0, 1), letters, reduction="none") * weights).sum()
+    letter_loss = letter_loss / weights.sum()
+    word_loss = F.cross_entropy(word_logits, batch["words"])
+    with torch.no_grad():
+        has, marked = batch["words"] > 0, letters > 0
+        word_right = (word_logits.argmax(1)[has] == batch["words"][has]).float().mean().item()
+        letter_right = (letter_logits.flatten(0, 1).argmax(1)[marked] == letters[marked]).float().mean().item()
+    return word_loss + letter_loss, encoded.pooler_output, (word_right, letter_right)
 
 
 def lr_at(step: int, progress: float, args: argparse.Namespace) -> float:
@@ -770,8 +788,10 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
             model.transformer.visual.proj.mul_(args.vision_proj_scale)
     if args.resampler_sharpness and args.resume is None:
         local_resampler_start(model.transformer.visual.attn_pool, args.resampler_sharpness)
-    if args.read_minutes:
-        pretrain_reading(model, processor, args)
+    read_probe = pretrain_reading(model, processor, args) if args.read_minutes else None
+    if args.read_aux and read_probe is None:
+        visual = model.transformer.visual
+        read_probe = ReadProbe(visual.conv1.weight.shape[0], visual.attn_pool.query.shape[1]).to(model.device)
     probe = pretrain_vision(model, processor, args) if args.vision_steps else None
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -787,7 +807,12 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
             }
             for (decays, visual), params in groups.items()
         ]
-        + ([{"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": 1.0}] if probe is not None else []),
+        + ([{"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": 1.0}] if probe is not None else [])
+        + (
+            [{"params": list(read_probe.parameters()), "weight_decay": 0.0, "lr_mult": 2.0}]
+            if args.read_aux and read_probe is not None
+            else []
+        ),
         lr=args.lr,
         betas=(0.9, 0.98),
     )
@@ -795,6 +820,8 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
     t_start = last_save = time.time()
     budget = args.train_minutes * 60
     smoothed = None
+    reading = iter(batches(ReadBatches(processor, args, args.batch_size, stream=1), args)) if args.read_aux else None
+    read_right = (0.0, 0.0)
     for step, batch in enumerate(batches(ChatBatches(processor, args), args)):
         elapsed = time.time() - t_start
         progress = max(step / args.steps, elapsed / budget if budget else 0.0)
@@ -812,16 +839,22 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
             features = model.transformer.visual(batch.pop("pixel_values"))
             aux, _ = probe.loss(features, scenes)
             loss = model(**batch, image_features=features).loss + args.aux_weight * aux
+        if reading is not None:  # keep the tower reading while the language model learns to use it
+            read_loss, _, read_right = reading_loss(
+                model.transformer.visual, read_probe, to_device(next(reading), model.device)
+            )
+            loss = loss + args.read_aux * read_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], args.clip)
         optimizer.step()
         if step % args.log_every == 0 or step == args.steps - 1:
             value = loss.item()
             smoothed = value if smoothed is None else 0.7 * smoothed + 0.3 * value
             print(
                 f"step {step:5d} loss {value:.4f} (avg {smoothed:.4f}) grad {grad_norm:.2f} "
-                f"lr {lr:.2e} {elapsed / (step + 1):.3f}s/step",
+                f"lr {lr:.2e} {elapsed / (step + 1):.3f}s/step"
+                + (f" | reading: word {read_right[0]:.3f} letters {read_right[1]:.3f}" if reading is not None else ""),
                 flush=True,
             )
         if args.save_every_minutes and time.time() - last_save > args.save_every_minutes * 60:

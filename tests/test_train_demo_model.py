@@ -82,8 +82,10 @@ def test_reading_pretraining_labels_the_letters_and_trains_the_tower_alone(train
     from belle_vl_tools.demo_data import WORDS
 
     args = trainer.parse_args(["--batch-size", "6", "--sample-offset", "7"])
-    batch = trainer.ReadBatches(processor, args)[3]
-    assert torch.equal(batch["letters"], trainer.ReadBatches(processor, args)[3]["letters"])
+    batch = trainer.ReadBatches(processor, args, 12)[3]
+    assert torch.equal(batch["letters"], trainer.ReadBatches(processor, args, 12)[3]["letters"])
+    # the stream kept beside the chat training draws other pictures
+    assert not torch.equal(batch["pixel_values"], trainer.ReadBatches(processor, args, 12, stream=1)[3]["pixel_values"])
     assert batch["pixel_values"].shape[0] == 12 and (batch["words"] > 0).any() and (batch["words"] == 0).any()
     for word, letters in zip(batch["words"].tolist(), batch["letters"], strict=True):
         marked = {chr(ord("A") + i - 1) for i in letters[letters > 0].tolist()}
@@ -103,3 +105,21 @@ def test_reading_pretraining_labels_the_letters_and_trains_the_tower_alone(train
     before, after = load_file(out / "model.safetensors"), load_file(read / "model.safetensors")
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert moved and all(name.startswith("transformer.visual.") for name in moved)
+
+
+def test_reading_loss_beside_the_chat_training_moves_the_tower(trainer, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "demo"
+    common = ["--batch-size", "4", "--vision-steps", "0", "--warm-steps", "0", "--warmup", "1", "--eval-samples", "0"]
+    common += ["--mme-images", "0", "--heldout-pictures", "0", "--save-dtype", "float32"]
+    assert trainer.main([*common, *TINY, "--steps", "1", "--out", str(out)]) == 0
+    runs = {}
+    for weight in ("0", "1"):
+        runs[weight] = tmp_path / f"aux{weight}"
+        resumed = ["--resume", str(out), "--out", str(runs[weight]), "--steps", "2", "--log-every", "1"]
+        assert trainer.main([*common, *resumed, "--read-aux", weight]) == 0
+        printed = capsys.readouterr().out
+        assert ("| reading: word" in printed) == (weight == "1")
+    plain, aux = load_file(runs["0"] / "model.safetensors"), load_file(runs["1"] / "model.safetensors")
+    assert any(not torch.equal(plain[n], aux[n]) for n in plain if n.startswith("transformer.visual."))
