@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import random
@@ -102,6 +103,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageFilter
 
 from belle_vl_tools import BelleVL
 from belle_vl_tools.demo_data import (
@@ -181,6 +183,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="chat training: weight of the reading loss (letters and word, on a batch of --batch-size pictures "
         "with words) kept beside the language model's, with the reading pre-training's probe (0: none)",
+    )
+    p.add_argument(
+        "--augment",
+        type=float,
+        default=0.0,
+        help="share of training pictures (chat and reading batches) softened, blurred, noised and JPEG-compressed "
+        "again, so that reading does not hang on the generator's exact strokes (0: none)",
     )
     p.add_argument("--vision-lr-mult", type=float, default=1.0, help="learning rate of the vision tower / the LM's")
     p.add_argument(
@@ -348,6 +357,32 @@ def make_batch(processor: QWenVLProcessor, samples: list[dict[str, Any]]) -> dic
     }
 
 
+def augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """The picture as a camera or another renderer might give it: scaled down and up again (softer strokes), a
+    slight blur, lower contrast, pixel noise and a JPEG round trip, each at a strength drawn from ``rng``."""
+    width, height = image.size
+    factor = rng.uniform(0.55, 1.0)
+    small = (max(8, round(width * factor)), max(8, round(height * factor)))
+    image = image.resize(small, Image.Resampling.BILINEAR).resize((width, height), Image.Resampling.BICUBIC)
+    if rng.random() < 0.6:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.8)))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.7, 1.0))  # black ink turns dark grey
+    pixels = np.asarray(image, dtype=np.int16)
+    spread = rng.randint(0, 6)
+    noise = np.random.default_rng(rng.randrange(1 << 30)).integers(-spread, spread + 1, size=pixels.shape)
+    image = Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8), "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=rng.randint(50, 95))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+def augmented(images: list[Image.Image], share: float, rng: random.Random) -> list[Image.Image]:
+    """``images`` with a ``share`` of them passed through :func:`augment`."""
+    return [augment(image, rng) if share and rng.random() < share else image for image in images]
+
+
 class ChatBatches(torch.utils.data.Dataset):
     """Batch ``step`` of the chat training, a function of the seed and the step alone (so worker processes can
     draw batches in any order): samples ``sample_offset + step * batch_size ...`` of the data stream, each
@@ -377,6 +412,12 @@ class ChatBatches(torch.utils.data.Dataset):
             )
             for i in range(args.batch_size)
         ]
+        if args.augment:
+            pictures = random.Random(f"{args.seed}:{args.sample_offset}:{step}:augment")
+            for sample in samples:
+                for part in sample["messages"][0]["content"]:
+                    if "image" in part:
+                        part["image"] = augmented([part["image"]], args.augment, pictures)[0]
         return make_batch(self.processor, samples)
 
 
@@ -562,7 +603,9 @@ class ReadBatches(torch.utils.data.Dataset):
                 patch = min(self.grid - 1, int(y // 14)) * self.grid + min(self.grid - 1, int(x // 14))
                 letters[row, patch] = 1 + ord(letter) - ord("A")
         return {
-            "pixel_values": self.processor.pixel_values([render(scene) for scene in scenes]),
+            "pixel_values": self.processor.pixel_values(
+                augmented([render(scene) for scene in scenes], self.args.augment, rng)
+            ),
             "words": torch.tensor([0 if s.word is None else 1 + WORDS.index(s.word) for s in scenes]),
             "letters": letters,
         }

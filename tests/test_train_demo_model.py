@@ -123,3 +123,24 @@ def test_reading_loss_beside_the_chat_training_moves_the_tower(trainer, tmp_path
         assert ("| reading: word" in printed) == (weight == "1")
     plain, aux = load_file(runs["0"] / "model.safetensors"), load_file(runs["1"] / "model.safetensors")
     assert any(not torch.equal(plain[n], aux[n]) for n in plain if n.startswith("transformer.visual."))
+
+
+def test_augmented_pictures_are_a_function_of_the_step_and_keep_their_size(trainer, processor):
+    import random
+
+    from belle_vl_tools.demo_data import random_scene, render
+
+    picture = render(random_scene(random.Random(1), 112, word=True, free=True))
+    changed = trainer.augment(picture, random.Random(2))
+    assert changed.size == picture.size and changed.mode == "RGB"
+    assert changed.tobytes() != picture.tobytes()
+    assert changed.tobytes() == trainer.augment(picture, random.Random(2)).tobytes()
+    plain = trainer.parse_args(["--batch-size", "4", "--free-layout", "0.6"])
+    rough = trainer.parse_args(["--batch-size", "4", "--free-layout", "0.6", "--augment", "1"])
+    one, two = trainer.ChatBatches(processor, rough)[0], trainer.ChatBatches(processor, rough)[0]
+    assert torch.equal(one["pixel_values"], two["pixel_values"]) and torch.equal(one["labels"], two["labels"])
+    clean = trainer.ChatBatches(processor, plain)[0]
+    assert torch.equal(one["labels"], clean["labels"]) and not torch.equal(one["pixel_values"], clean["pixel_values"])
+    read_clean, read_rough = trainer.ReadBatches(processor, plain, 6)[2], trainer.ReadBatches(processor, rough, 6)[2]
+    assert torch.equal(read_clean["letters"], read_rough["letters"])
+    assert not torch.equal(read_clean["pixel_values"], read_rough["pixel_values"])
