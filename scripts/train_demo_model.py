@@ -631,6 +631,11 @@ class ReadProbe(torch.nn.Module):
         self.pool = torch.nn.MultiheadAttention(dim, 4, batch_first=True)
         self.word = torch.nn.Linear(dim, 1 + len(WORDS))
 
+    @classmethod
+    def for_tower(cls, visual: torch.nn.Module) -> ReadProbe:
+        """A fresh probe sized for ``visual`` (the tower's patch width and output width), on its device."""
+        return cls(visual.conv1.weight.shape[0], visual.attn_pool.query.shape[1]).to(visual.conv1.weight.device)
+
     def forward(self, patches: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, _ = self.pool(self.query.expand(features.shape[0], -1, -1), features, features)
         return self.letters(patches), self.word(pooled[:, 0])
@@ -645,7 +650,7 @@ def pretrain_reading(model: QWenLMHeadModel, processor: QWenVLProcessor, args: a
     with it; it is not saved)."""
     visual = model.transformer.visual
     start = copy.deepcopy(visual).eval().requires_grad_(False)
-    probe = ReadProbe(visual.conv1.weight.shape[0], visual.attn_pool.query.shape[1]).to(model.device)
+    probe = ReadProbe.for_tower(visual)
     optimizer = torch.optim.AdamW(
         [{"params": list(visual.parameters()), "lr_mult": 1.0}, {"params": list(probe.parameters()), "lr_mult": 2.0}],
         lr=args.read_lr,
@@ -842,8 +847,7 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
         local_resampler_start(model.transformer.visual.attn_pool, args.resampler_sharpness)
     read_probe = pretrain_reading(model, processor, args) if args.read_minutes else None
     if args.read_aux and read_probe is None:
-        visual = model.transformer.visual
-        read_probe = ReadProbe(visual.conv1.weight.shape[0], visual.attn_pool.query.shape[1]).to(model.device)
+        read_probe = ReadProbe.for_tower(model.transformer.visual)
     probe = pretrain_vision(model, processor, args) if args.vision_steps else None
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -862,7 +866,7 @@ def train(model: QWenLMHeadModel, processor: QWenVLProcessor, args: argparse.Nam
         + ([{"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": 1.0}] if probe is not None else [])
         + (
             [{"params": list(read_probe.parameters()), "weight_decay": 0.0, "lr_mult": 2.0}]
-            if args.read_aux and read_probe is not None
+            if args.read_aux  # the probe exists whenever --read-aux is set
             else []
         ),
         lr=args.lr,
