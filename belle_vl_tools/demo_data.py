@@ -700,7 +700,9 @@ def make_sample(
     word = True if (kind == "read_text" and rng.random() < 0.8) or kind == "yes_no:OCR" else None
     layout = free > 0 and rng.random() < free
     scene = random_scene(rng, size, word=word, free=layout)
-    while not _answerable(scene, kind):  # no shape the question could name without ambiguity: draw again
+    # draw again where no shape can be named without ambiguity, or where a word was asked for but found no free
+    # place (a crowded free layout): an OCR question needs the word
+    while not _answerable(scene, kind) or (word and scene.word is None):
         scene = random_scene(rng, size, word=word, free=layout)
     question, answer = sample_texts(scene, kind, language, rng, paraphrase)
     image = render(scene) if with_image else None

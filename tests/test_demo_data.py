@@ -213,6 +213,25 @@ def test_unknown_yes_no_subtask_is_refused():
         dd.make_sample(0, 0, kinds=["yes_no:nonsense"])
 
 
+def test_a_word_question_draws_again_when_the_word_found_no_place(monkeypatch):
+    # a crowded free layout can leave no room for the word asked for (about 1 picture in 4,000): the sample is
+    # drawn again instead of failing or asking about a word that is not there
+    real = dd.random_scene
+    calls = []
+
+    def first_without_word(rng, size, *, word=None, free=False, **kwargs):
+        scene = real(rng, size, word=word, free=free, **kwargs)
+        calls.append(scene)
+        if len(calls) == 1:
+            return dd.Scene(scene.size, scene.shapes, background=scene.background, canvas=scene.canvas)
+        return scene
+
+    monkeypatch.setattr(dd, "random_scene", first_without_word)
+    sample = dd.make_sample(3, 1, kinds=["yes_no:OCR"], with_image=False, free=1.0)
+    assert len(calls) >= 2 and sample["scene"].word is not None
+    assert sample["scene"].word in sample["question"] or sample["answer"] in ("No", "否")
+
+
 @pytest.mark.parametrize("free", [False, True])
 def test_letter_centers_lie_on_the_printed_letters_in_reading_order(free: bool):
     import dataclasses
