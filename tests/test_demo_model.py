@@ -131,13 +131,13 @@ def test_the_notebook_runs_top_to_bottom(monkeypatch, capsys):
 #: The fixed CI sample: 16 pictures (100 questions) of a stream no training or report run uses.
 HELDOUT_SEED, HELDOUT_PICTURES = 4242, 16
 #: Right answers the shipped demo model gives on that sample, which depends on the fonts installed (measured with
-#: DejaVu and Liberation: color 13/13, shape 15/16, count 13/16, position 12/14, read-word 6/9, yes/no 14/16,
-#: Chinese 15/16, 88/100 overall; on the full 50-picture figure the same model scores 92%), less a margin of one
+#: DejaVu and Liberation: color 13/13, shape 14/16, count 14/16, position 14/14, read-word 6/9, yes/no 14/16,
+#: Chinese 16/16, 91/100 overall; on the full 50-picture figure the same model scores 93%), less a margin of one
 #: for numerical differences between machines and fonts. Raise them when a retrained model does better.
 HELDOUT_MINIMUM = {
-    "color": 12, "shape": 14, "count": 12, "position": 11, "read-word": 5, "yes/no": 13, "Chinese": 14,
+    "color": 12, "shape": 13, "count": 13, "position": 13, "read-word": 5, "yes/no": 13, "Chinese": 15,
 }  # fmt: skip
-HELDOUT_MINIMUM_OVERALL = 0.85
+HELDOUT_MINIMUM_OVERALL = 0.88
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_held_out_sample_keeps_the_demo_models_measured_figures(heldout):
 @pytest.mark.xfail(
     strict=True,
     reason="issue 16's target (>= 90% overall, >= 80% per skill) is met on the full 50-picture held-out figure "
-    "(92%, each skill >= 88%) but not on this 16-picture sample (88/100, read-word 6 of 9)",
+    "(93%, each skill >= 90%) and overall on this 16-picture sample (91/100), not on its read-word (6 of 9)",
 )
 def test_held_out_sample_meets_the_target(heldout):
     assert heldout.accuracy() >= 0.9, heldout.table()
