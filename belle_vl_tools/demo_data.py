@@ -183,7 +183,9 @@ def random_scene(
 ) -> Scene:
     """A random scene: ``n`` (default 1-4) shapes with distinct (color, kind) pairs in distinct cells, and a
     printed word in a free cell with probability 0.4 (``word=True``/``False`` forces it). With ``free``, the
-    free layout instead: shapes anywhere in several sizes, pictures and backgrounds (see :func:`_free_scene`)."""
+    free layout instead: shapes anywhere in several sizes, pictures and backgrounds (see :func:`_free_scene`); there
+    a forced word can find no free place in a crowded picture (about 1 in 4,000) and is left out, so a caller whose
+    question needs the word draws again (as :func:`make_sample` does)."""
     if free:
         return _free_scene(rng, size, word, n)
     n = n if n is not None else rng.randint(1, 4)

@@ -88,9 +88,10 @@ and the model sits at chance for thousands of steps before it learns that. The s
     --min-lr-ratio 0.1 --warmup 20 --threads 2 --free-layout 0.6 --paraphrase 0.6 --sample-offset 95000000`` and
     stage 14's ``--kinds`` (959 chat steps).
 
-``--train-minutes`` and ``--read-minutes`` bound wall-clock time, so stages 6-11 are reproducible in their batches
-but not in their step counts (and free-layout words depend on the fonts installed: stages 10, 11 and 14 ran where
-only DejaVu was). Stage 1 ran the script as it was before batches became a function of the step (same
+``--train-minutes`` and ``--read-minutes`` bound wall-clock time, so stages 6-15 are reproducible in their batches
+but not in their step counts. Free-layout words depend on the fonts installed (stages 10, 11 and 14 ran where only
+DejaVu was), and stages before 15 ran before the generator drew again the rare pictures whose word found no place
+(those few batches now differ). Stage 1 ran the script as it was before batches became a function of the step (same
 recipe, other batches).
 
 Stage 2 on 2 CPU cores would take about 10 hours (23,600 steps of 32 conversations at 1.5 s). The shipped weights
