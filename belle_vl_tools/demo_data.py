@@ -183,11 +183,12 @@ def random_scene(
 ) -> Scene:
     """A random scene: ``n`` (default 1-4) shapes with distinct (color, kind) pairs in distinct cells, and a
     printed word in a free cell with probability 0.4 (``word=True``/``False`` forces it). With ``free``, the
-    free layout instead: shapes anywhere in several sizes, pictures and backgrounds (see :func:`_free_scene`); there
-    a forced word can find no free place in a crowded picture (about 1 in 4,000) and is left out, so a caller whose
-    question needs the word draws again (as :func:`make_sample` does)."""
+    free layout instead: shapes anywhere in several sizes, pictures and backgrounds (see :func:`_free_scene`)."""
     if free:
-        return _free_scene(rng, size, word, n)
+        scene = _free_scene(rng, size, word, n)
+        while word and scene.word is None:  # the forced word found no free place in a crowded picture: draw again
+            scene = _free_scene(rng, size, word, n)
+        return scene
     n = n if n is not None else rng.randint(1, 4)
     cells = rng.sample(sorted(POSITIONS), n + 1)
     pairs = rng.sample([(c, k) for c in COLORS for k in SHAPES], n)
@@ -256,7 +257,8 @@ def _region(x: float, y: float, width: float, height: float) -> tuple[int, int]:
 def _free_scene(rng: random.Random, size: int, word: bool | None, n: int | None) -> Scene:
     """Shapes of 8-35% of the shorter side anywhere (not overlapping), on a light background, in one of several
     picture sizes; the word (probability 0.4) anywhere free, in one of several fonts and sizes; JPEG. Each shape's
-    cell is the 3 x 3 region of its center; boxes are in the resized picture's pixels."""
+    cell is the 3 x 3 region of its center; boxes are in the resized picture's pixels. A word that finds no free
+    place is left out, even a forced one (about 1 picture in 10,000; :func:`random_scene` then draws again)."""
     width, height = rng.choice(FREE_CANVASES)
     shorter = min(width, height)
     n = n if n is not None else rng.randint(1, 4)
@@ -702,9 +704,7 @@ def make_sample(
     word = True if (kind == "read_text" and rng.random() < 0.8) or kind == "yes_no:OCR" else None
     layout = free > 0 and rng.random() < free
     scene = random_scene(rng, size, word=word, free=layout)
-    # draw again where no shape can be named without ambiguity, or where a word was asked for but found no free
-    # place (a crowded free layout): an OCR question needs the word
-    while not _answerable(scene, kind) or (word and scene.word is None):
+    while not _answerable(scene, kind):  # no shape the question could name without ambiguity: draw again
         scene = random_scene(rng, size, word=word, free=layout)
     question, answer = sample_texts(scene, kind, language, rng, paraphrase)
     image = render(scene) if with_image else None

@@ -90,9 +90,10 @@ and the model sits at chance for thousands of steps before it learns that. The s
 
 ``--train-minutes`` and ``--read-minutes`` bound wall-clock time, so stages 6-15 are reproducible in their batches
 but not in their step counts. Free-layout words depend on the fonts installed (stages 10, 11 and 14 ran where only
-DejaVu was), and stages before 15 ran before the generator drew again the rare pictures whose word found no place
-(those few batches now differ). Stage 1 ran the script as it was before batches became a function of the step (same
-recipe, other batches).
+DejaVu was). The generator now draws again the rare free-layout pictures (about 1 in 10,000) where a word was asked
+for but found no place: the chat batches of stages before 15 and the reading pre-training batches of every stage
+had those pictures without their word, so those few batches now differ. Stage 1 ran the script as it was before
+batches became a function of the step (same recipe, other batches).
 
 Stage 2 on 2 CPU cores would take about 10 hours (23,600 steps of 32 conversations at 1.5 s). The shipped weights
 score, on the independent held-out pictures (``belle_vl_tools.demo_heldout``, 50 pictures, DejaVu and Liberation
