@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import random
 from pathlib import Path
 
@@ -214,19 +215,27 @@ def test_unknown_yes_no_subtask_is_refused():
         dd.make_sample(0, 0, kinds=["yes_no:nonsense"])
 
 
-def test_a_forced_word_is_drawn_again_when_it_found_no_place():
-    # a crowded free layout can leave no room for the word (about 1 picture in 10,000; seed 10419 is one): a forced
-    # word is then drawn again with the picture, so that an OCR question always has its word
-    first = dd._free_scene(random.Random(10419), dd.DEFAULT_SIZE, True, None)
-    assert first.word is None  # the case under test
-    scene = dd.random_scene(random.Random(10419), dd.DEFAULT_SIZE, word=True, free=True)
-    assert scene.word in dd.WORDS and scene.word_box is not None
+def test_a_forced_word_is_drawn_again_when_it_found_no_place(monkeypatch):
+    # a crowded free layout can leave no room for the word (about 1 picture in 10,000; which seeds do depends on the
+    # fonts installed, so the first real scene here is stripped of its word): the picture is drawn again, so that an
+    # OCR question always has its word
+    real, drawn = dd._free_scene, []
+
+    def first_without_word(*args):
+        scene = real(*args)
+        drawn.append(scene)
+        return dataclasses.replace(scene, word=None, word_cell=None, word_box=None) if len(drawn) == 1 else scene
+
+    monkeypatch.setattr(dd, "_free_scene", first_without_word)
+    scene = dd.random_scene(random.Random(3), dd.DEFAULT_SIZE, word=True, free=True)
+    assert len(drawn) == 2 and scene is drawn[1] and scene.word in dd.WORDS
+    drawn.clear()  # the same through a sample whose question needs the word
+    sample = dd.make_sample(3, 1, kinds=["yes_no:OCR"], with_image=False, free=1.0)
+    assert len(drawn) >= 2 and sample["scene"].word is not None
 
 
 @pytest.mark.parametrize("free", [False, True])
 def test_letter_centers_lie_on_the_printed_letters_in_reading_order(free: bool):
-    import dataclasses
-
     rng = random.Random(5)
     for _ in range(40):
         scene = dd.random_scene(rng, dd.DEFAULT_SIZE, word=True, free=free)
