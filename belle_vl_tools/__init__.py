@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._registration import install_import_hook, register_auto_classes
-from .backend import Backend, ChatResult, LocateResult, StreamChunk, Usage, VisionTasks
+from .backend import Backend, ChatResult, LocateResult, StreamChunk, Usage, VisionTasks, load_backend
 from .errors import (
     BelleVLError,
     CheckpointError,
@@ -43,6 +43,8 @@ _LAZY = {
     "draw_boxes": "grounding",
     "parse_boxes": "grounding",
     "RemoteBelleVL": "backends.remote",
+    "ImageStore": "tools",
+    "make_tools": "tools",
 }
 
 
@@ -55,12 +57,14 @@ def __getattr__(name: str) -> Any:
 install_import_hook()
 
 if TYPE_CHECKING:
+    from .backends.remote import RemoteBelleVL
     from .configuration_qwen_vl import QWenConfig
     from .grounding import Box, draw_boxes, parse_boxes
     from .modeling_qwen_vl import QWenLMHeadModel, QWenModel
     from .processing_qwen_vl import QWenVLImageProcessor, QWenVLProcessor
     from .runtime import BelleVL
     from .tokenization_qwen_vl import QWenTokenizer
+    from .tools import ImageStore, make_tools
 
 __all__ = [
     "Backend",
@@ -76,6 +80,7 @@ __all__ = [
     "ImageFetchError",
     "ImageNotFoundError",
     "ImagePolicy",
+    "ImageStore",
     "ImageTooLargeError",
     "InvalidImageDataError",
     "LocateResult",
@@ -86,12 +91,15 @@ __all__ = [
     "QWenTokenizer",
     "QWenVLImageProcessor",
     "QWenVLProcessor",
+    "RemoteBelleVL",
     "StreamChunk",
     "UnsupportedImageError",
     "Usage",
     "VisionTasks",
     "draw_boxes",
+    "load_backend",
     "load_image",
+    "make_tools",
     "parse_boxes",
     "register_auto_classes",
 ]

@@ -2,7 +2,7 @@
 # The project's test command: makes .venv (CPU torch 2.13.0 first, so no multi-GB CUDA build is pulled),
 # installs the core and both integration packages with their test extras, and runs every test suite:
 # the core's, the LangChain package's unit tests (sockets disabled, as LangChain's partner packages run them)
-# and integration tests, and the LlamaIndex package's tests. Arguments go to the core suite's pytest.
+# and integration tests, and the LlamaIndex package's tests, after ruff's lint and format checks. Arguments go to the core suite's pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -25,6 +25,12 @@ suite() {  # suite FOLDER PYTEST-ARGS...: one pytest run from FOLDER (each packa
     echo "== $folder: pytest $*"
     (cd "$folder" && "$py" -m pytest -q "$@") || status=1
 }
+lint() {  # the linter and formatter over the core, both integration packages, tests, scripts and examples
+    echo "== lint: ruff check, ruff format --check"
+    .venv/bin/ruff check . || status=1
+    .venv/bin/ruff format --check . || status=1
+}
+lint
 suite . "$@"
 suite integrations/langchain tests/unit_tests --disable-socket --allow-unix-socket
 suite integrations/langchain tests/integration_tests

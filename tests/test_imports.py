@@ -49,6 +49,20 @@ def test_light_modules_work_with_torch_absent():
     assert out.split() == ["What?", "False"]
 
 
+def test_every_public_name_resolves_and_the_light_ones_stay_light():
+    out = _run(
+        _BLOCK_TORCH + "import belle_vl_tools\n"
+        "from belle_vl_tools import ImageStore, RemoteBelleVL, load_backend, make_tools\n"
+        "print(ImageStore.__name__, RemoteBelleVL.__name__, load_backend.__name__, make_tools.__name__)\n"
+    )
+    assert out.split() == ["ImageStore", "RemoteBelleVL", "load_backend", "make_tools"]
+    heavy = {"BelleVL", "QWenConfig", "QWenLMHeadModel", "QWenModel", "QWenTokenizer", "QWenVLProcessor"}
+    heavy |= {"QWenVLImageProcessor"}
+    for name in belle_vl_tools.__all__:
+        assert getattr(belle_vl_tools, name) is not None, name
+    assert heavy <= set(belle_vl_tools.__all__)
+
+
 @pytest.mark.parametrize(
     "order",
     [
