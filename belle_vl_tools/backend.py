@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from .grounding import Box
+from .messages import MessageInput
 from .tasks import get_task
 
-Message = dict[str, Any]
+Message = MessageInput  # a core Message, or a dict in any form messages.parse_message reads
 FinishReason = Literal["stop", "length"]
 
 

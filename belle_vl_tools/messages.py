@@ -111,6 +111,10 @@ class Message:
         return cls("assistant", (TextPart(text),) if text else (), tuple(tool_calls))
 
 
+# What every backend and app accepts as one message: a parsed Message or a raw form parse_message reads.
+MessageInput: TypeAlias = "Message | Mapping[str, Any]"
+
+
 def _short(obj: Any, limit: int = 120) -> str:
     text = repr(obj)
     return text if len(text) <= limit else text[:limit] + "..."
