@@ -111,3 +111,20 @@ def test_the_answer_streams_and_equals_the_whole_answer(served):
     assert "".join(deltas) == whole.choices[0].message.content
     assert "red" in "".join(deltas).lower()
     assert finish == "stop"
+
+
+def test_transformers_chat_talks_to_the_server(served):
+    client, model, _ = served
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "belle_vl_tools.transformers_cli", "chat", model, base],
+        input="What color is the circle?\n!exit\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = done.stdout.split(f"<{model}>:", 1)[-1]
+    assert "tokens in" in answer and "Traceback" not in done.stdout + done.stderr, done.stdout[-3000:]
