@@ -66,7 +66,42 @@ def register_auto_classes() -> bool:
             image_auto.register(QWenConfig, image_processor_classes={"pil": QWenVLImageProcessor}, exist_ok=True)
         else:  # transformers before the per-backend registry
             image_auto.register(QWenConfig, slow_image_processor_class=QWenVLImageProcessor, exist_ok=True)
+        _register_architecture_name(transformers, QWenLMHeadModel)
         return True
+
+
+def _register_architecture_name(transformers: ModuleType, model_class: type) -> None:
+    """Make the class findable by its ``architectures`` name, as ``transformers serve`` looks it up
+    (``getattr(transformers, config.architectures[0])``), and known as an image-text-to-text model by name, as
+    serve's modality check and the pipelines' model check read the name tables.
+
+    transformers replaces its lazy top-level module once while loading (``processing_utils`` executes its
+    ``__init__`` again), so a module imported before that holds the earlier object: the name is set on every
+    ``transformers`` module object that a loaded ``transformers.*`` module refers to.
+    Only the name tables gain an entry: the Auto mappings skip a model type that has no entry in
+    ``CONFIG_MAPPING_NAMES`` (ours is registered, not named there), so nothing tries to import a
+    ``transformers.models.qwen`` module.
+    """
+    name = model_class.__name__
+    tops = {id(transformers): transformers}
+    for module_name, module in list(sys.modules.items()):
+        if module_name == "transformers" or module_name.startswith("transformers."):
+            top = vars(module).get("transformers") if module_name != "transformers" else module
+            if isinstance(top, ModuleType) and top.__name__ == "transformers":
+                tops[id(top)] = top
+    for top in tops.values():
+        if getattr(top, name, model_class) is model_class:  # a class of that name in transformers stays
+            setattr(top, name, model_class)
+    try:
+        from transformers.models.auto import configuration_auto, modeling_auto
+    except ImportError:
+        return
+    if "qwen" in configuration_auto.CONFIG_MAPPING_NAMES:  # transformers named the type itself: leave its tables
+        return
+    for table in ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        names = getattr(modeling_auto, table, None)
+        if names is not None:
+            names.setdefault("qwen", name)
 
 
 def _register_after_import() -> None:
@@ -77,7 +112,9 @@ def _register_after_import() -> None:
 
 
 def _watched(name: str) -> bool:
-    return name.startswith(("transformers.", "belle_vl_tools."))
+    # "transformers" itself too: its __init__ replaces its module in sys.modules with a lazy one at its end, so
+    # registering while it runs would set names on the module that is then thrown away
+    return name == "transformers" or name.startswith(("transformers.", "belle_vl_tools."))
 
 
 def _others_initializing(current: str) -> bool:

@@ -294,6 +294,7 @@ _HINTS: tuple[tuple[str, str], ...] = (
     (r"ImagePolicy\.max_pixels=([\d,]+)", r"--max-pixels \1"),
     (r"raise both that limit and ImagePolicy\.max_pixels", "use a smaller picture"),
     (r"raise max_pixels", "raise --max-pixels"),
+    (r"or lower max_new_tokens\.", "or lower --max-new-tokens."),
     (r"ImagePolicy\.max_bytes=([\d,]+)", r"--max-image-bytes \1"),
     (r"raise max_bytes", "raise --max-image-bytes"),
     (r"enable URLs with ImagePolicy\(allow_urls=True\)", "add --allow-urls to fetch it"),
@@ -859,6 +860,15 @@ def serve(
     max_image_bytes: Annotated[int, typer.Option(min=1, help="Largest image in a request, in bytes.")] = 16 << 20,
     max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body, in bytes.")] = 32 << 20,
     max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 8,
+    max_context_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most tokens of prompt and answer together; longer requests get a 400. [default: the checkpoint's "
+            "window, max_window_size, which it cannot exceed]",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
     compile: Annotated[
         bool,
@@ -901,6 +911,7 @@ def serve(
         max_images_per_request=max_images,
         default_max_tokens=settings.max_new_tokens,
         compile=compile,
+        max_context_tokens=max_context_tokens,
     )
 
 

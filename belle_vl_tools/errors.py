@@ -57,7 +57,19 @@ class PromptError(BelleVLError, ValueError):
 
 
 class ContextLengthError(PromptError):
-    """The prompt does not fit the model's context window."""
+    """The prompt and the answer asked for do not fit the model's context. ``prompt_tokens``, ``max_new_tokens``
+    and ``limit`` (when known) let each front end say which of its own settings to change."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prompt_tokens: int | None = None,
+        max_new_tokens: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.max_new_tokens, self.limit = prompt_tokens, max_new_tokens, limit
 
 
 class ToolCallParseError(BelleVLError, ValueError):

@@ -445,7 +445,10 @@ class VisionMCPServer:
         return store
 
     async def _roots(self) -> tuple[Path, ...]:
-        """The operator's folders, narrowed to the host's declared roots when the host declares roots."""
+        """The operator's folders, narrowed to the host's declared roots when the host declares roots.
+
+        An empty roots list (MCP Inspector declares one) names no folder to narrow to: it counts as a host
+        without roots, the operator's folders alone."""
         ctx = self.server.request_context
         params = ctx.session.client_params
         if params is None or params.capabilities.roots is None:
@@ -460,6 +463,8 @@ class VisionMCPServer:
         except Exception as exc:  # a host that declares roots but cannot list them gets no local files
             logger.warning("The host declared roots but listing them failed: %s", exc)
             return ()
+        if not listed.roots:
+            return self.allowed_roots
         declared = [path for path in (_root_path(str(root.uri)) for root in listed.roots) if path is not None]
         return _intersect(self.allowed_roots, declared)
 

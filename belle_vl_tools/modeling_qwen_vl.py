@@ -922,6 +922,19 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if gc.pad_token_id is None:
             gc.pad_token_id = eod
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate``; an ``eos_token_id`` that names ``<|endoftext|>`` alone (the value of the
+        checkpoint's generation_config.json, which callers such as ``transformers serve`` copy into every request)
+        means the checkpoint's stop tokens, so ``<|im_end|>`` and ``<|im_start|>`` end a ChatML reply there too, as
+        in the reference's ``chat``. Any other ``eos_token_id`` is used as given."""
+        eos = kwargs.get("eos_token_id")
+        stops = self.generation_config.eos_token_id
+        if eos is not None and isinstance(stops, list) and len(stops) > 1:
+            given = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list | tuple) else None
+            if given is not None and len(given) == 1 and int(given[0]) == min(stops):
+                kwargs["eos_token_id"] = list(stops)
+        return super().generate(*args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         """As transformers prepares it, but a default dynamic cache is a :class:`QWenCache` (it keeps the NTK
         factor of each row); a cache passed in by the caller is used as it is."""

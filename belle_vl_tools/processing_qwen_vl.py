@@ -43,7 +43,7 @@ from .configuration_qwen_vl import DEFAULT_VISUAL, NUM_IMAGE_QUERIES
 from .errors import PromptError
 from .images import ImagePolicy, load_image
 from .messages import DEFAULT_SYSTEM
-from .tokenization_qwen_vl import CHAT_TEMPLATE, IMG_END, IMG_START, QWenTokenizer
+from .tokenization_qwen_vl import CHAT_TEMPLATE, IMG_END, IMG_START, QWenTokenizer, chat_template_inputs
 
 DEFAULT_MAX_WINDOW_SIZE = 6144
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -386,15 +386,23 @@ class QWenVLProcessor(ProcessorMixin):
         max_window_size: int | None = None,
         continue_final_message: bool = False,
         chat_template: str | None = None,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> ChatInputs:
         """Lay out one conversation (token ids, the pictures' sources in prompt order, the assistant mask).
 
-        Pure: the pictures are not loaded (see :class:`ChatInputs`).
+        ``tools``, ``documents`` and ``template_kwargs`` (template variables) mean what they mean for transformers'
+        chat templates (see :func:`~belle_vl_tools.tokenization_qwen_vl.chat_template_inputs`: tools are rendered
+        in Qwen's ReAct format by the reference layout). Pure: the pictures are not loaded (see :class:`ChatInputs`).
         """
         if not isinstance(messages, list | tuple) or not messages:
             raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts.")
         window = int(max_window_size or self.max_window_size)
-        msgs = list(messages)
+        chat_template = chat_template or self.chat_template
+        msgs, variables = chat_template_inputs(
+            messages, chat_template, tools=tools, documents=documents, template_kwargs=template_kwargs
+        )
         for i, msg in enumerate(msgs):
             if not isinstance(msg, Mapping) or "role" not in msg:
                 raise PromptError(f"Message {i} ({_short(msg)}) must be a dict with 'role' and 'content'.")
@@ -422,10 +430,11 @@ class QWenVLProcessor(ProcessorMixin):
 
         blocks = self.tokenizer.encode_chat(
             conversation,
-            chat_template=chat_template or self.chat_template,
+            chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             num_image_queries=self.num_image_queries,
+            **variables,
         )
         expected = len(conversation) + (1 if add_generation_prompt else 0)
         if len(blocks) != expected:
@@ -493,6 +502,8 @@ class QWenVLProcessor(ProcessorMixin):
         self,
         conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         chat_template: str | None = None,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
         *,
         add_generation_prompt: bool = False,
         continue_final_message: bool = False,
@@ -504,6 +515,8 @@ class QWenVLProcessor(ProcessorMixin):
         return_assistant_tokens_mask: bool = False,
         image_policy: ImagePolicy | None = None,
         processor_kwargs: Mapping[str, Any] | None = None,
+        load_audio_from_video: bool = False,
+        sanitize_control_tokens: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """Render one conversation or a batch in the reference ChatML layout.
@@ -514,14 +527,25 @@ class QWenVLProcessor(ProcessorMixin):
         ``image_policy``, else :meth:`ImagePolicy.trusted`: local files, no URLs). ``processor_kwargs`` /
         keyword arguments of the image processor (``size``, ``do_normalize``, ...) apply to the pictures.
         With ``tokenize=False`` it returns the prompt text (each picture shown as ``<img></img>``).
+
+        As in transformers: ``tools`` are rendered (Qwen's ReAct format in the reference layout), ``documents`` go
+        to a template that reads them, and other keywords are template variables (``enable_thinking=False``, ...).
+        Text is always text here (``sanitize_control_tokens=True`` is how it works; False is refused), and there is
+        no audio (``load_audio_from_video=True`` is refused). Generation arguments (``do_sample``, ...) are refused
+        with the place they go (``generate_kwargs=`` of the pipeline).
         """
+        if load_audio_from_video:
+            raise TypeError("load_audio_from_video=True: this model takes no audio (pictures and text only).")
+        if sanitize_control_tokens is False:
+            raise TypeError(
+                "sanitize_control_tokens=False: this processor always keeps the messages' text as text (a control "
+                "token typed in a message stays plain characters); leave the argument out."
+            )
         image_kwargs = dict(processor_kwargs or {})
         image_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in QWenVLImageProcessor._OPTIONS})
         for name in ("padding", "truncation", "max_length"):  # what the pipeline may pass; left padding is applied
             if kwargs.get(name) in (None, False, True, "longest"):
                 kwargs.pop(name, None)
-        if kwargs:
-            raise TypeError(f"apply_chat_template got unexpected arguments: {', '.join(sorted(kwargs))}.")
         batched = bool(conversation) and not isinstance(conversation[0], Mapping)
         conversations = list(conversation) if batched else [conversation]
         items = [
@@ -532,6 +556,9 @@ class QWenVLProcessor(ProcessorMixin):
                 max_window_size=max_window_size,
                 continue_final_message=continue_final_message,
                 chat_template=chat_template,
+                tools=tools,
+                documents=documents,
+                template_kwargs=kwargs,
             )
             for conv in conversations
         ]

@@ -375,7 +375,7 @@ class BelleVL(VisionTasks):
         image_policy: ImagePolicy | None = None,
         vision_cache_size: int = 64,
         prefix_cache_size: int = 2,
-        max_context_tokens: int = 32768,
+        max_context_tokens: int | None = None,
         compile: bool = False,
     ) -> None:
         if model.config.visual is not None and processor.num_image_queries != model.config.num_image_queries:
@@ -384,7 +384,17 @@ class BelleVL(VisionTasks):
                 f"tower gives {model.config.num_image_queries} (visual.n_queries): load both from the same folder."
             )
         self.model = model.eval()
-        self.max_context_tokens = max_context_tokens
+        window = int(processor.max_window_size)
+        if max_context_tokens is not None and not 0 < int(max_context_tokens) <= window:
+            raise CheckpointError(
+                f"max_context_tokens={max_context_tokens}: it must be between 1 and the checkpoint's context of "
+                f"{window} tokens (max_window_size in generation_config.json); past it the answers degrade."
+            )
+        #: The most tokens of prompt and answer together: the checkpoint's max_window_size, or lower if asked.
+        self.max_context_tokens = window if max_context_tokens is None else int(max_context_tokens)
+        self._context_source = (
+            "the checkpoint's max_window_size" if max_context_tokens is None else "max_context_tokens"
+        )
         self.processor = processor
         if image_policy is not None:
             processor.image_policy = image_policy
@@ -417,7 +427,7 @@ class BelleVL(VisionTasks):
         image_policy: ImagePolicy | None = None,
         vision_cache_size: int = 64,
         prefix_cache_size: int = 2,
-        max_context_tokens: int = 32768,
+        max_context_tokens: int | None = None,
         verbose: bool = False,
         check_weights: bool = False,
         compile: bool = False,
@@ -551,11 +561,16 @@ class BelleVL(VisionTasks):
         return torch.stack([found[d] for d, _ in wanted])
 
     def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        """Refuse, before anything is generated, a prompt that leaves no room for ``max_new_tokens`` in the
+        context (past it transformers only warns, and the answer is garbage)."""
         if n_prompt + max_new_tokens > self.max_context_tokens:
             raise ContextLengthError(
-                f"The prompt has {n_prompt} tokens and max_new_tokens is {max_new_tokens}: more than this runtime's "
-                f"max_context_tokens ({self.max_context_tokens}). Shorten the conversation, lower max_new_tokens or "
-                "the processor's max_window_size, or raise max_context_tokens."
+                f"The prompt has {n_prompt} tokens and max_new_tokens is {max_new_tokens}: together more than the "
+                f"model's context of {self.max_context_tokens} tokens ({self._context_source}). Shorten the prompt "
+                "or lower max_new_tokens.",
+                prompt_tokens=n_prompt,
+                max_new_tokens=max_new_tokens,
+                limit=self.max_context_tokens,
             )
 
     def _take_prefix(

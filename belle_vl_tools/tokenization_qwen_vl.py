@@ -394,6 +394,93 @@ _ROLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _IMAGE_PART_TYPES = ("image", "image_url")
 
 
+@functools.lru_cache(maxsize=32)
+def template_variables(chat_template: str) -> frozenset[str]:
+    """The variables a chat template reads from its caller (``messages``, ``tools``, ``enable_thinking``, ...)."""
+    import jinja2
+    import jinja2.meta
+
+    return frozenset(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(chat_template)))
+
+
+@functools.lru_cache(maxsize=1)
+def _generation_arguments() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    names = {name for name in GenerationConfig().to_dict() if not name.startswith("_")}
+    return frozenset(names - {"transformers_version"}) | {"stop", "seed", "streamer", "generation_config"}
+
+
+def _has_tool_turns(conversation: Sequence[Any]) -> bool:
+    return any(
+        isinstance(message, Mapping)
+        and (message.get("role") in ("tool", "function") or bool(message.get("tool_calls")))
+        for message in conversation
+    )
+
+
+def chat_template_inputs(
+    conversation: Sequence[Mapping[str, Any]],
+    chat_template: str,
+    *,
+    tools: Sequence[Any] | None = None,
+    documents: Sequence[Any] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What transformers' chat-template arguments mean for one conversation: the conversation to lay out and the
+    variables to hand to ``chat_template``.
+
+    * ``tools`` (JSON-schema dicts in OpenAI's format, or Python functions as transformers takes them): passed to a
+      template that reads ``tools``; for one that does not (the reference layout), rendered in Qwen's ReAct format
+      exactly as :class:`belle_vl_tools.react.ToolSession` writes them (the instruction before the first question);
+      assistant ``tool_calls`` and ``tool`` messages are folded into the text the same way.
+    * ``documents``: passed to a template that reads them; refused otherwise (they would be dropped).
+    * other keywords are template variables, available to the template (the reference layout reads none, so
+      ``enable_thinking=False`` changes nothing there, as for in-tree templates without it); generation arguments
+      (``do_sample``, ``max_new_tokens``, ...) the template does not read are refused with the place they belong.
+
+    Raises:
+        TypeError: a generation argument given as a template variable.
+        PromptError: bad tools, or documents for a template without them.
+    """
+    variables = template_variables(chat_template)
+    extra = dict(template_kwargs or {})
+    misplaced = sorted(name for name in extra if name in _generation_arguments() and name not in variables)
+    if misplaced:
+        what = "is a generation argument" if len(misplaced) == 1 else "are generation arguments"
+        raise TypeError(
+            f"{', '.join(misplaced)} {what}"
+            ", not a chat-template argument: give it to generation (pipeline(...)(..., generate_kwargs={"
+            f"{misplaced[0]!r}: ...}}) or model.generate({misplaced[0]}=...))."
+        )
+    messages = list(conversation)
+    if tools is not None and not isinstance(tools, list | tuple):
+        raise PromptError(f"tools must be a list of tool schemas (dicts) or functions, not {type(tools).__name__}.")
+    schemas = []
+    for tool in tools or ():
+        if callable(tool) and not isinstance(tool, Mapping):
+            from transformers.utils import get_json_schema
+
+            tool = get_json_schema(tool)
+        schemas.append(tool)
+    if "tools" in variables:
+        if schemas:
+            extra["tools"] = schemas
+    elif schemas or _has_tool_turns(messages):
+        from .react import ToolSpec, render_tool_messages  # the one ReAct rendering (a layer up, see test_imports)
+
+        specs = [ToolSpec.from_openai(schema) for schema in schemas]
+        messages = render_tool_messages(messages, specs, "auto" if specs else None)
+    if documents:
+        if "documents" not in variables:
+            raise PromptError(
+                "This chat template has no documents section: put the documents' text into a message "
+                "(or use a chat_template that reads `documents`)."
+            )
+        extra["documents"] = list(documents)
+    return messages, extra
+
+
 @dataclass
 class ChatBlock:
     """One ``<|im_start|>role\\ncontent<|im_end|>`` block of a tokenized chat.
@@ -779,7 +866,8 @@ class QWenTokenizer(PreTrainedTokenizer):
         The template (the tokenizer's own by default) lays the conversation out; what it writes is tokenized as the
         reference's ``make_context`` does (role and content apart, joined by "\\n"), with the template's control
         tokens as special tokens and every text of the conversation as plain text (only the grounding tags
-        ``<ref>``, ``<box>``, ... are special in it, as in the reference). Each ``<img></img>`` the template writes
+        ``<ref>``, ``<box>``, ... are special in it, as in the reference; string template variables are text as
+        well). Each ``<img></img>`` the template writes
         becomes ``<img>``, ``num_image_queries`` ``<imgpad>`` ids and ``</img>``.
 
         Raises:
@@ -787,6 +875,11 @@ class QWenTokenizer(PreTrainedTokenizer):
                 conversation holds (a picture must never be dropped silently).
         """
         marked, texts, pictures = _mark_conversation(conversation)
+        variables = dict(template_kwargs)
+        for name, value in variables.items():  # a string template variable is text too, never control tokens
+            if isinstance(value, str):
+                texts.append(value)
+                variables[name] = _MARK.format(len(texts) - 1)
         rendered = PreTrainedTokenizer.apply_chat_template(
             self,
             marked,
@@ -794,7 +887,7 @@ class QWenTokenizer(PreTrainedTokenizer):
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
-            **template_kwargs,
+            **variables,
         )
         nl = self.encode_text("\n")
         pieces = rendered.split(IMSTART)
@@ -854,33 +947,36 @@ class QWenTokenizer(PreTrainedTokenizer):
         tokens (see :meth:`encode_chat`). Pictures get image spans of 256 positions; to feed pictures to the model
         use the processor's ``apply_chat_template``, which also returns their ``pixel_values``.
         """
-        if tools or documents:
-            raise PromptError(
-                "This chat template has no tools or documents section: render tool descriptions into the system "
-                "message (belle_vl_tools.react does) or pass them as text."
-            )
         if tokenizer_kwargs:
             raise PromptError(f"tokenizer_kwargs {sorted(tokenizer_kwargs)} are not supported by QWenTokenizer.")
-        if not tokenize:
-            return super().apply_chat_template(
-                conversation,
-                chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tokenize=False,
-                **kwargs,
-            )
+        template = chat_template or self.chat_template or CHAT_TEMPLATE
         batched = bool(conversation) and not isinstance(conversation[0], Mapping)
-        conversations = list(conversation) if batched else [conversation]
+        prepared = [
+            chat_template_inputs(conv, template, tools=tools, documents=documents, template_kwargs=kwargs)
+            for conv in (list(conversation) if batched else [conversation])
+        ]
+        if not tokenize:
+            texts = [
+                super(QWenTokenizer, self).apply_chat_template(
+                    conv,
+                    chat_template=template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    tokenize=False,
+                    **variables,
+                )
+                for conv, variables in prepared
+            ]
+            return texts if batched else texts[0]
         rows: list[list[int]] = []
         masks: list[list[int]] = []
-        for conv in conversations:
+        for conv, variables in prepared:
             blocks = self.encode_chat(
                 conv,
-                chat_template=chat_template,
+                chat_template=template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                **kwargs,
+                **variables,
             )
             ids: list[int] = []
             mask: list[int] = []
@@ -906,6 +1002,38 @@ class QWenTokenizer(PreTrainedTokenizer):
             data["attention_mask"] = [1] * len(rows[0])
             out = BatchEncoding(data)
         return out if return_dict else out["input_ids"]
+
+    # -- the tokenizers form ------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _tokenizer(self) -> Any:
+        """This vocabulary as a ``tokenizers.Tokenizer`` (transformers' converter of tiktoken files, with
+        :data:`PAT_STR` and the special tokens at their ids), built on first use: what transformers' streaming
+        decoders read (``DecodeStream`` in ``transformers serve``). Decoding through it equals :meth:`decode` outside
+        image spans; this class's own ``encode`` stays the one the package uses."""
+        from tokenizers import AddedToken as RustAddedToken
+        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        vocab, merges = TikTokenConverter(vocab_file=str(self.vocab_file)).extract_vocab_merges_from_model(
+            str(self.vocab_file)
+        )
+        backend = Tokenizer(BPE(vocab, merges, fuse_unk=False))
+        if hasattr(backend.model, "ignore_merges"):
+            backend.model.ignore_merges = True
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        backend.decoder = decoders.ByteLevel()
+        ordered = sorted(self.special_tokens.items(), key=lambda item: item[1])
+        backend.add_special_tokens([RustAddedToken(token, special=True, normalized=False) for token, _ in ordered])
+        if any(backend.token_to_id(token) != index for token, index in ordered):
+            raise CheckpointError(f"{self.vocab_file}: its special tokens do not follow its ranks as expected.")
+        return backend
 
     # -- list format -------------------------------------------------------------------------------------------
     def from_list_format(self, list_format: Iterable[Mapping[str, Any]]) -> str:

@@ -505,3 +505,23 @@ def test_module_entry_point():
         [sys.executable, "-m", "belle_vl_tools.cli", "--version"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.startswith("belle-vl ")
+
+
+def test_a_question_past_the_checkpoints_window_is_one_error_line(run, pictures, runtime):
+    question = " ".join(["red"] * 14000)  # the tiny checkpoint's window is 6144 tokens, as the published ones
+    result = run("ask", pictures["red"], question)
+    line = _one_error_line(result, "6144", "--max-new-tokens")
+    assert "max_context_tokens" not in line
+
+
+def test_the_python_api_refuses_a_prompt_past_the_window_before_generating(runtime, monkeypatch):
+    from belle_vl_tools.errors import ContextLengthError
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be generated")
+
+    monkeypatch.setattr(runtime.model, "generate", never)
+    monkeypatch.setattr(runtime.model, "forward", never)
+    with pytest.raises(ContextLengthError, match="context of 6144 tokens") as caught:
+        runtime.chat([{"role": "user", "content": " ".join(["red"] * 14000)}], max_new_tokens=4)
+    assert caught.value.limit == 6144 and caught.value.prompt_tokens >= 14000 and caught.value.max_new_tokens == 4

@@ -515,6 +515,31 @@ def test_structured_result_and_roots_in_process(root: Path) -> None:
     anyio.run(run)
 
 
+def test_an_empty_roots_list_means_the_operators_folders(root: Path, outside: Path) -> None:
+    server = VisionMCPServer(_OneAnswer(), allowed_roots=[root])
+
+    async def no_roots(context: Any) -> types.ListRootsResult:  # as MCP Inspector declares them
+        return types.ListRootsResult(roots=[])
+
+    async def elsewhere(context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri=outside.parent.as_uri())])
+
+    async def run() -> None:
+        async with create_connected_server_and_client_session(server.server, list_roots_callback=no_roots) as session:
+            read = await session.call_tool("visual_qa", {"image": "red.png", "question": "?"})
+            assert not read.isError, _text(read)
+            added = await session.call_tool("add_image", {"image": "album/red.png"})
+            assert not added.isError, _text(added)
+            beyond = await session.call_tool("visual_qa", {"image": str(outside), "question": "?"})
+            assert beyond.isError  # still nothing outside --allow-root
+        async with create_connected_server_and_client_session(server.server, list_roots_callback=elsewhere) as session:
+            for image in ("red.png", str(outside)):
+                refused = await session.call_tool("visual_qa", {"image": image, "question": "?"})
+                assert refused.isError, _text(refused)
+
+    anyio.run(run)
+
+
 def test_roots_intersection(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     assert _intersect([tmp_path], [a]) == (a,)

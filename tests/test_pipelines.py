@@ -103,3 +103,42 @@ def test_text_generation_pipeline_with_chat_messages(tiny_dir):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY)
     assert reply["content"] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_generation_arguments_given_to_the_image_pipeline_name_generate_kwargs(vlm_pipe, pictures):
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(pictures["red"])}, "What?"]}]
+    with pytest.raises(TypeError, match=r"do_sample is a generation argument.*generate_kwargs="):
+        vlm_pipe(text=messages, do_sample=False)
+
+
+def test_a_generate_call_with_the_checkpoints_endoftext_id_stops_at_im_end(vlm_pipe):
+    # what transformers serve passes: generation_config.json's eos_token_id (<|endoftext|> alone)
+    from transformers import LogitsProcessorList
+
+    model, tokenizer = vlm_pipe.model, vlm_pipe.processor.tokenizer
+    inputs = vlm_pipe.processor.apply_chat_template(
+        [{"role": "user", "content": "Hi"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+
+    def im_end_always(input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, tokenizer.im_end_id] = 0.0
+        return forced
+
+    def new_tokens(eos) -> list[int]:
+        out = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=eos,
+            logits_processor=LogitsProcessorList([im_end_always]),
+        )
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    assert new_tokens(tokenizer.eod_id) == [tokenizer.im_end_id]  # the checkpoint's stop tokens
+    assert new_tokens([tokenizer.eod_id]) == [tokenizer.im_end_id]
+    assert new_tokens([tokenizer.eod_id, 7]) == [tokenizer.im_end_id] * 4  # any other choice is used as given

@@ -193,5 +193,138 @@ def test_a_published_folder_gets_the_default_chat_template(tiny_dir):
     assert not (tiny_dir / "chat_template.jinja").exists()
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     assert tokenizer.chat_template == CHAT_TEMPLATE
-    with pytest.raises(PromptError, match="tools"):
-        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[{"name": "x"}])
+    # tools are rendered (Qwen's ReAct instruction); a tool that is not a function schema is refused
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[{"name": "x"}], tokenize=False)
+    assert "You have access to the following tools:\n\nx:" in text and "Question: hi" in text
+    with pytest.raises(PromptError, match="tool"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[{"title": "x"}])
+
+
+# --- the arguments transformers passes to chat templates -------------------------------------------------------
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tools_documents_and_template_variables_as_transformers_passes_them(processor, pictures):
+    from belle_vl_tools.react import ToolSession
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(pictures["red"])}, "Weather in Paris?"]}]
+    got = processor.apply_chat_template(
+        messages,
+        tools=[WEATHER],
+        documents=None,
+        enable_thinking=False,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+    )
+    session = ToolSession.create([WEATHER]).prepare(messages)
+    want = processor.apply_chat_template(session.messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert got["input_ids"] == want["input_ids"]  # the tools as the tool-call session writes them
+    assert "pixel_values" in got
+    text = processor.apply_chat_template(messages, tools=[WEATHER], add_generation_prompt=True)
+    assert "get_weather" in text and "Question: Weather in Paris?" in text
+    plain = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert plain["input_ids"] != got["input_ids"]
+    # what transformers serve passes with every request
+    served = processor.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tools=None,
+        return_tensors="pt",
+        return_dict=True,
+        tokenize=True,
+        load_audio_from_video=False,
+    )
+    assert served["input_ids"][0].tolist() == plain["input_ids"]
+
+
+def test_python_functions_as_tools_and_the_tokenizer_agrees(processor):
+    def get_weather(city: str) -> str:
+        """The weather of a city.
+
+        Args:
+            city: the city
+        """
+        return "sunny"
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    by_function = processor.tokenizer.apply_chat_template(messages, tools=[get_weather], add_generation_prompt=True)
+    by_processor = processor.apply_chat_template(
+        messages, tools=[get_weather], tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    assert by_function["input_ids"] == by_processor["input_ids"]
+    assert "get_weather" in processor.tokenizer.decode(by_function["input_ids"])
+
+
+def test_tool_turns_are_folded_as_the_session_folds_them(processor):
+    from belle_vl_tools.react import ToolSession
+
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    got = processor.apply_chat_template(messages, tools=[WEATHER], tokenize=True, return_dict=True)
+    want = processor.apply_chat_template(
+        ToolSession.create([WEATHER]).prepare(messages).messages, tokenize=True, return_dict=True
+    )
+    assert got["input_ids"] == want["input_ids"]
+
+
+def test_what_would_be_silently_wrong_is_refused(processor):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(PromptError, match="documents"):
+        processor.apply_chat_template(messages, documents=[{"title": "a", "text": "b"}])
+    with pytest.raises(TypeError, match="max_new_tokens is a generation argument.*generate_kwargs="):
+        processor.apply_chat_template(messages, max_new_tokens=5)
+    with pytest.raises(TypeError, match="audio"):
+        processor.apply_chat_template(messages, load_audio_from_video=True)
+    with pytest.raises(TypeError, match="sanitize_control_tokens"):
+        processor.apply_chat_template(messages, sanitize_control_tokens=False)
+
+
+def test_a_template_that_reads_tools_documents_and_variables_gets_them(processor):
+    template = (
+        "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor -%}"
+        "{%- if tools %}<|im_start|>system\ntools: {{ tools | map(attribute='function.name') | join(',') }}"
+        "<|im_end|>\n{% endif -%}"
+        "{%- if documents %}<|im_start|>system\ndocs: {{ documents | map(attribute='text') | join(',') }}"
+        "<|im_end|>\n{% endif -%}"
+        "{%- if enable_thinking is defined and not enable_thinking %}<|im_start|>system\nno thinking<|im_end|>"
+        "{% endif -%}"
+    )
+    text = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}],
+        chat_template=template,
+        tools=[WEATHER],
+        documents=[{"title": "a", "text": "doc text"}],
+        enable_thinking=False,
+        tokenize=False,
+    )
+    assert "tools: get_weather" in text and "docs: doc text" in text and "no thinking" in text
+    assert "Question:" not in text  # the template renders the tools itself
+
+
+def test_the_tokenizers_form_decodes_as_the_tokenizer_while_streaming(processor):
+    from tokenizers.decoders import DecodeStream
+
+    tokenizer = processor.tokenizer
+    for text in ["The circle is red.", "图中的圆形是红色的。", "  spaces\n\nand 12345 numbers"]:
+        ids = tokenizer.encode(text) + [tokenizer.im_end_id]
+        stream = DecodeStream([], skip_special_tokens=True)
+        pieces = [stream.step(tokenizer._tokenizer, i) for i in ids]
+        assert "".join(p for p in pieces if p is not None) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert tokenizer._tokenizer.encode(text, add_special_tokens=False).ids == ids[:-1]

@@ -240,7 +240,7 @@ def test_bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving(base
     response = client.post(url, json={**ok, "messages": image_turn("https://example.com/cat.png", "hi")})
     error = error_of(response)
     assert response.status_code == 400 and error["code"] == "image_url_not_allowed"
-    assert "allow_urls" in error["message"]
+    assert "belle-vl serve --allow-urls" in error["message"] and "ImagePolicy" not in error["message"]
 
     response = client.post(url, json={**ok, "messages": image_turn(str(pictures["red"]), "hi")})
     assert response.status_code == 400 and error_of(response)["code"] == "invalid_image_url"  # no local paths
@@ -508,6 +508,39 @@ def test_cli_serve_passes_its_options(monkeypatch):
     assert seen["args"] == ("/models/x",) or kwargs.get("model_path") == "/models/x"
     assert kwargs["port"] == 8123 and kwargs["host"] == "127.0.0.1"
     assert kwargs["api_key"] == "k" and kwargs["max_batch_size"] == 4 and kwargs["allow_urls"] is False
+    assert kwargs["max_context_tokens"] is None  # the checkpoint's window
+    result = CliRunner().invoke(cli, ["serve", "--max-context-tokens", "4096"])
+    assert result.exit_code == 0, result.output
+    assert seen["kwargs"]["max_context_tokens"] == 4096
+
+
+def test_a_prompt_past_the_demo_models_window_is_a_400_naming_the_limit_and_the_flag():
+    from fastapi.testclient import TestClient
+
+    from belle_vl_tools import BelleVL
+    from belle_vl_tools.errors import CheckpointError
+
+    demo = BelleVL.from_pretrained()  # max_window_size 6144, seq_length 2048
+    assert demo.max_context_tokens == 6144
+    long = " ".join(["red"] * 7000)
+    assert len(demo.tokenizer.encode(long)) >= 7000
+    with TestClient(create_app(demo)) as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": demo.model_name, "messages": [{"role": "user", "content": long}]}
+        )
+    error = error_of(response)
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded", error
+    assert "6144" in error["message"] and "belle-vl serve --max-context-tokens" in error["message"]
+    assert "max_tokens" in error["message"] and "max_context_tokens (" not in error["message"]
+    lowered = BelleVL(demo.model, demo.processor, max_context_tokens=1000)
+    with TestClient(create_app(lowered)) as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": lowered.model_name, "messages": [{"role": "user", "content": " ".join(["red"] * 900)}]},
+        )
+    assert response.status_code == 400 and "of 1000 tokens" in error_of(response)["message"]
+    with pytest.raises(CheckpointError, match="6144"):
+        BelleVL(demo.model, demo.processor, max_context_tokens=32768)
 
 
 # --- every documented field works or is refused -------------------------------------------------------------------

@@ -71,6 +71,25 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def _server_hints(message: str) -> str:
+    """A refusal's hint for the Python API rewritten for a server's user: the operator's flag."""
+    return message.replace(
+        "(if you configure the tool) enable URLs with ImagePolicy(allow_urls=True)",
+        "ask the operator to start the server with `belle-vl serve --allow-urls`",
+    )
+
+
+def _context_message(exc: ContextLengthError, message: str) -> str:
+    """A prompt too long, in the words of the request: max_tokens, and the operator's flag for the limit."""
+    if exc.prompt_tokens is None or exc.limit is None:
+        return message
+    return (
+        f"The prompt has {exc.prompt_tokens} tokens and max_tokens is {exc.max_new_tokens}: together more than the "
+        f"model's context of {exc.limit} tokens (the checkpoint's window, or less where the server was started with "
+        "`belle-vl serve --max-context-tokens`). Shorten the conversation or lower max_tokens."
+    )
+
+
 def api_error(exc: BaseException, param: str | None = None) -> APIError:
     """The HTTP error for an exception raised while preparing or answering a request.
 
@@ -83,13 +102,13 @@ def api_error(exc: BaseException, param: str | None = None) -> APIError:
     if isinstance(exc, ImageTooLargeError):
         return APIError(400, message, param=param, code="image_too_large")
     if isinstance(exc, ImageAccessDeniedError):
-        return APIError(400, message, param=param, code="image_url_not_allowed")
+        return APIError(400, _server_hints(message), param=param, code="image_url_not_allowed")
     if isinstance(exc, ImageFetchError):
         return APIError(400, message, param=param, code="image_fetch_failed")
     if isinstance(exc, ImageError):
         return APIError(400, message, param=param, code="invalid_image")
     if isinstance(exc, ContextLengthError):
-        return APIError(400, message, param="messages", code="context_length_exceeded")
+        return APIError(400, _context_message(exc, message), param="messages", code="context_length_exceeded")
     if isinstance(exc, PromptError):
         return APIError(400, message, param=param)
     if isinstance(exc, BelleVLError):

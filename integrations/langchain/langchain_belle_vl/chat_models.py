@@ -209,19 +209,18 @@ _LOADED: dict[tuple[Any, ...], Any] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def load_backend(model: str | None, **options: Any) -> Any:
-    """A loaded :class:`belle_vl_tools.BelleVL` for a checkpoint folder or Hub id (the demo model when None),
-    shared by every caller that asks for the same checkpoint with the same options."""
-    from belle_vl_tools import BelleVL
+def load_backend(model: Any, **options: Any) -> Any:
+    """The backend for ``model=`` by the core's one rule (:func:`belle_vl_tools.backend.load_backend`: a loaded
+    backend, a checkpoint folder, a Hub id, or None for the demo model). A checkpoint is loaded once and shared by
+    every chat model that asks for it with the same options (LangChain copies and rebuilds chat models freely)."""
+    from belle_vl_tools.backend import load_backend as core_load_backend
 
-    if model is None:
-        from belle_vl_tools.demo import default_model_path
-
-        model = str(default_model_path())
-    key = (os.fspath(model), tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if model is not None and not isinstance(model, str | os.PathLike):
+        return core_load_backend(model, **options)
+    key = (None if model is None else os.fspath(model), tuple(sorted((k, repr(v)) for k, v in options.items())))
     with _LOAD_LOCK:
         if key not in _LOADED:
-            _LOADED[key] = BelleVL.from_pretrained(model, **options)
+            _LOADED[key] = core_load_backend(model, **options)
         return _LOADED[key]
 
 
@@ -337,7 +336,9 @@ class ChatBelleVL(BaseChatModel):
     def backend(self) -> Any:
         """The loaded backend (loads the checkpoint on first use)."""
         if self.client is not None:
-            return self.client
+            if self._client is None:
+                self._client = load_backend(self.client)  # checked and unwrapped by the one rule
+            return self._client
         if self._client is None:
             options: dict[str, Any] = dict(self.load_kwargs)
             if self.device is not None:

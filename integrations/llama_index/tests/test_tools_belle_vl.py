@@ -17,7 +17,7 @@ from llama_index.core.llms import MockFunctionCallingLLM
 from llama_index.core.tools.tool_spec.base import BaseToolSpec
 
 from llama_index.llms.belle_vl import BelleVL
-from llama_index.tools.belle_vl import BelleVLToolError, BelleVLToolSpec
+from llama_index.tools.belle_vl import BelleVLToolSpec, ToolErrorText
 
 NAMES = ["describe_image", "visual_qa", "locate_objects", "read_text"]
 SHORT = {"max_new_tokens": 8}  # the tiny random model never stops by itself
@@ -79,10 +79,30 @@ def test_locate_can_return_the_drawn_picture(runtime: Any, policy: ImagePolicy, 
 def test_the_policy_guards_the_tools(spec: BelleVLToolSpec, tmp_path: Path) -> None:
     outside = tmp_path / "secret.png"
     outside.write_bytes(b"not even a picture")
-    with pytest.raises(BelleVLToolError, match="outside the folders"):
-        spec.describe_image(str(outside))
-    with pytest.raises(BelleVLToolError, match="URL"):
-        spec.read_text("https://pictures.example/cat.png")
+    refused = spec.describe_image(str(outside))
+    assert isinstance(refused, ToolErrorText) and "outside the folders" in refused
+    assert "URL" in spec.read_text("https://pictures.example/cat.png")
+
+
+def test_a_refused_path_is_an_error_output_of_the_function_tool(spec: BelleVLToolSpec, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not even a picture")
+    tools = {tool.metadata.name: tool for tool in spec.to_tool_list()}
+    output = tools["visual_qa"].call(image=str(outside), question="What is it?")
+    assert output.is_error and "outside the folders" in output.content
+    output = asyncio.run(tools["read_text"].acall(image="https://pictures.example/cat.png"))
+    assert output.is_error and "URL" in output.content
+
+
+def test_the_llm_takes_a_loaded_backend_as_model(runtime: Any) -> None:
+    llm = BelleVL(model=runtime)
+    assert llm.backend is runtime
+    assert BelleVL(model=llm).backend is runtime  # an adapter holding one counts too
+    assert BelleVL(backend=runtime).backend is runtime
+    with pytest.raises(TypeError, match="not both"):
+        BelleVL(model=runtime, backend=runtime)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        BelleVL(model="no/such/folder/here")
 
 
 def test_the_llm_is_accepted_in_place_of_a_backend(llm: BelleVL, policy: ImagePolicy) -> None:

@@ -259,3 +259,17 @@ def test_response_format_bound_directly_is_applied() -> None:
     assert message.content == '{"a": 1}' and backend.calls[0][1]["response_format"].kind == "json_object"
     with pytest.raises(PromptError, match="response_format"):
         ChatBelleVL(model=ScriptedBackend("x")).bind(response_format={"type": "yaml"}).invoke("hi")
+
+
+def test_model_follows_the_cores_one_rule() -> None:
+    from langchain_belle_vl.chat_models import ChatBelleVL as Chat
+
+    backend = ScriptedBackend("A red circle.")
+    assert Chat(model=backend).backend is backend
+    assert Chat(model=Chat(model=backend)).backend is backend  # an adapter holding a backend
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        _ = Chat(model="no/such/folder/here").backend
+    with pytest.raises(ValueError, match="URL"):
+        _ = Chat(model="http://gpu-box:8000/v1").backend
+    with pytest.raises(TypeError):
+        _ = Chat(model=object()).backend

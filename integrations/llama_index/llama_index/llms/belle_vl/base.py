@@ -209,9 +209,9 @@ class BelleVL(FunctionCallingLLM):
     """Belle-VL (or Qwen-VL-Chat) as a LlamaIndex chat LLM that reads ``ImageBlock``s and calls tools.
 
     Give a checkpoint (``BelleVL(model="/models/BELLE-VL")``, loaded with :class:`belle_vl_tools.BelleVL`) or any
-    core backend (``BelleVL(backend=runtime)``, e.g. an already loaded runtime or a remote client). Pictures in
-    messages may be inline bytes or base64, a path, or a URL; they are read under ``image_policy`` (default: the
-    backend's policy, else :meth:`ImagePolicy.trusted`: any local path, no URLs).
+    loaded core backend (``BelleVL(model=runtime)``, e.g. a runtime or a remote client; ``backend=`` also works).
+    Pictures in messages may be inline bytes or base64, a path, or a URL; they are read under ``image_policy``
+    (default: the backend's policy, else :meth:`ImagePolicy.trusted`: any local path, no URLs).
 
     Generation settings left at ``None`` take the checkpoint's ``generation_config.json`` values (the published
     ones sample with ``top_p=0.3``); ``temperature=0`` is greedy.
@@ -237,26 +237,32 @@ class BelleVL(FunctionCallingLLM):
 
     def __init__(
         self,
-        model: str | os.PathLike[str] | None = None,
+        model: Any = None,
         *,
         backend: Backend | None = None,
         image_policy: ImagePolicy | None = None,
         load_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Load ``model`` with ``BelleVL.from_pretrained(model, **load_kwargs)`` (``device``, ``dtype``, ...; the
-        shipped demo model when ``model`` is None), or wrap ``backend``; other keyword arguments are the fields
-        above and the LLM base fields."""
-        if backend is None:
-            from belle_vl_tools.runtime import BelleVL as Runtime
+        """``model`` follows the package's one rule (:func:`belle_vl_tools.backend.load_backend`): a loaded
+        backend (``BelleVL``, ``RemoteBelleVL``, or an adapter holding one), a checkpoint folder or a Hub id,
+        loaded with ``BelleVL.from_pretrained(model, **load_kwargs)`` (``device``, ``dtype``, ...), or None for the
+        shipped demo model. ``backend=`` (a loaded backend) is the same as ``model=``. Other keyword arguments are
+        the fields above and the LLM base fields."""
+        from belle_vl_tools.backend import load_backend
 
-            backend = Runtime.from_pretrained(model, **(load_kwargs or {}))
-        elif not isinstance(backend, Backend):
-            raise TypeError(
-                f"backend must be a belle_vl_tools backend (chat, stream, achat, astream, generate_batch); "
-                f"got {type(backend).__name__}."
-            )
-        super().__init__(model=str(model) if model is not None else str(backend.model_name), **kwargs)
+        if backend is not None:
+            if model is not None:
+                raise TypeError("Give model= or backend=, not both (both take a loaded backend).")
+            if not isinstance(backend, Backend):
+                raise TypeError(
+                    f"backend must be a belle_vl_tools backend (chat, stream, achat, astream, generate_batch); "
+                    f"got {type(backend).__name__}."
+                )
+            model = backend
+        backend = load_backend(model, **(load_kwargs or {}))
+        name = os.fspath(model) if isinstance(model, str | os.PathLike) else str(backend.model_name)
+        super().__init__(model=name, **kwargs)
         self._backend = backend
         self._image_policy = image_policy or getattr(backend, "image_policy", None) or ImagePolicy.trusted()
 

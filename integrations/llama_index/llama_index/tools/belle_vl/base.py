@@ -18,14 +18,34 @@ from belle_vl_tools.tools import BelleVLTool, ImageStore, ToolResult, make_tools
 from llama_index.core.base.llms.types import ImageBlock, TextBlock
 from llama_index.core.tools import FunctionTool
 from llama_index.core.tools.tool_spec.base import BaseToolSpec
-from llama_index.core.tools.types import ToolMetadata
+from llama_index.core.tools.types import ToolMetadata, ToolOutput
 
-__all__ = ["BelleVLToolError", "BelleVLToolSpec"]
+__all__ = ["BelleVLToolError", "BelleVLToolSpec", "ToolErrorText"]
 
 
 class BelleVLToolError(BelleVLError):
-    """A Belle-VL tool could not do its work; the message says why and what to change (agents show it to the
-    model as the tool's error output)."""
+    """A Belle-VL tool could not do its work. The tools no longer raise it: a refused path, a bad picture or an
+    unknown handle comes back as an error output (:class:`ToolErrorText`); the name stays for code that imports
+    it."""
+
+
+class ToolErrorText(str):
+    """What a tool returns when it could not do its work: the message (why, and what to change), with
+    ``is_error = True``. As a ``FunctionTool`` of :meth:`BelleVLToolSpec.to_tool_list` it becomes a ``ToolOutput``
+    with ``is_error=True``, which agents show to the model, as the LangChain tools and MCP do."""
+
+    is_error = True
+
+
+def _error_output(tool_name: str) -> Any:
+    def callback(raw_output: Any) -> ToolOutput | None:
+        if isinstance(raw_output, ToolErrorText):
+            return ToolOutput(
+                content=str(raw_output), tool_name=tool_name, raw_input={}, raw_output=raw_output, is_error=True
+            )
+        return None
+
+    return callback
 
 
 class BelleVLToolSpec(BaseToolSpec):
@@ -85,12 +105,30 @@ class BelleVLToolSpec(BaseToolSpec):
             for name, tool in self._tools.items()
         }
         mapping.update(func_to_metadata_mapping or {})
-        return super().to_tool_list(spec_functions or self.spec_functions, mapping)
+        tools = []
+        for spec in spec_functions or self.spec_functions:
+            sync_name, async_name = (spec, None) if isinstance(spec, str) else spec
+            metadata = mapping.get(sync_name) or self.get_metadata_from_fn_name(sync_name)
+            callback = _error_output(metadata.get_name())
+
+            async def async_callback(raw_output: Any, callback: Any = callback) -> ToolOutput | None:
+                return callback(raw_output)
+
+            tools.append(
+                FunctionTool.from_defaults(
+                    fn=getattr(self, sync_name),
+                    async_fn=getattr(self, async_name) if async_name else None,
+                    tool_metadata=metadata,
+                    callback=callback,
+                    async_callback=async_callback,
+                )
+            )
+        return tools
 
     # --- results ----------------------------------------------------------------------------------------------------
     def _output(self, result: ToolResult) -> str | list[TextBlock | ImageBlock]:
         if result.is_error:
-            raise BelleVLToolError(result.text)
+            return ToolErrorText(result.text)
         if self.return_images and result.artifact is not None:
             buffer = io.BytesIO()
             result.artifact.save(buffer, format="PNG")
