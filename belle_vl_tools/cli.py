@@ -859,6 +859,12 @@ def serve(
     max_image_bytes: Annotated[int, typer.Option(min=1, help="Largest image in a request, in bytes.")] = 16 << 20,
     max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body, in bytes.")] = 32 << 20,
     max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 8,
+    max_request_pixels: Annotated[
+        int, typer.Option(min=1, help="Pixels (width x height) of all the images of one request; more get 413.")
+    ] = 80_000_000,
+    max_server_pixels: Annotated[
+        int, typer.Option(min=1, help="Pixels of the images of all requests in flight; past it, 503 until some end.")
+    ] = 200_000_000,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
     compile: Annotated[
         bool,
@@ -899,6 +905,8 @@ def serve(
         max_image_bytes=max_image_bytes,
         max_request_bytes=max_request_bytes,
         max_images_per_request=max_images,
+        max_request_pixels=max_request_pixels,
+        max_server_pixels=max_server_pixels,
         default_max_tokens=settings.max_new_tokens,
         compile=compile,
     )
