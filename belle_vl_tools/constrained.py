@@ -289,6 +289,8 @@ class GrammarBusyError(GrammarError):
 
 
 _INF = float("inf")
+#: Subschemas the shortest-instance analysis may visit (a 128 KiB schema has some 10,000).
+_MAX_VISITS = 1_000_000
 #: Keywords whose value is one subschema, a list of them, or a dict of them.
 _ONE_SCHEMA = (
     "additionalProperties",
@@ -385,6 +387,7 @@ class _SchemaCheck:
         self.totals = totals
         self.targets: dict[str, Any] = {}  # local $ref -> the subschema it names
         self.shortest: dict[str, float] = {}  # local $ref -> the shortest instance found so far
+        self.visits = 0
 
     def fail(self, message: str, limit: str) -> GrammarLimitError:
         return GrammarLimitError(f"{self.what} {message}", limit, self.param)
@@ -488,6 +491,13 @@ class _SchemaCheck:
     def _shortest(self, node: Any, path: str, *, flag: bool) -> float:
         """Characters of the shortest JSON ``node`` allows (infinite: none). With ``flag``, a subschema without a
         finite instance, or with too long a shortest one, is refused naming its path."""
+        self.visits += 1
+        if self.visits > _MAX_VISITS:  # references into references: bound the analysis itself
+            raise self.fail(
+                f"has references too intertwined to check (over {_MAX_VISITS:,} subschema visits following $ref): "
+                "use fewer $ref, each to a $defs entry.",
+                "max_refs",
+            )
         value = self._measure(node, path, flag)
         if flag and isinstance(node, Mapping):
             if value == _INF:
@@ -760,7 +770,7 @@ class _Job:
 
     @classmethod
     def done(cls, compiled: Any) -> _Job:
-        job = cls(time.monotonic())
+        job = cls(time.monotonic() + LIMITS.compile_seconds)
         job.future.set_result(compiled)
         return job
 
@@ -844,6 +854,8 @@ async def compile_grammar_async(grammar: Grammar, tokenizer: Any, vocab_size: in
 
     kit = await asyncio.to_thread(_kit, tokenizer, vocab_size)
     job = kit.start(grammar)
+    if job.future.done():  # cached (asyncio's wrapper of a done future is only done one loop turn later)
+        return job.future.result()
     try:
         return await asyncio.wait_for(
             asyncio.shield(asyncio.wrap_future(job.future)), max(0.0, job.deadline - time.monotonic())

@@ -170,6 +170,19 @@ def test_a_compile_past_its_deadline_fails_and_is_refused_from_then_on(tokenizer
     assert kit.overdue == 0 and slow not in kit.compiled
 
 
+def test_the_async_compile_serves_a_cached_grammar_at_once(tokenizer) -> None:
+    import asyncio
+
+    grammar = Grammar.json_schema({"type": "object", "properties": {"cached": {"type": "integer"}}})
+
+    async def twice() -> tuple[Any, Any]:
+        first = await constrained.compile_grammar_async(grammar, tokenizer, 151936)
+        return first, await constrained.compile_grammar_async(grammar, tokenizer, 151936)
+
+    first, second = asyncio.run(twice())
+    assert first is second
+
+
 def test_matching_past_its_budget_fails_the_answer(tokenizer, limits) -> None:
     processor = RowProcessor(Grammar.json_object(), tokenizer, vocab_size=151936, max_new_tokens=10)
     set_limits(replace(LIMITS, matcher_seconds=0.0))
