@@ -869,6 +869,12 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    max_request_pixels: Annotated[
+        int, typer.Option(min=1, help="Pixels (width x height) of all the images of one request; more get 413.")
+    ] = 80_000_000,
+    max_server_pixels: Annotated[
+        int, typer.Option(min=1, help="Pixels of the images of all requests in flight; past it, 503 until some end.")
+    ] = 200_000_000,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
     compile: Annotated[
         bool,
@@ -909,6 +915,8 @@ def serve(
         max_image_bytes=max_image_bytes,
         max_request_bytes=max_request_bytes,
         max_images_per_request=max_images,
+        max_request_pixels=max_request_pixels,
+        max_server_pixels=max_server_pixels,
         default_max_tokens=settings.max_new_tokens,
         compile=compile,
         max_context_tokens=max_context_tokens,

@@ -22,7 +22,7 @@ from ..backend import Backend
 from ..images import ImagePolicy
 from .errors import APIError, api_error
 from .generation import make_generator
-from .media import MediaPool
+from .media import DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_SERVER_PIXELS, MediaPool
 from .metrics import Metrics
 from .routes import ServerConfig, ServerState, build_router
 
@@ -87,6 +87,8 @@ def create_app(
     media_workers: int = 8,
     decode_workers: int = 2,
     max_fetches_per_client: int = 4,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+    max_server_pixels: int = DEFAULT_MAX_SERVER_PIXELS,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app answering with ``backend`` (e.g. a loaded :class:`~belle_vl_tools.BelleVL`).
 
@@ -111,6 +113,10 @@ def create_app(
         media_workers: Threads fetching image URLs (a pool of their own, apart from request handling).
         decode_workers: Threads decoding data-URL images.
         max_fetches_per_client: Most image URL fetches one client address may have running at once.
+        max_request_pixels: Pixels (width x height, read from the headers before decoding) of all the pictures of
+            one request; more get 413.
+        max_server_pixels: Pixels of the pictures of all requests in flight (from their headers until the answer
+            is sent); a request that would pass it gets 503 until others end.
     """
     name = model_name or getattr(backend, "model_name", None) or "belle-vl"
     config = ServerConfig(
@@ -135,7 +141,13 @@ def create_app(
         on_batch=metrics.batch_size.observe,
     )
     holder["generator"] = generator
-    media = MediaPool(fetch_workers=media_workers, decode_workers=decode_workers, per_client=max_fetches_per_client)
+    media = MediaPool(
+        fetch_workers=media_workers,
+        decode_workers=decode_workers,
+        per_client=max_fetches_per_client,
+        max_request_pixels=max_request_pixels,
+        max_server_pixels=max_server_pixels,
+    )
     state = ServerState(config=config, generator=generator, media=media, metrics=metrics)
 
     @contextlib.asynccontextmanager

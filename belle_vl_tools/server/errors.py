@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from ..constrained import GrammarBusyError, GrammarLimitError
 from ..errors import (
     BelleVLError,
     ContextLengthError,
@@ -107,6 +108,10 @@ def api_error(exc: BaseException, param: str | None = None) -> APIError:
         return APIError(400, message, param=param, code="image_fetch_failed")
     if isinstance(exc, ImageError):
         return APIError(400, message, param=param, code="invalid_image")
+    if isinstance(exc, GrammarLimitError):  # before PromptError: it names its own request field
+        return APIError(400, message, param=exc.param or param, code="grammar_too_complex")
+    if isinstance(exc, GrammarBusyError):
+        return APIError(503, message, type="server_error", code="grammar_busy", headers={"Retry-After": "5"})
     if isinstance(exc, ContextLengthError):
         return APIError(400, _context_message(exc, message), param="messages", code="context_length_exceeded")
     if isinstance(exc, PromptError):

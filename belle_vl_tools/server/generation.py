@@ -284,17 +284,21 @@ class EngineGenerator:
         self._closed = True
         await asyncio.to_thread(self.engine.close)
 
-    def _params(self, sampling: Sampling) -> Any:
+    async def _params(self, sampling: Sampling) -> Any:
         from ..engine import SamplingParams
 
         processors = list(sampling.processors)
         if sampling.grammar is not None:
-            from ..constrained import RowProcessor
+            from ..constrained import RowProcessor, compile_grammar_async
 
             limit = sampling.max_new_tokens or self.runtime.generation_config.max_new_tokens or 512
             vocab = self.runtime.model.config.vocab_size
+            tokenizer = self.runtime.tokenizer
+            # compiled on a thread of its own under its time budget: neither this event loop nor the engine's
+            # decoding loop waits on it (the processor then only builds a matcher)
+            compiled = await compile_grammar_async(sampling.grammar, tokenizer, vocab)
             processors.append(
-                RowProcessor(sampling.grammar, self.runtime.tokenizer, vocab_size=vocab, max_new_tokens=limit)
+                RowProcessor(sampling.grammar, tokenizer, vocab_size=vocab, max_new_tokens=limit, compiled=compiled)
             )
         try:
             return SamplingParams(
@@ -323,7 +327,7 @@ class EngineGenerator:
         self._counts["requests"] += 1
 
     async def complete(self, messages: list[dict[str, Any]], sampling: Sampling, is_gone: IsGone) -> Output:
-        params = self._params(sampling)
+        params = await _until_done_or_gone(self._params(sampling), is_gone)
         self._admit()
         try:
             result = await _until_done_or_gone(self.engine.complete(messages, params), is_gone)
@@ -339,7 +343,7 @@ class EngineGenerator:
         )
 
     async def stream(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Delta]:
-        params = self._params(sampling)
+        params = await self._params(sampling)
         self._admit()
         events = self.engine.stream(messages, params)
         try:

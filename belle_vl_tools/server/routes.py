@@ -33,9 +33,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..backend import Usage
 from ..images import ImagePolicy
-from .errors import APIError, api_error
+from .errors import APIError, QueueFullError, api_error
 from .generation import Delta, Generator, Output, TokenLogprob, check_features
-from .media import MediaPool
+from .media import MediaPool, PixelTicket
 from .metrics import Metrics
 from .protocol import ChatRequest, Sampling, TextRequest, parse_chat_request, parse_completion_request, parse_json
 from .structured import ChoiceContent, plan
@@ -292,25 +292,21 @@ def build_router(state: ServerState) -> APIRouter:
             raise APIError(404, f"The model {model_id!r} does not exist on this server.", code="model_not_found")
         return model_card().model_dump(mode="json")
 
-    async def load_pictures(request: Request, chat: ChatRequest) -> None:
+    async def load_pictures(request: Request, chat: ChatRequest, ticket: PixelTicket) -> None:
+        """Every picture of the request, held against the pixel budgets on ``ticket`` before any is decoded."""
         client = request.client.host if request.client else "unknown"
-
-        async def one(index: int, part_index: int, url: str) -> None:
-            param = f"messages[{index}].content"
-            try:
-                picture = await state.media.load(url, config.image_policy, client, param)
-            except APIError:
-                raise
-            except Exception as exc:
-                raise api_error(exc, param) from None
-            chat.messages[index]["content"][part_index] = {"type": "image", "image": picture}
-
-        tasks = [asyncio.ensure_future(one(*source)) for source in chat.image_sources]
+        limit = getattr(generator, "max_queue", None)
+        if limit is not None and generator.waiting >= limit:  # a full queue refuses before decoding anything
+            raise QueueFullError(limit)
+        sources = [(url, f"messages[{index}].content") for index, _, url in chat.image_sources]
         try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
+            pictures = await state.media.load_all(sources, config.image_policy, client, ticket)
+        except APIError:
+            raise
+        except Exception as exc:
+            raise api_error(exc, "messages") from None
+        for (index, part_index, _), picture in zip(chat.image_sources, pictures, strict=True):
+            chat.messages[index]["content"][part_index] = {"type": "image", "image": picture}
 
     def count_tokens(outputs: Sequence[Output]) -> None:
         usage = _sum_usage(outputs)
@@ -330,6 +326,15 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        ticket = state.media.ticket()  # the request's pictures' pixels, held until its answer is sent
+        try:
+            response = await answer_chat(request, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        return _released_after(response, ticket.release)
+
+    async def answer_chat(request: Request, ticket: PixelTicket) -> Response:
         arrived = time.monotonic()
         body = parse_json(await read_body(request, config.max_request_bytes))
         chat = parse_chat_request(
@@ -342,7 +347,7 @@ def build_router(state: ServerState) -> APIRouter:
             vocab_size=config.vocab_size,
         )
         if chat.image_sources:
-            await load_pictures(request, chat)
+            await load_pictures(request, chat, ticket)
         try:
             planned = plan(chat)
         except Exception as exc:
@@ -565,6 +570,29 @@ def build_router(state: ServerState) -> APIRouter:
         return EventSourceResponse(relay(), headers={"Cache-Control": "no-cache"})
 
     return router
+
+
+class _ReleasingStream(EventSourceResponse):
+    """A stream that calls ``on_close`` once it has ended, however it ends (finished, failed, client gone)."""
+
+    def __init__(self, *args: Any, on_close: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _released_after(response: Response, release: Any) -> Response:
+    """``response``, with ``release`` called when it is done: now for a whole answer, at the end for a stream."""
+    if isinstance(response, EventSourceResponse):
+        stream = _ReleasingStream(response.body_iterator, headers={"Cache-Control": "no-cache"}, on_close=release)
+        return stream
+    release()
+    return response
 
 
 def _text_logprobs(entries: Sequence[TokenLogprob] | None, top: int | None) -> CompletionLogprobs | None:
