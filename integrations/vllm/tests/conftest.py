@@ -99,7 +99,7 @@ def demo_server(reference: dict[str, Any], tmp_path_factory: pytest.TempPathFact
         str(EXAMPLES),
         # JSON without free whitespace: a model this small otherwise fills the answer with spaces between the keys
         "--structured-outputs-config",
-        '{"disable_any_whitespace": true}',
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

@@ -38,12 +38,18 @@ def conversations() -> dict[str, list[dict]]:
             }
         ],
         "picture_after_text": [
-            {"role": "user", "content": [text("Look at this picture.\n"), image("blue_square.png"), text("What shape?")]}
+            {
+                "role": "user",
+                "content": [text("Look at this picture.\n"), image("blue_square.png"), text("What shape?")],
+            }
         ],
         "two_turns": [
             {"role": "user", "content": [image("red_circle.png"), text("What color is the circle?")]},
             {"role": "assistant", "content": "The circle is red."},
-            {"role": "user", "content": [image("shapes_and_word.png"), text("How many shapes are there in the image?")]},
+            {
+                "role": "user",
+                "content": [image("shapes_and_word.png"), text("How many shapes are there in the image?")],
+            },
         ],
     }
 

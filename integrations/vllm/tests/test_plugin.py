@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import json
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import EXAMPLES
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 CASES = ["text_only", "one_picture", "two_pictures", "picture_after_text", "two_turns"]
 #: largest allowed gap between vLLM's prompt logprobs and the runtime's (fp32)
@@ -155,8 +156,11 @@ def test_demo_server_json_schema(demo_server: Any) -> None:
 
     schema = {
         "type": "object",
-        "properties": {"color": {"type": "string", "enum": ["red", "blue", "green"]}, "count": {"type": "integer"}},
-        "required": ["color", "count"],
+        "properties": {
+            "color": {"type": "string", "enum": ["red", "blue", "green"]},
+            "shape": {"type": "string", "enum": ["circle", "square", "triangle"]},
+        },
+        "required": ["color", "shape"],
         "additionalProperties": False,
     }
     answer = demo_server.chat.completions.create(

@@ -23,8 +23,9 @@ def register() -> None:
     if _done:
         return
     _done = True
-    from belle_vl_tools._registration import register_auto_classes
     from vllm import ModelRegistry
+
+    from belle_vl_tools._registration import register_auto_classes
 
     register_auto_classes()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
