@@ -1,6 +1,7 @@
 """Hand-run benchmark: vLLM with the Belle-VL plugin against ``belle-vl serve``, same checkpoint, same machine.
 
-    .venv/bin/python benchmarks/vllm.py [--model FOLDER] [--dtype float32] [--vllm-python .venv-vllm/bin/python]
+    .venv/bin/python benchmarks/vllm.py [--model FOLDER] [--dtype float32] [--device cuda]
+        [--vllm-python .venv-vllm/bin/python]
 
 Starts both OpenAI-compatible servers one after the other on 127.0.0.1 (``belle-vl serve`` from this environment,
 vLLM's server from the environment that has vLLM and the plugin installed), sends each the same 16 concurrent
@@ -18,6 +19,7 @@ import base64
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint folder [default: the shipped demo model]")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", help="belle-vl serve's device (cuda on a GPU) [default: its own choice]")
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="vLLM's KV cache (CPU build)")
@@ -126,12 +129,12 @@ def main() -> None:
         from belle_vl_tools.demo import default_model_path
 
         args.model = str(default_model_path())
-    logs = Path("benchmark-logs")
-    logs.mkdir(exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="bench-vllm-"))  # the two servers' logs
 
     port = free_port()
     belle = [sys.executable, "-m", "belle_vl_tools.cli", "serve", "--model", args.model, "--port", str(port)]
     belle += ["--dtype", args.dtype, "--max-batch-size", "16", "--served-model-name", "bench"]
+    belle += ["--device", args.device] if args.device else []
     ours = run_server(belle, port, "bench", args.max_tokens, logs / "belle-vl-serve.log")
 
     port = free_port()
@@ -144,6 +147,7 @@ def main() -> None:
     for label, (wall, tokens, ttfts) in (("belle-vl serve", ours), ("vLLM + plugin", theirs)):
         print(f"{label:15s} {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tokens/s")
         print(f"{'':15s} time to first token (s): " + " ".join(f"{t:.2f}" for t in ttfts))
+    print(f"server logs: {logs}")
     print(f"throughput vLLM / belle-vl serve: {(theirs[1] / theirs[0]) / (ours[1] / ours[0]):.2f}")
 
 
