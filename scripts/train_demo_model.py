@@ -88,6 +88,16 @@ and the model sits at chance for thousands of steps before it learns that. The s
     --min-lr-ratio 0.1 --warmup 20 --threads 2 --free-layout 0.6 --paraphrase 0.6 --sample-offset 95000000`` and
     stage 14's ``--kinds`` (959 chat steps).
 
+A further run tried the agent skills (not shipped): ``--resume STAGE15 --sample-offset 96000000 --steps 100000
+--train-minutes 50 --batch-size 32 --max-turns 6 --vision-steps 0 --warm-steps 0 --lr 1e-4 --min-lr-ratio 0.1
+--warmup 20 --threads 2 --workers 1 --free-layout 0.6 --paraphrase 0.6 --read-aux 0.5 --augment 0.5
+--agent-share 0.4 --order 0.5 --two-pictures 0.35 --react-every 2 --react-batch 4``, stage 15's ``--kinds`` and
+``--agent-kinds color,shape,count,position,yes_no,read_text,describe_brief,describe_detailed,locate,absent,absent,``
+``describe_any,describe_any,json_schema,json_schema,json_object,json_object``: 499 steps (about 250 ReAct steps of 4
+conversations) on a shared 2-core CPU; the ReAct loss fell from 15.5 to 2.1 but tool calls were not yet well formed,
+absent shapes still got boxes, and reading fell by one word of 32 (held-out 93% overall, unchanged). These skills
+need far more steps (a GPU run as stage 2's) than a CPU gives.
+
 ``--train-minutes`` and ``--read-minutes`` bound wall-clock time, so stages 6-15 are reproducible in their batches
 but not in their step counts. Free-layout words depend on the fonts installed (stages 10, 11 and 14 ran where only
 DejaVu was). The generator now draws again the rare free-layout pictures (about 1 in 10,000) where a word was asked
