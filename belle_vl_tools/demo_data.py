@@ -866,3 +866,343 @@ def build_demo_vocab(
         for new, old in enumerate(old_ranks):
             f.write(f"{base64.b64encode(by_rank[old]).decode('ascii')} {new}\n")
     return {"path": out, "ranks": len(old_ranks), "used_tokens": len(used), "old_ranks": old_ranks}
+
+
+# --- agent skills: any part order, two pictures, absent objects, paraphrased descriptions, JSON, tool calls -------
+#: Sample kinds for an agent's uses, besides :data:`KINDS` (asked only when named in ``kinds``): ``absent`` (a
+#: locate or where-question about a shape that is not drawn: the answer says so and gives no box),
+#: ``describe_any`` (a description asked in everyday words, brief or detailed), ``json_schema`` (color, shape and
+#: count as JSON, as a ``{"color", "shape", "count"}`` schema frames it) and ``json_object`` (JSON whose keys the
+#: question names).
+AGENT_KINDS: tuple[str, ...] = ("absent", "describe_any", "json_schema", "json_object")
+
+#: Everyday wordings of the description requests (detail -> language -> questions).
+DESCRIBE_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "brief": {
+        "en": (
+            "What is in this image?", "What is in the picture?", "What do you see?", "Describe the picture.",
+            "Describe this image.", "What does the picture show?", "Describe the image briefly.",
+            "What can you see in this image?",
+        ),
+        "zh": ("图中有什么？", "描述一下这张图。", "这张图里有什么？", "简要描述这张图片。"),
+    },
+    "detailed": {
+        "en": (
+            "Describe the picture in detail.", "Describe this image in detail.", "Describe the image in detail.",
+            "Give a detailed description of the picture.", "Describe everything in the picture and where it is.",
+            "Please describe this picture in detail.",
+        ),
+        "zh": ("详细描述这张图。", "请详细描述一下这张图片。", "详细说说图里有什么，分别在哪里。"),
+    },
+}  # fmt: skip
+
+#: Text put before the picture when the question follows it ("around" order), and after it when the question
+#: comes first.
+LEAD_INS: dict[str, tuple[str, ...]] = {
+    "en": ("Here is a picture.", "Look at this image:", "I have a picture for you.", "Picture:", "See the image."),
+    "zh": ("这是一张图。", "请看这张图：", "看一下这张图片。"),
+}
+TRAILERS: dict[str, tuple[str, ...]] = {
+    "en": ("Thanks!", "Please answer.", "Answer briefly.", "Thank you."),
+    "zh": ("谢谢！", "请回答。"),
+}
+#: How a question names one of two pictures ({n}: 1 or 2; {q}: the question, {ql}: it with a lower-case start).
+PICTURE_REFERENCES: dict[str, tuple[str, ...]] = {
+    "en": ("In Picture {n}, {ql}", "Picture {n}: {q}", "About Picture {n}: {q}", "Look at Picture {n}. {q}"),
+    "zh": ("第{n}张图：{q}", "在图{n}中，{q}", "看第{n}张图。{q}"),
+}
+
+#: JSON keys a ``json_object`` question may name, and the JSON schema of ``json_schema`` answers.
+JSON_KEYS: tuple[str, ...] = ("color", "shape", "position", "count", "word")
+JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"color": {"type": "string"}, "shape": {"type": "string"}, "count": {"type": "integer"}},
+    "required": ["color", "shape", "count"],
+}
+_JSON_SCHEMA_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "en": (
+        "Give the color and the shape of the object and the number of shapes.",
+        "What color is the shape, what shape is it, and how many shapes are there?",
+        "Answer in JSON with the keys color, shape and count.",
+        "Describe the shape as JSON: its color, its shape and the count of shapes.",
+        "Extract the color, shape and count.",
+    ),
+    "zh": ("用JSON回答：图形的颜色、形状和图形的数量。", "给出图形的颜色、形状和数量。"),
+}
+_JSON_OBJECT_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "en": (
+        "Return a JSON object with the keys {keys} for the {kind}.",
+        "Answer in JSON with the keys {keys}: tell me about the {kind}.",
+        "Give {keys} of the {kind} as a JSON object.",
+    ),
+    "zh": ("用JSON对象回答，键为{keys}：图中的{kind_zh}。", "以JSON格式给出{kind_zh}的{keys}。"),
+}
+
+
+def _position_value(cell: tuple[int, int]) -> str:
+    """A region as a JSON value: "top left", "center", ..."""
+    phrase = POSITIONS[cell][0]
+    for lead in ("at the ", "on the ", "in the "):
+        if phrase.startswith(lead):
+            return phrase[len(lead) :]
+    return phrase
+
+
+def json_answer(scene: Scene, keys: Sequence[str], shape: Shape | None = None) -> str:
+    """The JSON text (``json.dumps``' spacing, as the constrained decoding writes it) of ``keys`` about ``shape``
+    (color, shape, position) and the scene (count, word: null without one)."""
+    import json
+
+    values: dict[str, Any] = {}
+    for key in keys:
+        if key == "count":
+            values[key] = len(scene.shapes)
+        elif key == "word":
+            values[key] = scene.word
+        elif shape is None:
+            raise ValueError(f"the JSON key {key!r} needs a shape")
+        else:
+            values[key] = {"color": shape.color, "shape": shape.kind, "position": _position_value(shape.cell)}[key]
+    return json.dumps(values, ensure_ascii=False)
+
+
+def agent_texts(scene: Scene, kind: str, language: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) of one of :data:`AGENT_KINDS` about ``scene``."""
+    zh = language == "zh"
+    if kind == "absent":
+        present = {(s.color, s.kind) for s in scene.shapes}
+        color, kind_name = rng.choice(sorted({(c, k) for c in COLORS for k in SHAPES} - present))
+        phrase_zh = COLORS[color][1] + SHAPES[kind_name]
+        answer = f"图中没有{phrase_zh}。" if zh else f"There is no {color} {kind_name} in the image."
+        if rng.random() < 0.7:
+            phrase = phrase_zh if zh else f"the {color} {kind_name}"
+            return locate_prompt(phrase, language), answer  # type: ignore[arg-type]
+        return (f"{phrase_zh}在哪里？" if zh else f"Where is the {color} {kind_name}?"), answer
+    if kind == "describe_any":
+        detail = rng.choice(("brief", "detailed"))
+        return rng.choice(DESCRIBE_QUESTIONS[detail][language]), _describe(scene, detail, language)
+    if kind == "json_schema":
+        shape = scene.shapes[0]
+        return rng.choice(_JSON_SCHEMA_QUESTIONS[language]), json_answer(scene, ("color", "shape", "count"), shape)
+    if kind == "json_object":
+        shape = rng.choice([s for s in scene.shapes if scene.unique_kind(s.kind)])
+        pool = [k for k in JSON_KEYS if k != "word" or scene.word is not None]
+        keys = rng.sample(pool, rng.randint(1, 3))
+        listed = "、".join(keys) if zh else _list_en([f'"{k}"' for k in keys])
+        template = rng.choice(_JSON_OBJECT_QUESTIONS[language])
+        question = template.format(keys=listed, kind=shape.kind, kind_zh=SHAPES[shape.kind])
+        return question, json_answer(scene, keys, shape)
+    raise ValueError(f"unknown agent sample kind {kind!r}; use one of {', '.join(AGENT_KINDS)}")
+
+
+def _agent_answerable(scene: Scene, kind: str) -> bool:
+    if kind == "json_schema":
+        return len(scene.shapes) == 1
+    if kind == "json_object":
+        return any(scene.unique_kind(s.kind) for s in scene.shapes)
+    if kind == "absent":
+        return len(scene.shapes) < len(COLORS) * len(SHAPES)
+    return True
+
+
+def _turn_texts(scene: Scene, kind: str, language: str, rng: random.Random, paraphrase: float) -> tuple[str, str]:
+    if kind in AGENT_KINDS:
+        return agent_texts(scene, kind, language, rng)
+    return sample_texts(scene, kind, language, rng, paraphrase)
+
+
+def _can_ask(scene: Scene, kind: str) -> bool:
+    if kind in AGENT_KINDS:
+        return _agent_answerable(scene, kind)
+    needs_word = kind in ("read_text", "yes_no:OCR")
+    return _answerable(scene, kind) and not (needs_word and scene.word is None)
+
+
+def _arranged(image_parts: list[dict[str, Any]], question: str, order: str, language: str, rng: random.Random):
+    """A user message's parts: the pictures and the question in ``order`` ("after": pictures first, "before":
+    text first, "around": text on both sides)."""
+    text = {"type": "text", "text": question}
+    if order == "before":
+        return [text, *image_parts]
+    if order == "around":
+        if rng.random() < 0.5:
+            return [{"type": "text", "text": rng.choice(LEAD_INS[language])}, *image_parts, text]
+        return [text, *image_parts, {"type": "text", "text": rng.choice(TRAILERS[language])}]
+    return [*image_parts, text]
+
+
+def _refer(question: str, n: int, language: str, rng: random.Random) -> str:
+    template = rng.choice(PICTURE_REFERENCES[language])
+    lowered = question[:1].lower() + question[1:] if language == "en" else question
+    return template.format(n=n, q=question, ql=lowered)
+
+
+def make_agent_conversation(
+    seed: int,
+    index: int,
+    *,
+    turns: int = 1,
+    size: int = DEFAULT_SIZE,
+    kinds: Sequence[str] | None = None,
+    paraphrase: float = 0.0,
+    free: float = 0.0,
+    order: float = 0.0,
+    two_pictures: float = 0.0,
+) -> dict[str, Any]:
+    """A conversation of :func:`make_conversation`'s stream with the agent skills mixed in: ``kinds`` may also
+    name :data:`AGENT_KINDS`; a share ``order`` of first turns put their text before or around the picture, a share
+    ``two_pictures`` show two pictures in the first turn, each question then naming "Picture 1" or "Picture 2".
+    ``scenes`` lists the scenes in picture order. Draws from its own stream: :func:`make_conversation`'s samples
+    are unchanged."""
+    rng = _sample_rng(seed, index + 13_131_313)
+    names = list(kinds) if kinds else list(KINDS)
+    kind = _choose_kind(rng, names)
+    language = rng.choice(LANGUAGES)
+    word = True if (kind == "read_text" and rng.random() < 0.8) or kind == "yes_no:OCR" else None
+    layout = free > 0 and rng.random() < free
+    scene = random_scene(rng, size, word=word, free=layout)
+    while not _can_ask(scene, kind):
+        scene = random_scene(rng, size, word=word, free=layout)
+    scenes = [scene]
+    two = two_pictures > 0 and rng.random() < two_pictures
+    if two:
+        other = random_scene(rng, size, free=free > 0 and rng.random() < free)
+        scenes = [scene, other] if rng.random() < 0.5 else [other, scene]
+    question, answer = _turn_texts(scene, kind, language, rng, paraphrase)
+    if two:
+        question = _refer(question, scenes.index(scene) + 1, language, rng)
+    place = rng.choice(("before", "around")) if order > 0 and rng.random() < order else "after"
+    images = [render(s) for s in scenes]
+    parts = _arranged([{"type": "image", "image": im} for im in images], question, place, language, rng)
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": parts},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    for _ in range(turns - 1):
+        kind_n = _choose_kind(rng, names)
+        target = rng.randrange(len(scenes))
+        if not _can_ask(scenes[target], kind_n):
+            continue
+        q, a = _turn_texts(scenes[target], kind_n, language, rng, paraphrase)
+        if two:
+            q = _refer(q, target + 1, language, rng)
+        messages.append({"role": "user", "content": [{"type": "text", "text": q}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return {
+        "image": images[0],
+        "messages": messages,
+        "kind": kind,
+        "language": language,
+        "question": question,
+        "answer": answer,
+        "scene": scene,
+        "scenes": scenes,
+    }
+
+
+# --- tool calls in the ReAct format ----------------------------------------------------------------------------
+def _with_handle(question: str, handle: str, language: str, rng: random.Random) -> str:
+    """The question a user asks an agent about the picture called ``handle``."""
+    if language == "zh":
+        return rng.choice((f"{handle}中，{question}", f"看{handle}：{question}", f"关于{handle}：{question}"))
+    for said in ("in the image", "in the picture", "in this image"):
+        if said in question:
+            return question.replace(said, f"in {handle}", 1)
+    if rng.random() < 0.5 and question.endswith("?"):
+        return f"{question[:-1]} in {handle}?"
+    return rng.choice((f"Look at {handle}. {question}", f"{question} ({handle})", f"About {handle}: {question}"))
+
+
+def react_turn(
+    scene: Scene, handle: str, language: str, rng: random.Random, paraphrase: float = 0.5
+) -> tuple[str, str, dict[str, Any], str]:
+    """One question an agent gets about ``handle`` (a picture it cannot see) and how to answer it with the vision
+    tools: ``(user question, tool name, arguments, observation)``; the observation is what the tool returns for
+    ``scene`` (the demo model's own answer form), and the final answer repeats it."""
+    zh = language == "zh"
+    what = rng.choices(("ask", "describe", "locate", "read"), weights=(6, 2, 1.5, 1))[0]
+    if what == "read" and scene.word is None:
+        what = "ask"
+    if what == "describe":
+        detail = rng.choice(("brief", "detailed"))
+        if zh:
+            question = (
+                f"详细描述{handle}。"
+                if detail == "detailed"
+                else rng.choice((f"描述{handle}。", f"{handle}里有什么？"))
+            )
+        elif detail == "detailed":
+            question = rng.choice((f"Describe {handle} in detail.", f"Give a detailed description of {handle}."))
+        else:
+            question = rng.choice((f"Describe {handle}.", f"What is in {handle}?", f"What does {handle} show?"))
+        arguments: dict[str, Any] = {"image": handle, "detail": detail}
+        if zh:
+            arguments["language"] = "zh"
+        return question, "describe_image", arguments, _describe(scene, detail, language)
+    if what == "locate":
+        shape = rng.choice(scene.shapes)
+        phrase = shape.phrase(language)
+        question = (
+            f"在{handle}中找到{phrase}的位置框。"
+            if zh
+            else rng.choice((f"Find {phrase} in {handle}.", f"Give the bounding box of {phrase} in {handle}."))
+        )
+        width, height = scene.canvas if scene.canvas is not None else (scene.size, scene.size)
+        sx, sy = width / scene.size, height / scene.size
+        x1, y1, x2, y2 = shape.box
+        box = f"[{round(x1 * sx)}, {round(y1 * sy)}, {round(x2 * sx)}, {round(y2 * sy)}]"
+        observation = (
+            f"Found 1 box in {handle} ({width}x{height} pixels), as [x1, y1, x2, y2] in pixels: {phrase}: {box}"
+        )
+        return question, "locate_objects", {"image": handle, "description": phrase}, observation
+    if what == "read":
+        question = (
+            f"{handle}上写着什么字？"
+            if zh
+            else rng.choice(
+                (f"What does the text in {handle} say?", f"Read the word in {handle}.", f"What is written in {handle}?")
+            )
+        )
+        return question, "read_text", {"image": handle}, scene.word or ""
+    kind = rng.choice([k for k in ("color", "shape", "count", "position", "yes_no") if _answerable(scene, k)])
+    base, answer = sample_texts(scene, kind, language, rng, paraphrase)
+    return _with_handle(base, handle, language, rng), "visual_qa", {"image": handle, "question": base}, answer
+
+
+def make_react_conversation(
+    seed: int, index: int, *, turns: int = 1, size: int = DEFAULT_SIZE, free: float = 0.0
+) -> dict[str, Any]:
+    """An agent's conversation in OpenAI's message form (no pictures in it: the agent names them by handle):
+    each user question about ``image_N`` answered by one tool call (assistant ``tool_calls``), the tool's result
+    (``role: tool``) and the final answer. ``scenes`` maps handles to scenes. Render it with
+    :func:`belle_vl_tools.react.render_tool_messages` and the tools' specs."""
+    rng = _sample_rng(seed, index + 17_171_717)
+    n_pictures = rng.randint(1, 3)
+    scenes = {
+        f"image_{i + 1}": random_scene(rng, size, free=free > 0 and rng.random() < free) for i in range(n_pictures)
+    }
+    language = "zh" if rng.random() < 0.2 else "en"
+    messages: list[dict[str, Any]] = []
+    for turn in range(turns):
+        handle = rng.choice(sorted(scenes))
+        question, tool, arguments, observation = react_turn(scenes[handle], handle, language, rng)
+        call_id = f"call_{index}_{turn}"
+        messages.append({"role": "user", "content": question})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": tool, "arguments": _json_dumps(arguments)}}
+                ],
+            }
+        )
+        messages.append({"role": "tool", "content": observation, "tool_call_id": call_id, "name": tool})
+        messages.append({"role": "assistant", "content": observation})
+    return {"messages": messages, "scenes": scenes, "language": language}
+
+
+def _json_dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)

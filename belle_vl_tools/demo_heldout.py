@@ -47,7 +47,11 @@ from .demo_data import COLORS, POSITIONS, SHAPES, WORDS
 from .prompts import read_text_prompt, yes_no_prompt
 
 __all__ = [
+    "AGENT_SKILLS",
     "SKILLS",
+    "AgentItem",
+    "agent_items",
+    "evaluate_agent",
     "HeldoutItem",
     "HeldoutReport",
     "HeldoutScene",
@@ -381,6 +385,8 @@ class HeldoutReport:
     right: dict[str, int] = field(default_factory=dict)
     asked: dict[str, int] = field(default_factory=dict)
     wrong: list[tuple[str, str, str, str]] = field(default_factory=list)  # skill, question, expected, answer
+    #: The skills the table lists, in order (:data:`SKILLS`, or :data:`AGENT_SKILLS` for :func:`evaluate_agent`).
+    skills: tuple[str, ...] = SKILLS
 
     def accuracy(self, skill: str | None = None) -> float:
         """The share of right answers of one skill, or of all questions (``None``)."""
@@ -390,13 +396,13 @@ class HeldoutReport:
         return self.right.get(skill, 0) / self.asked[skill] if self.asked.get(skill) else math.nan
 
     def as_dict(self) -> dict[str, Any]:
-        skills = {s: {"right": self.right.get(s, 0), "asked": self.asked[s]} for s in SKILLS if s in self.asked}
+        skills = {s: {"right": self.right.get(s, 0), "asked": self.asked[s]} for s in self.skills if s in self.asked}
         return {"overall": self.accuracy(), "skills": skills}
 
     def table(self) -> str:
         """A Markdown table: skill, right / asked, accuracy, then the overall figure."""
         lines = ["| Skill | Right | Accuracy |", "|---|---|---|"]
-        for skill in SKILLS:
+        for skill in self.skills:
             if skill in self.asked:
                 lines.append(
                     f"| {skill} | {self.right.get(skill, 0)} / {self.asked[skill]} | {self.accuracy(skill):.0%} |"
@@ -447,18 +453,325 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, ...")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument("--show-wrong", type=int, default=0, help="Also print this many wrong answers.")
+    parser.add_argument(
+        "--agent",
+        type=int,
+        default=0,
+        help="Also check the agent skills (AGENT_SKILLS) on this many more pictures (about 9 questions each).",
+    )
     args = parser.parse_args(argv)
     from .runtime import BelleVL
 
     backend = BelleVL.from_pretrained(args.model, device=args.device)
-    report = evaluate(backend, heldout_items(args.n, args.seed))
-    if args.json:
-        print(json.dumps(report.as_dict()))
-    else:
-        print(report.table())
-    for skill, question, expected, answer in report.wrong[: args.show_wrong]:
-        print(f"[{skill}] {question!r}: expected {expected!r}, answered {answer!r}", file=sys.stderr)
+    reports = [evaluate(backend, heldout_items(args.n, args.seed))] if args.n else []
+    if args.agent:
+        reports.append(evaluate_agent(backend, agent_items(args.agent)))
+    for report in reports:
+        print(json.dumps(report.as_dict()) if args.json else report.table())
+        for skill, question, expected, answer in report.wrong[: args.show_wrong]:
+            print(f"[{skill}] {question!r}: expected {expected!r}, answered {answer!r}", file=sys.stderr)
     return 0
+
+
+# --- agent skills --------------------------------------------------------------------------------------------------
+#: The agent skills :func:`agent_items` checks, in report order: boxes (IoU >= 0.5 with the drawn shape), no box
+#: and a refusal for a shape that is not drawn, a question before its picture, a question about one of two
+#: pictures, brief and detailed descriptions (every shape by color and kind, the word, and for the detailed one each
+#: shape's place), JSON under a ``{"color", "shape", "count"}`` schema and a ``json_object`` whose keys the question
+#: names, and in Qwen's ReAct format with the vision tools offered: the right tool call, then the right final answer.
+AGENT_SKILLS: tuple[str, ...] = (
+    "locate", "absent", "text-first", "two-picture", "description", "detailed", "schema", "json-object",
+    "tool choice", "tool answer",
+)  # fmt: skip
+
+_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"color": {"type": "string"}, "shape": {"type": "string"}, "count": {"type": "integer"}},
+    "required": ["color", "shape", "count"],
+}
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _box_check(scene: HeldoutScene, shape: HeldoutShape) -> Callable[[str], bool]:
+    from .grounding import parse_boxes
+
+    def check(answer: str) -> bool:
+        boxes = parse_boxes(answer, scene.width, scene.height)
+        if len(boxes) != 1:
+            return False
+        box = boxes[0]
+        return _iou((box.x1, box.y1, box.x2, box.y2), shape.box) >= 0.5
+
+    return check
+
+
+def _refusal_check(answer: str) -> bool:
+    from .grounding import parse_boxes
+
+    said_no = re.search(r"\b(no|not|none|nothing)\b", answer.lower()) is not None or "没有" in answer
+    return said_no and not parse_boxes(answer)
+
+
+def _description_check(scene: HeldoutScene, positions: bool) -> Callable[[str], bool]:
+    """Right when the answer names exactly the drawn (color, kind) pairs, the word if there is one, and (with
+    ``positions``) the region of each shape whose center is not near a region border, right after its name."""
+    pairs = {(s.color, s.kind) for s in scene.shapes}
+    phrases = {phrase: cell for cell, (phrase, _zh) in POSITIONS.items()}
+
+    def check(answer: str) -> bool:
+        lowered = answer.lower()
+        named = {(c, k) for c in COLORS for k in SHAPES if re.search(rf"\b{c} {k}s?\b", lowered)}
+        if named != pairs:
+            return False
+        if scene.word is not None and not _word_check(scene.word)(answer):
+            return False
+        if not positions:
+            return True
+        for shape in scene.shapes:
+            if scene.near_a_region_border(shape):
+                continue
+            match = re.search(rf"\b{shape.color} {shape.kind}\b(.*?)(?:,|;| and |\.|$)", lowered)
+            hits = [p for p in phrases if match and p in match.group(1)]
+            if not hits or phrases[max(hits, key=len)] != scene.region(shape):
+                return False
+        return True
+
+    return check
+
+
+def _json_check(expected: dict[str, Any]) -> Callable[[str], bool]:
+    def check(answer: str) -> bool:
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            return False
+        if not isinstance(value, dict) or set(value) != set(expected):
+            return False
+        return all(str(value[k]).strip().lower() == str(v).lower() for k, v in expected.items())
+
+    return check
+
+
+@dataclass
+class AgentItem(HeldoutItem):
+    """An agent-skill question: ``content`` is the user message's parts in order (pictures and text),
+    ``response_format`` constrains the answer, ``tool`` (the tool expected and a check of its arguments) makes it
+    a ReAct question about ``image_1`` with the vision tools offered."""
+
+    content: list[dict[str, Any]] = field(default_factory=list)
+    response_format: Any = None
+    max_new_tokens: int = 32
+    tool: tuple[str, Callable[[dict[str, Any]], bool]] | None = field(default=None, repr=False)
+
+
+def _question_for(scene: HeldoutScene, rng: random.Random) -> tuple[str, str, Callable[[str], bool]]:
+    """A color, shape or count question about ``scene``: (question, expected, check)."""
+    shapes = scene.shapes
+    unique_kinds = [s for s in shapes if sum(o.kind == s.kind for o in shapes) == 1]
+    unique_colors = [s for s in shapes if sum(o.color == s.color for o in shapes) == 1]
+    which = rng.choice(["count"] + (["color"] * 2 if unique_kinds else []) + (["shape"] if unique_colors else []))
+    if which == "color":
+        s = rng.choice(unique_kinds)
+        return f"What color is the {s.kind}?", s.color, _only(s.color, list(COLORS))
+    if which == "shape":
+        s = rng.choice(unique_colors)
+        return f"What shape is the {s.color} object?", s.kind, _only(s.kind, list(SHAPES))
+    return "How many shapes are there in the image?", str(len(shapes)), _count_check(len(shapes), "en")
+
+
+def _picture(rng: random.Random, n: int | None = None, word: bool | None = None) -> tuple[HeldoutScene, Any]:
+    scene = heldout_scene(rng, n=n, word=word)
+    scene = HeldoutScene(**{**scene.__dict__, "seed": rng.randrange(1 << 30)})
+    return scene, render_heldout(scene)
+
+
+def _agent_items_for(index: int, rng: random.Random) -> list[AgentItem]:
+    from .prompts import locate_prompt
+
+    items: list[AgentItem] = []
+
+    def add(skill: str, content: list[dict[str, Any]], expected: str, check: Callable[[str], bool], **kw: Any):
+        image = next((p["image"] for p in content if p.get("type") == "image"), None)
+        question = " ".join(p["text"] for p in content if p.get("type") == "text")
+        items.append(AgentItem(skill, image, question, expected, check, content=content, **kw))
+
+    scene, image = _picture(rng, n=rng.randint(1, 3))
+    picture = {"type": "image", "image": image}
+    shape = rng.choice(scene.shapes)
+    phrase = f"the {shape.color} {shape.kind}"
+    text = {"type": "text", "text": locate_prompt(phrase, "en")}
+    add("locate", [picture, text], f"{phrase}: {tuple(round(v) for v in shape.box)}", _box_check(scene, shape))
+    present = {(s.color, s.kind) for s in scene.shapes}
+    color, kind = rng.choice(sorted({(c, k) for c in COLORS for k in SHAPES} - present))
+    text = {"type": "text", "text": locate_prompt(f"the {color} {kind}", "en")}
+    add("absent", [picture, text], "no box, says it is not there", _refusal_check)
+    question, expected, check = _question_for(scene, rng)
+    add("text-first", [{"type": "text", "text": question}, picture], expected, check)
+    other, other_image = _picture(rng)
+    target = rng.randint(1, 2)
+    pictures = [picture, {"type": "image", "image": other_image}]
+    if target == 2:
+        pictures.reverse()
+    question, expected, check = _question_for(scene, rng)
+    question = f"In Picture {target}, {question[0].lower()}{question[1:]}"
+    add("two-picture", [*pictures, {"type": "text", "text": question}], expected, check)
+    del other
+    described = ", ".join(f"{s.color} {s.kind}" for s in scene.shapes) + (f', "{scene.word}"' if scene.word else "")
+    question = rng.choice(("What is in this image?", "Describe the picture.", "What do you see?"))
+    add(
+        "description",
+        [picture, {"type": "text", "text": question}],
+        described,
+        _description_check(scene, False),
+        max_new_tokens=96,
+    )
+    question = rng.choice(("Describe the picture in detail.", "Describe this image in detail."))
+    add(
+        "detailed",
+        [picture, {"type": "text", "text": question}],
+        described,
+        _description_check(scene, True),
+        max_new_tokens=128,
+    )
+    if index % 2 == 0:
+        one, one_image = _picture(rng, n=1)
+        expected_json = {"color": one.shapes[0].color, "shape": one.shapes[0].kind, "count": 1}
+        question = "Give the color and the shape of the object and the number of shapes."
+        add(
+            "schema",
+            [{"type": "image", "image": one_image}, {"type": "text", "text": question}],
+            json.dumps(expected_json),
+            _json_check(expected_json),
+            response_format=_SCHEMA,
+            max_new_tokens=48,
+        )
+    else:
+        unique = [s for s in scene.shapes if sum(o.kind == s.kind for o in scene.shapes) == 1]
+        if unique:
+            s = rng.choice(unique)
+            keys = rng.sample(["color", "shape", "count"], rng.randint(1, 3))
+            values = {"color": s.color, "shape": s.kind, "count": len(scene.shapes)}
+            expected_json = {k: values[k] for k in keys}
+            listed = " and ".join(f'"{k}"' for k in keys)
+            question = f"Return a JSON object with the keys {listed} for the {s.kind}."
+            add(
+                "json-object",
+                [picture, {"type": "text", "text": question}],
+                json.dumps(expected_json),
+                _json_check(expected_json),
+                response_format={"type": "json_object"},
+                max_new_tokens=48,
+            )
+    items.extend(_tool_items(scene, image, rng))
+    return items
+
+
+def _tool_items(scene: HeldoutScene, image: Any, rng: random.Random) -> list[AgentItem]:
+    """A ReAct question about ``image_1`` (``scene``): which tool, whether its arguments make sense, and the final
+    answer's check."""
+    what = rng.choice(
+        ("color", "count", "describe", "locate", "read") if scene.word else ("color", "count", "describe", "locate")
+    )
+    unique_kinds = [s for s in scene.shapes if sum(o.kind == s.kind for o in scene.shapes) == 1]
+    if what == "color" and unique_kinds:
+        s = rng.choice(unique_kinds)
+        noun = "shape" if len(scene.shapes) == 1 else s.kind
+        question = f"What color is the {noun} in image_1?"
+        tool = ("visual_qa", lambda a: a.get("image") == "image_1" and "color" in str(a.get("question", "")).lower())
+        check, expected = _only(s.color, list(COLORS)), s.color
+    elif what == "describe":
+        question = "Describe image_1."
+        tool = ("describe_image", lambda a: a.get("image") == "image_1")
+        check, expected = _description_check(scene, False), "every shape"
+    elif what == "locate":
+        s = rng.choice(scene.shapes)
+        question = f"Find the {s.color} {s.kind} in image_1 and give its bounding box."
+        tool = (
+            "locate_objects",
+            lambda a, s=s: a.get("image") == "image_1" and f"{s.color} {s.kind}" in str(a.get("description", "")),
+        )
+        check, expected = (lambda answer: "[" in answer), "a box"
+    elif what == "read":
+        question = "What does the text in image_1 say?"
+        tool = ("read_text", lambda a: a.get("image") == "image_1")
+        check, expected = _word_check(scene.word or ""), scene.word or ""
+    else:
+        question = "How many shapes are there in image_1?"
+        tool = ("visual_qa", lambda a: a.get("image") == "image_1" and bool(str(a.get("question", "")).strip()))
+        check, expected = _count_check(len(scene.shapes), "en"), str(len(scene.shapes))
+    content = [{"type": "text", "text": question}]
+    return [AgentItem("tool choice", image, question, expected, check, content=content, max_new_tokens=160, tool=tool)]
+
+
+def agent_items(n: int = 30, seed: int = 91_003) -> list[AgentItem]:
+    """The agent-skill questions about ``n`` held-out pictures of the stream ``seed`` (the same on every run): one
+    per skill of :data:`AGENT_SKILLS` for each picture (schema and json-object on alternate pictures)."""
+    items: list[AgentItem] = []
+    for index in range(n):
+        items.extend(_agent_items_for(index, random.Random(seed * 1_000_003 + index)))
+    return items
+
+
+def _count(report: HeldoutReport, skill: str, ok: bool, item: HeldoutItem, answer: str) -> None:
+    report.asked[skill] = report.asked.get(skill, 0) + 1
+    if ok:
+        report.right[skill] = report.right.get(skill, 0) + 1
+    else:
+        report.wrong.append((skill, item.question, item.expected, answer))
+
+
+def _run_tool_item(backend: Any, item: AgentItem, report: HeldoutReport) -> None:
+    """Two agent turns as an agent framework runs them: the model's call, the tool run for real on the picture,
+    the model's final answer from the observation."""
+    from .react import ToolSession
+    from .tools import TOOL_NAMES, ImageStore, make_tools
+
+    store = ImageStore()
+    store.add(item.image, "image_1")
+    tools = make_tools(backend, store=store)
+    session = ToolSession.create([tools[name].spec() for name in TOOL_NAMES])
+    messages: list[dict[str, Any]] = [{"role": "user", "content": item.question}]
+    generation = {"temperature": 0, "max_new_tokens": item.max_new_tokens}
+    request = session.prepare(messages, generation)
+    reply = session.parse(backend.chat(request.messages, **request.generation).text)
+    name, argument_check = item.tool  # type: ignore[misc]
+    call = reply.tool_calls[0] if reply.tool_calls else None
+    chose = call is not None and call.name == name and argument_check(dict(call.arguments))
+    said = f"{call.name}({json.dumps(call.arguments)})" if call else (reply.content or "(invalid call)")
+    _count(report, "tool choice", chose, item, said)
+    if call is None or call.name not in tools:
+        _count(report, "tool answer", False, item, said)
+        return
+    result = tools[call.name].run(**call.arguments)
+    messages += [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": result.text, "tool_call_id": call.id, "name": call.name},
+    ]
+    request = session.prepare(messages, generation)
+    final = session.parse(backend.chat(request.messages, **request.generation).text)
+    _count(report, "tool answer", not final.has_calls and item.check(final.content), item, final.content)
+
+
+def evaluate_agent(backend: Any, items: Sequence[AgentItem] | None = None) -> HeldoutReport:
+    """Ask ``backend`` every question of ``items`` (default :func:`agent_items`), greedily, and count the right
+    answers per skill of :data:`AGENT_SKILLS` (the report's table lists them)."""
+    items = agent_items() if items is None else items
+    report = HeldoutReport(skills=AGENT_SKILLS)
+    for item in items:
+        if item.tool is not None:
+            _run_tool_item(backend, item, report)
+            continue
+        generation: dict[str, Any] = {"temperature": 0, "max_new_tokens": item.max_new_tokens}
+        if item.response_format is not None:
+            generation["response_format"] = item.response_format
+        answer = backend.chat([{"role": "user", "content": item.content}], **generation).text
+        _count(report, item.skill, item.check(answer), item, answer)
+    return report
 
 
 if __name__ == "__main__":

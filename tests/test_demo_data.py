@@ -253,3 +253,82 @@ def test_letter_centers_lie_on_the_printed_letters_in_reading_order(free: bool):
         for _letter, _x, y in centers:
             assert top - 1 <= y <= bottom + 1
     assert dd.letter_centers(dd.random_scene(rng, dd.DEFAULT_SIZE, word=False)) == []
+
+
+# --- agent skills --------------------------------------------------------------------------------------------------
+AGENT_MIX = ["color", "count", "absent", "describe_any", "json_schema", "json_object", "yes_no"]
+
+
+def test_agent_conversations_are_seeded():
+    from belle_vl_tools.demo_data import make_agent_conversation
+
+    one = make_agent_conversation(0, 5, turns=3, kinds=AGENT_MIX, order=0.5, two_pictures=0.5)
+    two = make_agent_conversation(0, 5, turns=3, kinds=AGENT_MIX, order=0.5, two_pictures=0.5)
+    texts = [[p.get("text") for p in m["content"]] for m in one["messages"]]
+    assert texts == [[p.get("text") for p in m["content"]] for m in two["messages"]]
+    assert one["scenes"] == two["scenes"]
+    other = make_agent_conversation(0, 6, turns=3, kinds=AGENT_MIX, order=0.5, two_pictures=0.5)
+    assert other["scenes"] != one["scenes"]
+
+
+def test_text_can_come_before_around_and_two_pictures_are_named():
+    from belle_vl_tools.demo_data import make_agent_conversation
+
+    orders, referenced = set(), 0
+    for i in range(60):
+        sample = make_agent_conversation(3, i, kinds=["color", "count"], order=1.0, two_pictures=0.5)
+        parts = sample["messages"][0]["content"]
+        kinds = [p["type"] for p in parts]
+        assert kinds.count("image") == len(sample["scenes"]) and kinds[0] == "text" or kinds[-1] == "text"
+        orders.add("before" if kinds[-1] == "image" else "around")
+        if len(sample["scenes"]) == 2:
+            n = sample["scenes"].index(sample["scene"]) + 1
+            question = sample["question"]
+            assert f"Picture {n}" in question or f"图{n}" in question or f"第{n}张图" in question
+            referenced += 1
+    assert orders == {"before", "around"} and 10 < referenced < 50
+
+
+def test_absent_shapes_get_no_box_and_json_answers_carry_the_scene():
+    import json
+
+    from belle_vl_tools.demo_data import JSON_SCHEMA, agent_texts
+    from belle_vl_tools.grounding import parse_boxes
+
+    rng = random.Random(7)
+    for _ in range(30):
+        scene = dd.random_scene(rng, n=1)
+        shape = scene.shapes[0]
+        question, answer = agent_texts(scene, "absent", "en", rng)
+        assert not parse_boxes(answer) and answer.startswith("There is no ")
+        assert f"{shape.color} {shape.kind}" not in answer
+        _q, text = agent_texts(scene, "json_schema", "en", rng)
+        value = json.loads(text)
+        assert list(value) == JSON_SCHEMA["required"]
+        assert value == {"color": shape.color, "shape": shape.kind, "count": 1}
+        question, text = agent_texts(scene, "json_object", "en", rng)
+        value = json.loads(text)
+        assert value and all(f'"{key}"' in question for key in value)
+        assert value.get("color", shape.color) == shape.color and value.get("count", 1) == 1
+
+
+def test_react_conversations_render_as_the_tool_session_writes_them():
+    import json
+
+    from belle_vl_tools.demo_data import make_react_conversation
+    from belle_vl_tools.react import ToolSpec, parse_reply, render_tool_messages
+
+    tools = [ToolSpec(n, "a vision tool") for n in ("describe_image", "visual_qa", "locate_objects", "read_text")]
+    names = set()
+    for i in range(100):
+        conversation = make_react_conversation(0, i, turns=2)
+        messages = conversation["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"] * 2
+        call = messages[1]["tool_calls"][0]["function"]
+        names.add(call["name"])
+        handle = json.loads(call["arguments"])["image"]
+        assert handle in conversation["scenes"] and handle in messages[0]["content"]
+        rendered = render_tool_messages(messages[:2], tools)
+        reply = parse_reply(rendered[-1]["content"], tools)
+        assert reply.tool_calls[0].name == call["name"]
+    assert names == {"describe_image", "visual_qa", "locate_objects", "read_text"}

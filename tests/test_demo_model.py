@@ -241,3 +241,63 @@ def test_free_layout_training_pictures_match_their_answers():
             )  # the region of the center (rounding aside)
     sample = make_sample(1, 0, free=1.0, kinds=["describe_detailed"])
     assert ("background" in sample["answer"] or "背景" in sample["answer"]) and sample["image"].size == (112, 112)
+
+
+# --- agent skills on held-out pictures (belle_vl_tools.demo_heldout.agent_items) ----------------------------------
+AGENT_SEED, AGENT_PICTURES = 4343, 2
+
+
+def test_agent_checks_accept_the_right_answers_only():
+    from belle_vl_tools.demo_heldout import (
+        HeldoutScene,
+        HeldoutShape,
+        _box_check,
+        _description_check,
+        _json_check,
+        _refusal_check,
+    )
+    from belle_vl_tools.grounding import format_box, to_grid
+
+    red = HeldoutShape("circle", "red", (30.0, 30.0), 30.0)
+    blue = HeldoutShape("square", "blue", (150.0, 60.0), 40.0)
+    scene = HeldoutScene(200, 120, (250, 250, 250), (red, blue), "CAT", (100.0, 10.0, 130.0, 22.0))
+    right = format_box("the red circle", to_grid(red.box, 200, 120))
+    assert _box_check(scene, red)(right) and not _box_check(scene, blue)(right)
+    assert not _box_check(scene, red)("The red circle is at the top left.")
+    assert _refusal_check("There is no green triangle in the image.") and not _refusal_check(right)
+    detailed = (
+        "The picture shows two shapes on a light background: a red circle at the top left and a blue square on "
+        'the right. The word "CAT" is written in black at the top.'
+    )
+    assert _description_check(scene, True)(detailed) and _description_check(scene, False)(detailed)
+    assert not _description_check(scene, True)(detailed.replace("on the right", "at the bottom"))
+    assert not _description_check(scene, False)(detailed.replace('"CAT"', '"DOG"'))
+    assert not _description_check(scene, False)("A red circle on a light background.")
+    assert _json_check({"color": "red", "count": 2})('{"color": "red", "count": 2}')
+    assert not _json_check({"color": "red", "count": 2})('{"color": "red", "count": 3}')
+    assert not _json_check({"color": "red"})('{"HAT": 848216}')
+
+
+@pytest.fixture(scope="module")
+def agent_report(demo):
+    from belle_vl_tools.demo_heldout import agent_items, evaluate_agent
+
+    return evaluate_agent(demo, agent_items(AGENT_PICTURES, seed=AGENT_SEED))
+
+
+def test_the_agent_sample_asks_every_agent_skill(agent_report):
+    from belle_vl_tools.demo_heldout import AGENT_SKILLS
+
+    assert set(agent_report.asked) == set(AGENT_SKILLS)
+    table = agent_report.table()
+    assert all(f"| {skill} |" in table for skill in AGENT_SKILLS)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 30's targets (each agent skill >= 90%, locate >= 80%) are not met by the shipped demo model: it "
+    "draws a box for absent shapes, answers 'A' to a question before its picture, and never calls a tool unforced",
+)
+def test_the_agent_sample_meets_the_target(agent_report):
+    below = {s: agent_report.accuracy(s) for s in agent_report.asked if agent_report.accuracy(s) < 0.9}
+    assert set(below) <= {"locate"} and agent_report.accuracy("locate") >= 0.8, agent_report.table()

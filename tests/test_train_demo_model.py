@@ -144,3 +144,33 @@ def test_augmented_pictures_are_a_function_of_the_step_and_keep_their_size(train
     read_clean, read_rough = trainer.ReadBatches(processor, plain, 6)[2], trainer.ReadBatches(processor, rough, 6)[2]
     assert torch.equal(read_clean["letters"], read_rough["letters"])
     assert not torch.equal(read_clean["pixel_values"], read_rough["pixel_values"])
+
+
+def test_react_batches_train_the_calls_and_answers_not_the_tool_results(trainer, processor):
+    args = trainer.parse_args(["--react-every", "2", "--react-batch", "2"])
+    batches = trainer.ReactBatches(processor, args, steps=4)
+    batch = batches[1]
+    assert batch == batches[1]  # a function of the step
+    for ids, mask in batch["rows"]:
+        trained = processor.tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+        assert "Action: " in trained and "Action Input: {" in trained and "Final Answer: " in trained
+        text = processor.tokenizer.decode(ids)
+        assert "Answer the following questions as best you can." in text  # the tool instruction is in the prompt
+        observation = text.split("Observation: ")[1].split("<|im_end|>")[0].split("\nThought:")[0]
+        assert observation and observation not in trained.split("Final Answer: ")[0]
+        assert "Answer the following questions" not in trained
+
+
+def test_the_react_loss_with_the_shared_instruction_run_once_is_the_whole_rows_loss(trainer, runtime, processor):
+    args = trainer.parse_args(["--react-every", "2", "--react-batch", "2"])
+    batch = trainer.ReactBatches(processor, args, steps=1)[0]
+    model = runtime.model
+    with torch.no_grad():
+        shared = trainer.react_loss(model, batch).item()
+        total, count = 0.0, 0
+        for ids, mask in batch["rows"]:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            labels = torch.tensor([t if m else -100 for t, m in zip(ids, mask, strict=True)])[1:]
+            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100).item()
+            count += int((labels >= 0).sum())
+    assert shared == pytest.approx(total / count, rel=1e-4)
