@@ -48,6 +48,10 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
 # --- options shared by the commands (accepted before the command name too) ----------------------------------------
 ModelOpt = Annotated[
     str | None,
@@ -68,7 +72,17 @@ DeviceOpt = Annotated[
 DTypeOpt = Annotated[
     DType | None,
     typer.Option(
-        help="Weights' precision. [default: auto, from the checkpoint's flags]",
+        help="Weights' precision. [default: auto, from the checkpoint's flags; with none, bfloat16 on a CPU that "
+        "computes it natively, else float32 on a CPU] float32 gives the reference's exact numbers.",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
+QuantizeOpt = Annotated[
+    Quantize | None,
+    typer.Option(
+        help="Store the language model's linear weights as int8 (torchao weight-only; the vision tower keeps its "
+        "precision). [default: none]",
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),
@@ -154,6 +168,7 @@ class Settings:
     model: str | None = None
     device: str | None = None
     dtype: DType | None = None
+    quantize: Quantize | None = None
     max_new_tokens: int | None = None
     json: bool = False
     verbose: bool = False
@@ -198,6 +213,7 @@ _GENERATION_OPTIONS: dict[str, Any] = {
     "seed": (SeedOpt, None),
 }
 _VERBOSE_OPTION: dict[str, Any] = {"verbose": (VerboseOpt, False)}
+_LOADING_OPTIONS: dict[str, Any] = {"quantize": (QuantizeOpt, None)}
 
 
 def _with_options(*groups: dict[str, Any]) -> Callable[[F], F]:
@@ -253,7 +269,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-@_with_options(_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION)
+@_with_options(_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION, _LOADING_OPTIONS)
 def _root(
     ctx: typer.Context,
     model: ModelOpt = None,
@@ -429,6 +445,7 @@ def _load_backend(settings: Settings) -> Any:
                 dtype=dtype,
                 image_policy=settings.image_policy,
                 verbose=settings.verbose,
+                quantize=settings.quantize.value if settings.quantize is not None else None,
             )
         except BelleVLError:
             raise
@@ -544,7 +561,7 @@ ImageArg = Annotated[
         show_default=False,
     ),
 ]
-MODEL_OPTIONS = (_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION)
+MODEL_OPTIONS = (_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION, _LOADING_OPTIONS)
 LanguageOpt = Annotated[Language, typer.Option(help="Language of the prompt (and so of the answer).")]
 
 
@@ -839,6 +856,7 @@ def caption(
 
 @app.command()
 @_handles_errors
+@_with_options(_LOADING_OPTIONS)
 def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -920,6 +938,7 @@ def serve(
         default_max_tokens=settings.max_new_tokens,
         compile=compile,
         max_context_tokens=max_context_tokens,
+        quantize=settings.quantize.value if settings.quantize is not None else None,
     )
 
 
@@ -930,6 +949,7 @@ def _default_caption_cache() -> Path:
 
 @app.command("mcp")
 @_handles_errors
+@_with_options(_LOADING_OPTIONS)
 def mcp_command(
     ctx: typer.Context,
     http: Annotated[
@@ -988,7 +1008,8 @@ def mcp_command(
             "--api-key protects the --http transport; the key of a --remote server is --remote-api-key.",
             param_hint="--api-key",
         )
-    for name, value in (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype)):
+    local = (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype))
+    for name, value in (*local, ("--quantize", settings.quantize)):
         if remote is not None and value is not None:
             raise typer.BadParameter(f"{name} applies to a local model, not to a --remote server.", param_hint=name)
     if remote is None and given("remote_api_key"):
@@ -1046,6 +1067,7 @@ def _is_loopback(host: str) -> bool:
 
 @app.command("ui")
 @_handles_errors
+@_with_options(_LOADING_OPTIONS)
 def ui_command(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -1094,7 +1116,8 @@ def ui_command(
     scripts (gradio_client). Needs the `ui` extra: pip install 'belle-vl-tools[ui]'.
     """
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
-    for name, value in (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype)):
+    local = (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype))
+    for name, value in (*local, ("--quantize", settings.quantize)):
         if remote is not None and value is not None:
             raise typer.BadParameter(f"{name} applies to a local model, not to a --remote server.", param_hint=name)
     unused = {

@@ -451,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=90_001, help="The picture stream.")
     parser.add_argument("--model", default=None, help="Checkpoint folder. [default: the shipped demo model]")
     parser.add_argument("--device", default=None, help="cpu, cuda, ...")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, ... [default: as BelleVL.from_pretrained]")
+    parser.add_argument("--quantize", default=None, choices=("int8",), help="int8: the LM's linear weights as int8")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument("--show-wrong", type=int, default=0, help="Also print this many wrong answers.")
     parser.add_argument(
@@ -462,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .runtime import BelleVL
 
-    backend = BelleVL.from_pretrained(args.model, device=args.device)
+    backend = BelleVL.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     reports = [evaluate(backend, heldout_items(args.n, args.seed))] if args.n else []
     if args.agent:
         reports.append(evaluate_agent(backend, agent_items(args.agent)))

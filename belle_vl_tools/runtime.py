@@ -291,6 +291,81 @@ class _StreamBridge(BaseStreamer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CPU precision and weight quantization
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Values of ``BelleVL.from_pretrained(quantize=...)`` / ``--quantize``.
+QUANTIZE_CHOICES = ("int8",)
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16 / AMX, Arm's BF16 extension
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX-512 BF16 or AMX on x86, BF16 on Arm).
+
+    Asks torch where it can tell (``torch.cpu._is_avx512_bf16_supported``, ``_is_amx_tile_supported``), else the
+    flags in ``/proc/cpuinfo``; False where neither says so."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(torch.cpu, name, None)
+        if probe is not None:
+            with contextlib.suppress(Exception):
+                if probe():
+                    return True
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags = {
+        word for line in text.splitlines() if line.lower().startswith(("flags", "features")) for word in line.split()
+    }
+    return any(flag in flags for flag in _BF16_FLAGS)
+
+
+def _cpu_default_dtype(path: str, model_kwargs: dict[str, Any], quantization_config: Any) -> torch.dtype | None:
+    """bfloat16 for a CPU load with no dtype named, where the CPU computes it natively and the checkpoint's flags
+    (``bf16`` / ``fp16`` / ``fp32``) choose nothing; None (the checkpoint's own default) otherwise."""
+    place = model_kwargs.get("device_map")
+    if quantization_config is not None or (place is not None and str(place) != "cpu"):
+        return None
+    if place is None and torch.cuda.is_available():
+        return None
+    from .configuration_qwen_vl import QWenConfig
+
+    try:
+        config = QWenConfig.from_pretrained(path)
+    except Exception:  # the loader reports a broken or missing config with its own error
+        return None
+    if config.bf16 or config.fp16 or config.fp32:
+        return None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def quantize_language_model(model: QWenLMHeadModel, scheme: str) -> None:
+    """Quantize the language model's linear layers in place (the blocks and the output head) with torchao;
+    the vision tower and the token embedding keep their weights.
+
+    ``"int8"``: torchao's ``Int8WeightOnlyConfig`` (symmetric, one scale per output channel); activations stay
+    in the model's dtype."""
+    if scheme not in QUANTIZE_CHOICES:
+        raise PromptError(f"quantize={scheme!r} is not a known scheme: use one of {', '.join(QUANTIZE_CHOICES)}.")
+    try:
+        import logging
+
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # its GPU kernels' load failures on a CPU-only torch
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise CheckpointError(
+            f"quantize={scheme!r} needs torchao ({exc}): pip install 'belle-vl-tools[cpu]' (or torchao)."
+        ) from None
+
+    def language_linear(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and not name.startswith("transformer.visual")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=language_linear)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Caches
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -431,14 +506,19 @@ class BelleVL(VisionTasks):
         verbose: bool = False,
         check_weights: bool = False,
         compile: bool = False,
+        quantize: str | None = None,
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
         none named, the shipped demo model.
 
-        ``dtype`` defaults to the checkpoint's precision flags (fp32 on a CPU); ``device`` ("cpu", "cuda",
-        "cuda:1") places the whole model, ``device_map`` ("auto", ...) spreads it; ``quantization_config`` (e.g.
-        ``BitsAndBytesConfig(load_in_4bit=True)``) quantizes the language model and keeps the vision tower as is.
+        ``dtype`` defaults to the checkpoint's precision flags; with none set, bfloat16 on a CPU that computes it
+        natively (AVX-512 BF16, AMX: :func:`cpu_has_native_bf16`), else float32 on a CPU (``dtype="float32"``
+        gives the reference's exact fp32 numbers); ``quantize="int8"`` stores the language model's linear weights
+        as int8 (torchao weight-only, one scale per output channel; the vision tower stays as loaded); ``device``
+        ("cpu", "cuda", "cuda:1") places the whole model, ``device_map`` ("auto", ...) spreads it;
+        ``quantization_config`` (e.g. ``BitsAndBytesConfig(load_in_4bit=True)``) quantizes the language model and
+        keeps the vision tower as is.
         Loading is quiet (no progress bars, transformers' info and warnings, or Python warnings) unless ``verbose``.
         The config's sizes (and, for a local folder, its vocabulary against the tokenizer file) are checked before
         anything is built; ``check_weights=True`` also refuses weights holding NaN or infinities (it reads them all).
@@ -446,6 +526,10 @@ class BelleVL(VisionTasks):
         through ``torch.compile`` (see the module's docstring); answers are the same.
         """
         model_kwargs.pop("trust_remote_code", None)
+        if quantize is not None and quantize not in QUANTIZE_CHOICES:
+            raise PromptError(f"quantize={quantize!r} is not a known scheme: use one of {', '.join(QUANTIZE_CHOICES)}.")
+        if quantize is not None and quantization_config is not None:
+            raise PromptError("Pass either quantize= or quantization_config=, not both.")
         if dtype is not None:
             model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         if device_map is None and device is not None:
@@ -466,9 +550,15 @@ class BelleVL(VisionTasks):
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json: point at a checkpoint folder (config.json, weights).")
         check_checkpoint_folder(path)
+        if dtype is None and "dtype" not in model_kwargs:
+            cpu_default = _cpu_default_dtype(path, model_kwargs, quantization_config)
+            if cpu_default is not None:
+                model_kwargs["dtype"] = cpu_default
         with _quiet_loading(not verbose):
             model = QWenLMHeadModel.from_pretrained(path, **model_kwargs)
             processor = QWenVLProcessor.from_pretrained(path)
+            if quantize is not None:
+                quantize_language_model(model, quantize)
         if check_weights:
             check_finite_weights(model)
         return cls(
@@ -793,4 +883,4 @@ class BelleVL(VisionTasks):
             await task
 
 
-__all__ = ["BelleVL", "GENERATION_ARGS"]
+__all__ = ["BelleVL", "GENERATION_ARGS", "QUANTIZE_CHOICES", "cpu_has_native_bf16", "quantize_language_model"]

@@ -633,7 +633,7 @@ def main() -> None:
             perf = write_tiny_checkpoint(
                 Path(tmp) / "belle-vl-perf", seed=0, visual=visual, vocab_file=vocab, **PERF_LM
             )
-            perf_runtime = BelleVL.from_pretrained(perf)
+            perf_runtime = BelleVL.from_pretrained(perf, dtype="float32")
             decoding = bench_decoding(perf_runtime, args.repeats)
             session = bench_session(perf_runtime, images[:2], repeats=2)
             report_decoding(perf_runtime, decoding, session)
@@ -642,7 +642,7 @@ def main() -> None:
                 print(f"Total {time.perf_counter() - started:.0f} s.")
                 return
 
-        runtime = BelleVL.from_pretrained(folder)
+        runtime = BelleVL.from_pretrained(folder, dtype="float32")
         model, processor = runtime.model, runtime.processor
 
         # warm-up: every path once (allocator, first-call costs)

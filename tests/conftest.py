@@ -22,7 +22,7 @@ def runtime(tiny_dir: Path):
     """The tiny checkpoint loaded once through the public API."""
     from belle_vl_tools import BelleVL
 
-    return BelleVL.from_pretrained(tiny_dir)
+    return BelleVL.from_pretrained(tiny_dir, dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -212,7 +212,7 @@ def compiled(tiny_dir):
     """The tiny checkpoint with compile=True (inductor; compiles on its first decoding step)."""
     from belle_vl_tools import BelleVL
 
-    return BelleVL.from_pretrained(tiny_dir, compile=True)
+    return BelleVL.from_pretrained(tiny_dir, dtype="float32", compile=True)
 
 
 GREEDY = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}

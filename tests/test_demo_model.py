@@ -33,7 +33,7 @@ def _single(color: str, kind: str, cell: tuple[int, int]) -> Scene:
 
 @pytest.fixture(scope="session")
 def demo() -> BelleVL:
-    return BelleVL.from_pretrained()
+    return BelleVL.from_pretrained(dtype="float32")
 
 
 def test_the_demo_model_is_the_default(demo):

@@ -104,7 +104,7 @@ def test_the_picture_reaches_the_model(engine, pictures):
 def short_context(tmp_path_factory):
     """seq_length 64: dynamic NTK and logn scaling differ between rows of ordinary lengths."""
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("short") / "ck", seed=1, seq_length=64, visual=False)
-    return BelleVL.from_pretrained(path, prefix_cache_size=0)
+    return BelleVL.from_pretrained(path, dtype="float32", prefix_cache_size=0)
 
 
 def test_per_row_dynamic_ntk(short_context):
@@ -410,7 +410,7 @@ def test_bad_inputs_are_refused_before_queueing(engine, runtime):
 
 
 def test_demo_model_answers_about_the_picture(pictures):
-    demo = BelleVL.from_pretrained()
+    demo = BelleVL.from_pretrained(dtype="float32")
     with BatchEngine(demo) as engine:
 
         async def main():

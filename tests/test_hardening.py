@@ -431,7 +431,7 @@ def test_errors_about_files_that_are_not_images_do_not_tell_their_size(tmp_path)
 def demo():
     from belle_vl_tools import BelleVL
 
-    return BelleVL.from_pretrained()  # the shipped demo model
+    return BelleVL.from_pretrained(dtype="float32")  # the shipped demo model
 
 
 def test_model_card_chat_reads_under_the_trusted_policy_unless_given_one(demo, tmp_path):

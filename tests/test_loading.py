@@ -41,7 +41,7 @@ def test_all_layouts_load_to_the_same_logits(layouts, pictures):
     assert "pytorch_model.bin.index.json" in files["bin"] and "pytorch_model-00001-of-00003.bin" in files["bin"]
     reference = None
     for path in layouts.values():
-        runtime = BelleVL.from_pretrained(path)
+        runtime = BelleVL.from_pretrained(path, dtype="float32")
         auto = AutoModelForCausalLM.from_pretrained(path)
         assert type(auto) is QWenLMHeadModel
         for model in (runtime.model, auto):
@@ -103,7 +103,7 @@ def test_save_pretrained_round_trip(runtime, tmp_path, pictures):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen" and config["architectures"] == ["QWenLMHeadModel"]
     assert config["visual"]["image_start_id"] == 151857
-    reloaded = BelleVL.from_pretrained(out)
+    reloaded = BelleVL.from_pretrained(out, dtype="float32")
     torch.testing.assert_close(
         logits_of(reloaded.model, reloaded.processor, pictures["blue"]),
         logits_of(runtime.model, runtime.processor, pictures["blue"]),

@@ -61,7 +61,7 @@ def test_batch_equals_one_by_one(runtime, pictures):
 def short_context(tmp_path_factory):
     """A tiny checkpoint with seq_length 64, so dynamic NTK and logn scaling are active in short prompts."""
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("short") / "ck", seed=1, seq_length=64, visual=False)
-    return BelleVL.from_pretrained(path, prefix_cache_size=0)
+    return BelleVL.from_pretrained(path, dtype="float32", prefix_cache_size=0)
 
 
 def test_batch_equals_one_by_one_beyond_seq_length(short_context):

@@ -61,7 +61,7 @@ NO_BROWSER = (
 def demo_backend():
     from belle_vl_tools import BelleVL
 
-    return BelleVL.from_pretrained()
+    return BelleVL.from_pretrained(dtype="float32")
 
 
 @pytest.fixture(scope="module")
