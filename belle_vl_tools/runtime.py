@@ -421,6 +421,7 @@ class BelleVL(VisionTasks):
         verbose: bool = False,
         check_weights: bool = False,
         compile: bool = False,
+        adapter: str | os.PathLike | None = None,
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
@@ -433,7 +434,8 @@ class BelleVL(VisionTasks):
         The config's sizes (and, for a local folder, its vocabulary against the tokenizer file) are checked before
         anything is built; ``check_weights=True`` also refuses weights holding NaN or infinities (it reads them all).
         Problems raise :class:`CheckpointError` naming the key or weight. ``compile=True`` decodes with static caches
-        through ``torch.compile`` (see the module's docstring); answers are the same.
+        through ``torch.compile`` (see the module's docstring); answers are the same. ``adapter`` names a LoRA
+        adapter folder (``belle-vl finetune``'s output, a standard PEFT adapter), merged into the weights as it loads.
         """
         model_kwargs.pop("trust_remote_code", None)
         if dtype is not None:
@@ -458,6 +460,10 @@ class BelleVL(VisionTasks):
         check_checkpoint_folder(path)
         with _quiet_loading(not verbose):
             model = QWenLMHeadModel.from_pretrained(path, **model_kwargs)
+            if adapter is not None:
+                from .finetune.adapters import apply_adapter, stored_dtype
+
+                model = apply_adapter(model, adapter, precision=stored_dtype(path))
             processor = QWenVLProcessor.from_pretrained(path)
         if check_weights:
             check_finite_weights(model)

@@ -280,12 +280,14 @@ def serve(
     log_level: str = "info",
     on_ready: Callable[[FastAPI], None] | None = None,
     compile: bool = False,
+    adapter: str | None = None,
     **app_kwargs: Any,
 ) -> None:
     """Load ``model_path`` (default: the demo model) and serve it with uvicorn until interrupted.
 
     ``app_kwargs`` go to :func:`create_app` (``api_key``, ``allow_urls``, ``max_batch_size``, ...). Serving on a
-    non-loopback address without ``api_key`` logs a warning. ``compile=True`` loads the runtime with compiled
+    non-loopback address without ``api_key`` logs a warning. ``adapter``: a LoRA adapter folder merged into the model
+    as it loads (:meth:`BelleVL.from_pretrained`). ``compile=True`` loads the runtime with compiled
     decoding steps (:meth:`BelleVL.from_pretrained`); requests are then batched by the scheduler, not the engine.
     """
     import uvicorn
@@ -296,7 +298,9 @@ def serve(
         allow_urls=app_kwargs.get("allow_urls", False),
         max_image_bytes=app_kwargs.get("max_image_bytes"),
     )
-    runtime = load_runtime(model_path, device=device, dtype=dtype, image_policy=policy, compile=compile)
+    runtime = load_runtime(
+        model_path, device=device, dtype=dtype, image_policy=policy, compile=compile, adapter=adapter
+    )
     app = create_app(runtime, **app_kwargs)
     if on_ready is not None:
         on_ready(app)
