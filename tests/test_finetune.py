@@ -117,6 +117,19 @@ def test_labels_equal_the_reference_preprocess(processor, data_dir, conversation
     assert "What color" not in kept and "system" not in kept and "user" not in kept
 
 
+def test_assistant_mask_counts_only_the_answers(processor, data_dir):
+    record = {"conversations": CONVERSATIONS[1]}
+    ref = load_data([record], processor, base_dir=data_dir).examples[0]
+    own = load_data([record], processor, base_dir=data_dir, label_mask="assistant").examples[0]
+    assert own.input_ids == ref.input_ids
+    tok = processor.tokenizer
+    kept = [t for t in own.labels if t != IGNORE_INDEX]
+    assert kept.count(tok.im_end_id) == 2 and tok.im_start_id not in kept  # the two answers' closing <|im_end|>
+    assert set(kept) < set(t for t in ref.labels if t != IGNORE_INDEX)
+    with pytest.raises(FinetuneDataError, match="label_mask"):
+        load_data([record], processor, base_dir=data_dir, label_mask="all")
+
+
 def test_chat_messages_form_gives_the_same_labels(processor, data_dir):
     qwen = record_messages({"conversations": CONVERSATIONS[0]})
     chat = [
@@ -289,3 +302,22 @@ def test_merged_checkpoint_keeps_the_published_config(tiny_dir, trained, tmp_pat
         assert out[key] == base[key], key
     with pytest.raises(Exception, match="not empty"):
         merge_adapter(tiny_dir, trained.adapter, merged)
+
+
+def test_integrations_take_the_adapter_in_load_kwargs(tiny_dir, trained):
+    import torch
+
+    from belle_vl_tools import BelleVL
+
+    def weight(runtime):
+        return runtime.model.transformer.h[0].attn.c_attn.weight
+
+    tuned = BelleVL.from_pretrained(tiny_dir, adapter=trained.adapter)
+    base = BelleVL.from_pretrained(tiny_dir)
+    assert not torch.equal(weight(base), weight(tuned))
+    langchain = pytest.importorskip("langchain_belle_vl")
+    chat = langchain.ChatBelleVL(model=str(tiny_dir), load_kwargs={"adapter": str(trained.adapter)})
+    assert torch.equal(weight(chat.backend), weight(tuned))
+    llms = pytest.importorskip("llama_index.llms.belle_vl")
+    llm = llms.BelleVL(str(tiny_dir), load_kwargs={"adapter": str(trained.adapter)})
+    assert torch.equal(weight(llm.backend), weight(tuned))

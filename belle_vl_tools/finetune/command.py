@@ -12,6 +12,11 @@ TRAIN_PANEL = "Training options"
 LORA_PANEL = "LoRA options"
 
 
+class LabelsChoice(str, Enum):
+    reference = "reference"
+    assistant = "assistant"
+
+
 class OnBadChoice(str, Enum):
     skip = "skip"
     error = "error"
@@ -72,6 +77,14 @@ def finetune_command(
             rich_help_panel=TRAIN_PANEL,
         ),
     ] = 2048,
+    labels: Annotated[
+        LabelsChoice,
+        typer.Option(
+            help="What the loss counts: reference = as Qwen-VL's finetune.py (assistant content and every turn's "
+            "<|im_start|>, <|im_end|> and newline); assistant = the assistant content and its <|im_end|> only.",
+            rich_help_panel=TRAIN_PANEL,
+        ),
+    ] = LabelsChoice.reference,
     on_bad: Annotated[
         OnBadChoice, typer.Option(help="A bad record: skip it (reported on stderr) or stop with its index.")
     ] = OnBadChoice.skip,
@@ -171,6 +184,7 @@ def finetune_command(
         qlora=qlora,
         max_length=max_length,
         on_bad=on_bad.value,
+        label_mask=labels.value,
         image_policy=policy,
         save_steps=save_steps,
         seed=seed,

@@ -48,6 +48,9 @@ _IMG_SPAN = re.compile(r"(?:Picture \d+: ?)?<img>(.*?)</img>\n?", re.S)
 _QWEN_ROLES = {"user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 
 OnBad = Literal["skip", "error"]
+#: Which positions count: the reference fine-tuning's (assistant content + every turn's ChatML frame), or the
+#: assistant content and its closing ``<|im_end|>`` only.
+LabelMask = Literal["reference", "assistant"]
 
 
 class FinetuneDataError(BelleVLError, ValueError):
@@ -210,21 +213,27 @@ def _resolve_sources(messages: list[dict[str, Any]], base: Path | None) -> list[
 
 
 def label_ids(
-    processor: QWenVLProcessor, messages: Sequence[Mapping[str, Any]]
+    processor: QWenVLProcessor, messages: Sequence[Mapping[str, Any]], mask: LabelMask = "reference"
 ) -> tuple[list[int], list[int], list[Any]]:
-    """``(input_ids, labels, picture sources)`` of one conversation, laid out and masked as the reference does."""
+    """``(input_ids, labels, picture sources)`` of one conversation, laid out and masked as the reference does
+    (``mask="reference"``), or with only the assistant content and its closing ``<|im_end|>`` counted
+    (``mask="assistant"``: for a model trained that way, such as the demo model, whose predictions of the frame
+    tokens were never trained and would dominate the loss)."""
+    if mask not in ("reference", "assistant"):
+        raise FinetuneDataError(f"mask={mask!r}: use 'reference' (Qwen-VL's fine-tuning labels) or 'assistant'.")
+    reference = mask == "reference"
     tokenizer = processor.tokenizer
     chat = processor.prepare(list(messages), add_generation_prompt=False, max_window_size=1 << 62)
     nl = tokenizer.encode_text("\n")
     ids = list(chat.input_ids) + nl
-    mask = list(chat.assistant_mask) + [0] * len(nl)
-    frame = {tokenizer.im_start_id, tokenizer.im_end_id}
+    answers = list(chat.assistant_mask) + [0] * len(nl)
+    frame = {tokenizer.im_start_id, tokenizer.im_end_id} if reference else set()
     labels = []
     after_end = False
-    for token, answer in zip(ids, mask, strict=True):
+    for token, answer in zip(ids, answers, strict=True):
         keep = bool(answer) or token in frame or after_end
         labels.append(token if keep else IGNORE_INDEX)
-        after_end = token == tokenizer.im_end_id
+        after_end = reference and token == tokenizer.im_end_id
     return ids, labels, list(chat.sources)
 
 
@@ -237,6 +246,7 @@ def load_data(
     max_length: int = 2048,
     base_dir: str | Path | None = None,
     report: Callable[[BadRecord], None] | None = None,
+    label_mask: LabelMask = "reference",
 ) -> FinetuneData:
     """Read, check, lay out and label every record of a data file (or of a list of records already read).
 
@@ -244,6 +254,8 @@ def load_data(
     Each bad record goes to ``report`` (when given) and into :attr:`FinetuneData.bad`; with ``on_bad="error"``
     the first one raises :class:`FinetuneDataError` naming its index instead.
     """
+    if label_mask not in ("reference", "assistant"):
+        raise FinetuneDataError(f"label_mask={label_mask!r}: use 'reference' or 'assistant'.")
     if on_bad not in ("skip", "error"):
         raise FinetuneDataError(f"on_bad={on_bad!r}: use 'skip' (report and leave the record out) or 'error'.")
     if isinstance(path, str | Path):
@@ -263,7 +275,7 @@ def load_data(
         try:
             messages = record_messages(record)
             _check_order(messages)
-            ids, labels, sources = label_ids(processor, _resolve_sources(messages, base))
+            ids, labels, sources = label_ids(processor, _resolve_sources(messages, base), label_mask)
             if len(ids) > max_length:
                 raise ValueError(f"{len(ids)} tokens, more than max_length {max_length} (records are never cut)")
             images = [load_image(source, image_policy) for source in sources]

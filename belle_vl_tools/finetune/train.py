@@ -29,7 +29,7 @@ from ..errors import CheckpointError
 from ..images import ImagePolicy
 from ..modeling_qwen_vl import QWenLMHeadModel
 from ..processing_qwen_vl import QWenVLProcessor
-from .data import IGNORE_INDEX, BadRecord, Example, FinetuneDataError, OnBad, load_data
+from .data import IGNORE_INDEX, BadRecord, Example, FinetuneDataError, LabelMask, OnBad, load_data
 
 #: The reference fine-tuning's LoRA targets: the language model's attention and MLP input projections.
 LM_TARGETS: tuple[str, ...] = ("c_attn", "attn.c_proj", "w1", "w2")
@@ -213,6 +213,7 @@ def finetune(
     qlora: bool = False,
     max_length: int = 2048,
     on_bad: OnBad = "skip",
+    label_mask: LabelMask = "reference",
     image_policy: ImagePolicy | None = None,
     save_steps: int = 50,
     save_total_limit: int | None = 2,
@@ -232,7 +233,9 @@ def finetune(
     LoRA defaults are the reference fine-tuning's (r 64, alpha 16, dropout 0.05, targets c_attn, attn.c_proj, w1,
     w2); the vision tower stays frozen unless ``train_vision``. ``resume=True`` continues from the newest complete
     checkpoint in ``out`` (after a crash or a kill) with the same data and settings; without it, an ``out`` holding
-    checkpoints is refused. ``merge`` also writes base + adapter as one checkpoint in the published layout there.
+    checkpoints is refused. ``label_mask="assistant"`` counts only the assistant content (see
+    :func:`~belle_vl_tools.finetune.data.label_ids`). ``merge`` also writes base + adapter as one checkpoint in
+    the published layout there.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -255,13 +258,27 @@ def finetune(
             "another output folder."
         )
     base_model, processor = load_base(model, device=device, qlora=qlora)
-    train = load_data(data, processor, image_policy=image_policy, on_bad=on_bad, max_length=max_length, report=report)
+    train = load_data(
+        data,
+        processor,
+        image_policy=image_policy,
+        on_bad=on_bad,
+        max_length=max_length,
+        report=report,
+        label_mask=label_mask,
+    )
     bad = list(train.bad)
     examples = train.examples
     held: list[Example] = []
     if eval_data is not None:
         ev = load_data(
-            eval_data, processor, image_policy=image_policy, on_bad=on_bad, max_length=max_length, report=report
+            eval_data,
+            processor,
+            image_policy=image_policy,
+            on_bad=on_bad,
+            max_length=max_length,
+            report=report,
+            label_mask=label_mask,
         )
         held, bad = ev.examples, bad + ev.bad
     elif eval_fraction:
