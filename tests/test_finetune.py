@@ -175,9 +175,17 @@ def trained(tiny_dir, data_dir, tmp_path_factory):
     from belle_vl_tools.finetune import finetune
 
     out = tmp_path_factory.mktemp("adapter") / "adapter"
-    result = finetune(data_dir / "train.json", out, model=tiny_dir, max_steps=3, batch_size=4, learning_rate=0.05,
-                      lora_r=4, lora_alpha=8, save_steps=2, eval_fraction=0.25, progress=False, seed=1)  # fmt: skip
-    return result
+    options = {"max_steps": 3, "batch_size": 4, "learning_rate": 0.05, "lora_r": 4, "lora_alpha": 8, "seed": 1}
+    return finetune(
+        data_dir / "train.json",
+        out,
+        model=tiny_dir,
+        save_steps=2,
+        eval_fraction=0.25,
+        progress=False,
+        train_embeddings=True,  # the reference's LoRA: wte and lm_head trained whole, merged and rounded too
+        **options,
+    )
 
 
 def test_training_writes_a_standard_peft_adapter_and_checkpoints(trained):
@@ -185,6 +193,7 @@ def test_training_writes_a_standard_peft_adapter_and_checkpoints(trained):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     targets = set(config["target_modules"])
+    assert set(config["modules_to_save"]) == {"wte", "lm_head"}
     assert targets and all(t.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "w1", "w2") for t in targets)
     assert not any(".visual." in t for t in targets)  # the vision tower stays frozen by default
     assert (out / "adapter_model.safetensors").is_file()
@@ -257,7 +266,7 @@ def test_cli_adapter_option_on_model_commands(tiny_dir, trained, pictures, tmp_p
 
 def test_resume_after_kill_continues_from_the_last_checkpoint(tiny_dir, data_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["finetune", "--model", tiny_dir, "--data", data_dir / "train.json", "--out", out, "--max-steps", "40",
+    args = ["finetune", "--model", tiny_dir, "--data", data_dir / "train.json", "--out", out, "--max-steps", "10",
             "--batch-size", "2", "--save-steps", "2", "--lora-r", "2", "--seed", "3"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "belle_vl_tools.cli", *map(str, args)], env=env,
@@ -286,7 +295,7 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(tiny_dir, data_dir
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"Resumed from checkpoint-{step} (step {step})" in resumed.stderr
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
-    assert state["global_step"] == 40
+    assert state["global_step"] == 10
     assert (out / "adapter_model.safetensors").is_file()
 
 

@@ -59,7 +59,11 @@ def apply_adapter(model: Any, adapter: str | Path, *, precision: str | None = No
         ) from None
     try:
         wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        adapted = [name for name, module in wrapped.base_model.model.named_modules() if hasattr(module, "lora_A")]
+        adapted = [  # LoRA layers, and whole modules the adapter trained (modules_to_save: wte, lm_head)
+            name
+            for name, module in wrapped.base_model.model.named_modules()
+            if hasattr(module, "lora_A") or hasattr(module, "modules_to_save")
+        ]
         merged = wrapped.merge_and_unload()
     except (ValueError, RuntimeError, KeyError) as exc:
         detail = " ".join(str(exc).split())[:300]
@@ -71,7 +75,7 @@ def apply_adapter(model: Any, adapter: str | Path, *, precision: str | None = No
     if isinstance(target, torch.dtype) and target.is_floating_point:
         with torch.no_grad():
             for name in adapted:
-                weight = merged.get_submodule(name).weight
-                if weight.dtype.is_floating_point and weight.dtype.itemsize > target.itemsize:
-                    weight.copy_(weight.to(target).to(weight.dtype))
+                for weight in merged.get_submodule(name).parameters():
+                    if weight.dtype.is_floating_point and weight.dtype.itemsize > target.itemsize:
+                        weight.copy_(weight.to(target).to(weight.dtype))
     return merged

@@ -105,6 +105,15 @@ def finetune_command(
             "--train-vision", help="Adapt the vision tower too (frozen by default).", rich_help_panel=LORA_PANEL
         ),
     ] = False,
+    train_embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--train-embeddings",
+            help="Also train the whole token embedding and lm_head, as the reference's LoRA does (for tokens the "
+            "base model rarely wrote).",
+            rich_help_panel=LORA_PANEL,
+        ),
+    ] = False,
     qlora: Annotated[
         bool,
         typer.Option(
@@ -181,6 +190,7 @@ def finetune_command(
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         train_vision=train_vision,
+        train_embeddings=train_embeddings,
         qlora=qlora,
         max_length=max_length,
         on_bad=on_bad.value,

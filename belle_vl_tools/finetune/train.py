@@ -210,6 +210,7 @@ def finetune(
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
     train_vision: bool = False,
+    train_embeddings: bool = False,
     qlora: bool = False,
     max_length: int = 2048,
     on_bad: OnBad = "skip",
@@ -231,11 +232,12 @@ def finetune(
     ``data`` / ``eval_data``: Qwen-VL conversation JSON or chat messages (see :mod:`belle_vl_tools.finetune.data`);
     without ``eval_data``, ``eval_fraction`` of the records (drawn with ``seed``) are held out for evaluation.
     LoRA defaults are the reference fine-tuning's (r 64, alpha 16, dropout 0.05, targets c_attn, attn.c_proj, w1,
-    w2); the vision tower stays frozen unless ``train_vision``. ``resume=True`` continues from the newest complete
-    checkpoint in ``out`` (after a crash or a kill) with the same data and settings; without it, an ``out`` holding
-    checkpoints is refused. ``label_mask="assistant"`` counts only the assistant content (see
-    :func:`~belle_vl_tools.finetune.data.label_ids`). ``merge`` also writes base + adapter as one checkpoint in
-    the published layout there.
+    w2); the vision tower stays frozen unless ``train_vision``; ``train_embeddings`` also trains the whole token
+    embedding and ``lm_head``, as the reference's LoRA does (needed for tokens the base rarely wrote).
+    ``resume=True`` continues from the newest complete checkpoint in ``out`` (after a crash or a kill) with the
+    same data and settings; without it, an ``out`` holding checkpoints is refused. ``label_mask="assistant"``
+    counts only the assistant content (see :func:`~belle_vl_tools.finetune.data.label_ids`). ``merge`` also
+    writes base + adapter as one checkpoint in the published layout there.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -290,6 +292,8 @@ def finetune(
         held = [examples[i] for i in sorted(order[:n_eval])]
         examples = [examples[i] for i in sorted(order[n_eval:])]
 
+    if qlora and train_embeddings:
+        raise FinetuneError("train_embeddings (--train-embeddings) does not go with QLoRA's 4-bit weights.")
     if qlora:
         base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
     lora = LoraConfig(
@@ -299,6 +303,7 @@ def finetune(
         target_modules=lora_targets(base_model, train_vision),
         bias="none",
         task_type="CAUSAL_LM",
+        modules_to_save=["wte", "lm_head"] if train_embeddings else None,
     )
     peft_model = get_peft_model(base_model, lora)
     checkpointing = _checkpointing_name()
