@@ -28,6 +28,7 @@ import typer
 
 from . import __version__
 from .errors import BelleVLError, CheckpointError, ImageAccessDeniedError, ImageNotFoundError
+from .finetune.command import finetune_command
 from .prompts import Detail, Language
 
 if TYPE_CHECKING:
@@ -83,6 +84,15 @@ QuantizeOpt = Annotated[
     typer.Option(
         help="Store the language model's linear weights as int8 (torchao weight-only; the vision tower keeps its "
         "precision). [default: none]",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--adapter",
+        help="A LoRA adapter folder (what `belle-vl finetune --out` wrote), merged into the model as it loads.",
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),
@@ -178,6 +188,7 @@ class Settings:
     allow_urls: bool = False
     max_pixels: int | None = None
     max_image_bytes: int | None = None
+    adapter: str | None = None
 
     def merged(self, **local: Any) -> Settings:
         """These settings with the options given to the command itself taking precedence (an option left out,
@@ -213,7 +224,8 @@ _GENERATION_OPTIONS: dict[str, Any] = {
     "seed": (SeedOpt, None),
 }
 _VERBOSE_OPTION: dict[str, Any] = {"verbose": (VerboseOpt, False)}
-_LOADING_OPTIONS: dict[str, Any] = {"quantize": (QuantizeOpt, None)}
+#: The model-loading options every command that loads a local model takes (besides --model, --device, --dtype).
+_LOAD_OPTIONS: dict[str, Any] = {"quantize": (QuantizeOpt, None), "adapter": (AdapterOpt, None)}
 
 
 def _with_options(*groups: dict[str, Any]) -> Callable[[F], F]:
@@ -269,7 +281,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-@_with_options(_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION, _LOADING_OPTIONS)
+@_with_options(_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION, _LOAD_OPTIONS)
 def _root(
     ctx: typer.Context,
     model: ModelOpt = None,
@@ -383,6 +395,19 @@ def _check_model(model: str | None) -> None:
         )
 
 
+def _check_adapter(adapter: str | None) -> None:
+    """Fail early (no torch import) when ``--adapter`` names no adapter folder."""
+    if adapter is None:
+        return
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        what = "no such folder" if not path.exists() else "no adapter_config.json in it"
+        _fail(
+            f"--adapter {adapter}: {what}. Name the folder `belle-vl finetune --out` wrote "
+            "(adapter_config.json, adapter_model.safetensors)."
+        )
+
+
 def _available_devices(torch: Any) -> list[str]:
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -425,6 +450,7 @@ def _model_path(settings: Settings) -> str:
 def _load_backend(settings: Settings) -> Any:
     """The local runtime for the settings' model (imports torch only now). Every failure is one CheckpointError."""
     _check_model(settings.model)
+    _check_adapter(settings.adapter)
     try:
         import torch
 
@@ -446,6 +472,7 @@ def _load_backend(settings: Settings) -> Any:
                 image_policy=settings.image_policy,
                 verbose=settings.verbose,
                 quantize=settings.quantize.value if settings.quantize is not None else None,
+                adapter=settings.adapter,
             )
         except BelleVLError:
             raise
@@ -515,6 +542,8 @@ def _model_key(settings: Settings) -> str:
     from .captions import checkpoint_key
 
     key = checkpoint_key(Path(_model_path(settings)))
+    if settings.adapter:
+        key += f" adapter={checkpoint_key(Path(settings.adapter))}"
     for name, value in settings.generation.items():
         if name != "temperature" or value != 0:  # captions are greedy unless a temperature says otherwise
             key += f" {name}={value}"
@@ -561,7 +590,7 @@ ImageArg = Annotated[
         show_default=False,
     ),
 ]
-MODEL_OPTIONS = (_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION, _LOADING_OPTIONS)
+MODEL_OPTIONS = (_GENERATION_OPTIONS, _PICTURE_OPTIONS, _VERBOSE_OPTION, _LOAD_OPTIONS)
 LanguageOpt = Annotated[Language, typer.Option(help="Language of the prompt (and so of the answer).")]
 
 
@@ -856,7 +885,7 @@ def caption(
 
 @app.command()
 @_handles_errors
-@_with_options(_LOADING_OPTIONS)
+@_with_options(_LOAD_OPTIONS)
 def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -918,6 +947,7 @@ def serve(
     except ImportError as exc:
         _fail(f"The server needs FastAPI and uvicorn ({exc}): pip install 'belle-vl-tools[serve]'.")
     dtype_name = settings.dtype.value if settings.dtype not in (None, DType.auto) else None
+    _check_adapter(settings.adapter)
     server_module.serve(
         settings.model,
         host=host,
@@ -939,6 +969,7 @@ def serve(
         compile=compile,
         max_context_tokens=max_context_tokens,
         quantize=settings.quantize.value if settings.quantize is not None else None,
+        adapter=settings.adapter,
     )
 
 
@@ -949,7 +980,7 @@ def _default_caption_cache() -> Path:
 
 @app.command("mcp")
 @_handles_errors
-@_with_options(_LOADING_OPTIONS)
+@_with_options(_LOAD_OPTIONS)
 def mcp_command(
     ctx: typer.Context,
     http: Annotated[
@@ -1008,8 +1039,8 @@ def mcp_command(
             "--api-key protects the --http transport; the key of a --remote server is --remote-api-key.",
             param_hint="--api-key",
         )
-    local = (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype))
-    for name, value in (*local, ("--quantize", settings.quantize)):
+    local_only = (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype))
+    for name, value in (*local_only, ("--quantize", settings.quantize), ("--adapter", settings.adapter)):
         if remote is not None and value is not None:
             raise typer.BadParameter(f"{name} applies to a local model, not to a --remote server.", param_hint=name)
     if remote is None and given("remote_api_key"):
@@ -1067,7 +1098,7 @@ def _is_loopback(host: str) -> bool:
 
 @app.command("ui")
 @_handles_errors
-@_with_options(_LOADING_OPTIONS)
+@_with_options(_LOAD_OPTIONS)
 def ui_command(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -1116,8 +1147,8 @@ def ui_command(
     scripts (gradio_client). Needs the `ui` extra: pip install 'belle-vl-tools[ui]'.
     """
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
-    local = (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype))
-    for name, value in (*local, ("--quantize", settings.quantize)):
+    local_only = (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype))
+    for name, value in (*local_only, ("--quantize", settings.quantize), ("--adapter", settings.adapter)):
         if remote is not None and value is not None:
             raise typer.BadParameter(f"{name} applies to a local model, not to a --remote server.", param_hint=name)
     unused = {
@@ -1168,6 +1199,7 @@ def ui_command(
 
 @eval_app.command("mme")
 @_handles_errors
+@_with_options(_LOAD_OPTIONS)
 def eval_mme(
     ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(help="The MME data folder (one folder per subtask).")] = None,
@@ -1215,6 +1247,9 @@ def eval_mme(
         _print_json(scores.as_dict())
     else:
         typer.echo(scores.table())
+
+
+app.command("finetune")(_handles_errors(finetune_command))
 
 
 def main() -> None:

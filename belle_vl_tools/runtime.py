@@ -507,6 +507,7 @@ class BelleVL(VisionTasks):
         check_weights: bool = False,
         compile: bool = False,
         quantize: str | None = None,
+        adapter: str | os.PathLike | None = None,
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
@@ -523,7 +524,8 @@ class BelleVL(VisionTasks):
         The config's sizes (and, for a local folder, its vocabulary against the tokenizer file) are checked before
         anything is built; ``check_weights=True`` also refuses weights holding NaN or infinities (it reads them all).
         Problems raise :class:`CheckpointError` naming the key or weight. ``compile=True`` decodes with static caches
-        through ``torch.compile`` (see the module's docstring); answers are the same.
+        through ``torch.compile`` (see the module's docstring); answers are the same. ``adapter`` names a LoRA
+        adapter folder (``belle-vl finetune``'s output, a standard PEFT adapter), merged into the weights as it loads.
         """
         model_kwargs.pop("trust_remote_code", None)
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
@@ -556,6 +558,10 @@ class BelleVL(VisionTasks):
                 model_kwargs["dtype"] = cpu_default
         with _quiet_loading(not verbose):
             model = QWenLMHeadModel.from_pretrained(path, **model_kwargs)
+            if adapter is not None:
+                from .finetune.adapters import apply_adapter, stored_dtype
+
+                model = apply_adapter(model, adapter, precision=stored_dtype(path))
             processor = QWenVLProcessor.from_pretrained(path)
             if quantize is not None:
                 quantize_language_model(model, quantize)

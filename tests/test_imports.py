@@ -115,13 +115,14 @@ LAYERS: list[set[str]] = [
     # 2: the processor
     {"processing_qwen_vl"},
     # 3: backends: the interface, the local runtime and its engines, the remote client
-    {"backend", "runtime", "model_card", "engine", "constrained", "backends", "backends.remote"},
+    {"backend", "runtime", "model_card", "engine", "constrained", "backends", "backends.remote", "finetune.adapters"},
     # 4: tool-call session, caption cache
     {"react", "captions"},
     # 5: agent tools
     {"tools"},
     # 6: apps: translation only
-    {"cli", "server", "mcp_server", "ui", "ray", "eval", "testing", "demo_data", "demo_heldout", "transformers_cli"},
+    {"cli", "server", "mcp_server", "ui", "ray", "eval", "testing", "demo_data", "demo_heldout", "transformers_cli",
+     "finetune"},
 ]
 #: Imports inside functions that go up on purpose, with the reason.
 ALLOWED_UPWARD = {

@@ -294,13 +294,15 @@ def serve(
     compile: bool = False,
     max_context_tokens: int | None = None,
     quantize: str | None = None,
+    adapter: str | None = None,
     **app_kwargs: Any,
 ) -> None:
     """Load ``model_path`` (default: the demo model) and serve it with uvicorn until interrupted.
 
     ``app_kwargs`` go to :func:`create_app` (``api_key``, ``allow_urls``, ``max_batch_size``, ...). Serving on a
     non-loopback address without ``api_key`` logs a warning. ``quantize="int8"`` stores the language model's
-    linear weights as int8 (see :meth:`BelleVL.from_pretrained`). ``compile=True`` loads the runtime with compiled
+    linear weights as int8 (see :meth:`BelleVL.from_pretrained`). ``adapter``: a LoRA adapter folder merged into
+    the model as it loads. ``compile=True`` loads the runtime with compiled
     decoding steps (:meth:`BelleVL.from_pretrained`); requests are then batched by the scheduler, not the engine.
     ``max_context_tokens`` lowers the longest prompt and answer below the checkpoint's window (its default).
     """
@@ -320,6 +322,7 @@ def serve(
         compile=compile,
         max_context_tokens=max_context_tokens,
         quantize=quantize,
+        adapter=adapter,
     )
     app = create_app(runtime, **app_kwargs)
     if on_ready is not None:
