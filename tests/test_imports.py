@@ -121,8 +121,19 @@ LAYERS: list[set[str]] = [
     # 5: agent tools
     {"tools"},
     # 6: apps: translation only
-    {"cli", "server", "mcp_server", "ui", "ray", "eval", "testing", "demo_data", "demo_heldout", "transformers_cli",
-     "finetune"},
+    {
+        "cli",
+        "server",
+        "mcp_server",
+        "ui",
+        "ray",
+        "eval",
+        "testing",
+        "demo_data",
+        "demo_heldout",
+        "transformers_cli",
+        "finetune",
+    },
 ]
 #: Imports inside functions that go up on purpose, with the reason.
 ALLOWED_UPWARD = {
