@@ -29,4 +29,11 @@ suite . "$@"
 suite integrations/langchain tests/unit_tests --disable-socket --allow-unix-socket
 suite integrations/langchain tests/integration_tests
 suite integrations/llama_index tests
+# The image loader under the Pillow a plain `pip install -e .` resolves to (the `ui` extra's gradio holds the test
+# environment below Pillow 13): a small torch-free venv runs the loader's suites there too.
+[ -x .venv-pillow/bin/python ] || "$python" -m venv .venv-pillow
+.venv-pillow/bin/python -m pip install -q --upgrade -e . pytest pytest-asyncio hypothesis
+echo "== image loader under $(.venv-pillow/bin/python -c 'import PIL; print("Pillow", PIL.__version__)')"
+(cd tests && "$PWD/../.venv-pillow/bin/python" -m pytest -q -p no:cacheprovider test_pillow_formats.py test_images.py) \
+    || status=1
 exit $status
