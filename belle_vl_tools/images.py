@@ -425,11 +425,15 @@ def _install_bomb_check_hook() -> None:
         if getattr(original, "_belle_vl_hook", False):
             return
 
-        def checked(size: tuple[int, int]) -> None:
+        def checked(*args: Any, **kwargs: Any) -> None:
+            # Pillow's readers call the check as check(size) and, since Pillow 13, some as
+            # check(size, error_only=True); whatever else a later Pillow passes goes on to its own function
+            # untouched, so the hook never decides which signatures exist.
+            size = args[0] if args else kwargs.get("size")
             limit = getattr(_limits, "pixels", None)
-            if limit is not None and int(size[0]) * int(size[1]) > limit:
+            if limit is not None and size is not None and int(size[0]) * int(size[1]) > limit:
                 raise _FrameTooLarge((int(size[0]), int(size[1])), limit)
-            original(size)
+            original(*args, **kwargs)
 
         checked._belle_vl_hook = True  # type: ignore[attr-defined]
         checked.__wrapped__ = original  # type: ignore[attr-defined]
@@ -1175,12 +1179,18 @@ def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[
             )
         if not stat.S_ISREG(info.st_mode):
             raise ImageNotFoundError(f"{shown} is not a regular file (a device, pipe or socket): pass an image file.")
-        if root is not None and not policy.allow_hard_links and info.st_nlink > 1:
-            raise ImageAccessDeniedError(
-                f"Refused to read {shown}: the file has {info.st_nlink} hard links, and a hard link inside the "
-                "allowed folders may name a file that lies outside them. Pass a copy of the image, or (if you "
-                "configure the tool) allow it with ImagePolicy(allow_hard_links=True)."
-            )
+        if root is not None and not policy.allow_hard_links:
+            if info.st_nlink > 1:
+                raise ImageAccessDeniedError(
+                    f"Refused to read {shown}: the file has {info.st_nlink} hard links, and a hard link inside the "
+                    "allowed folders may name a file that lies outside them. Pass a copy of the image, or (if you "
+                    "configure the tool) allow it with ImagePolicy(allow_hard_links=True)."
+                )
+            if not _still_linked_here(fd, info, resolved, root):
+                raise ImageAccessDeniedError(
+                    f"Refused to read {shown}: the file was renamed, replaced or re-linked while it was being "
+                    "opened. Pass a path to a regular file inside the allowed folders that is not being changed."
+                )
         _check_file_bytes(info.st_size, policy, label)
         chunks: list[bytes] = []
         total = 0
@@ -1198,6 +1208,35 @@ def _read_local_file(raw: str | os.PathLike[str], policy: ImagePolicy) -> tuple[
         raise ImageNotFoundError(f"Reading {shown} failed: {exc.strerror or exc}.") from exc
     finally:
         os.close(fd)
+
+
+_PROC_FD = Path("/proc/self/fd")
+
+
+def _still_linked_here(fd: int, info: os.stat_result, resolved: Path, root: Path) -> bool:
+    """Whether the name opened as ``fd`` is, after ``info`` (its ``fstat``, one link) was taken, still a live link
+    of the file, inside ``root``: then that one link was this name, so the file lies nowhere outside.
+
+    A link count alone cannot tell: a name inside the folder may be a second link of a file outside it when it is
+    opened, and be renamed over (dropping the count to one) before the count is read. On Linux the opened name
+    itself is asked (``/proc/self/fd``, whose target ends in `` (deleted)`` once that name was unlinked or renamed
+    over, even while the file lives on through another link; a name once unlinked never comes back), which closes
+    the race. Elsewhere the name is looked up again and must still be the same file, which narrows the window to
+    two renames between two system calls.
+    """
+    try:
+        target = os.readlink(_PROC_FD / str(fd))
+    except OSError:
+        target = None
+    if target is not None:
+        if target == str(resolved):
+            return True
+        return not target.endswith(" (deleted)") and _is_within(Path(target), root)
+    try:
+        again = os.stat(resolved, follow_symlinks=False)
+    except OSError:
+        return False
+    return (again.st_dev, again.st_ino) == (info.st_dev, info.st_ino) and again.st_nlink == 1
 
 
 def _check_file_bytes(size: int, policy: ImagePolicy, label: str) -> None:

