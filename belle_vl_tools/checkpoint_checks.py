@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,13 @@ __all__ = [
     "LIMITS",
     "MAX_PARAMETERS",
     "VISUAL_LIMITS",
+    "check_checkpoint_files",
     "check_checkpoint_folder",
     "check_config",
     "check_finite_weights",
+    "check_layers_match",
     "estimate_parameters",
+    "weight_names",
 ]
 
 #: Inclusive bounds of the language model's sizes: far above any published model (Belle-VL: hidden 5120, 40 layers,
@@ -230,10 +235,134 @@ def _count_ranks(vocab_file: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def check_checkpoint_folder(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Check a local checkpoint folder before loading it: its ``config.json`` with :func:`check_config`, and its
-    ``vocab_size`` against the tokenizer file (``qwen.tiktoken``): the embedding must hold a row for every token
-    the tokenizer can produce, its ranks and its special tokens.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".tiktoken", ".model", ".txt", ".py")
+_MAX_SAFETENSORS_HEADER = 256 << 20
+_DECODER_LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
+_VISUAL_LAYER = re.compile(r"^transformer\.visual\.transformer\.resblocks\.(\d+)\.")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_checkpoint_files(
+    folder: str | os.PathLike[str], allowed_folders: tuple[str | os.PathLike[str], ...] = ()
+) -> None:
+    """Every file of the checkpoint folder is a regular file that lies inside it (or inside one of
+    ``allowed_folders``, e.g. a shared weights folder its links point into), symbolic links resolved: a link to a
+    file elsewhere on the machine, or to a device such as ``/dev/zero``, is a :class:`CheckpointError` naming it."""
+    base = Path(folder).resolve()
+    roots = [base, *(Path(extra).resolve() for extra in allowed_folders)]
+    if base.parent.name == "snapshots" and base.parent.parent.name.startswith("models--"):
+        roots.append(base.parent.parent / "blobs")  # the Hub cache: a snapshot's files link to the repo's blobs
+    for entry in sorted(Path(folder).iterdir()):
+        if not entry.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        target = entry.resolve()
+        try:
+            info = target.stat()
+        except OSError as exc:
+            raise CheckpointError(f"The checkpoint's {entry.name} cannot be read ({exc.strerror}).") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(
+                f"The checkpoint's {entry.name} is not a regular file (a device, pipe, socket or folder): replace it "
+                "with the file itself."
+            )
+        if not any(_is_within(target, root) for root in roots):
+            raise CheckpointError(
+                f"The checkpoint's {entry.name} is a link to a file outside the checkpoint folder: copy the file into "
+                "the folder, or name the folder it lies in as a shared weights folder "
+                "(BelleVL.from_pretrained(..., weights_folders=[...]))."
+            )
+
+
+def _safetensors_names(file: Path) -> list[str]:
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"The checkpoint's {file.name} is too short to be a safetensors file.")
+        size = int.from_bytes(head, "little")
+        if size > _MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(f"The checkpoint's {file.name} declares a {size:,}-byte header: it is damaged.")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError as exc:
+            raise CheckpointError(f"The checkpoint's {file.name} has a damaged header ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"The checkpoint's {file.name} has a damaged header.")
+    return [name for name in header if name != "__metadata__"]
+
+
+def weight_names(folder: str | os.PathLike[str]) -> list[str] | None:
+    """The tensor names the checkpoint's weight files hold, read from their headers or index (no tensor is read);
+    ``None`` for a layout whose names cannot be listed without loading it (a single ``pytorch_model.bin``)."""
+    path = Path(folder)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text(encoding="utf-8")).get("weight_map")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(f"The checkpoint's {index} cannot be read as JSON ({exc}).") from exc
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"The checkpoint's {index} has no weight_map.")
+            return list(weight_map)
+    if (path / "model.safetensors").is_file():
+        return _safetensors_names(path / "model.safetensors")
+    return None
+
+
+def _layer_mismatch(names: list[str], pattern: re.Pattern[str], declared: int) -> str | None:
+    found = {int(m.group(1)) for m in map(pattern.match, names) if m}
+    missing = sorted(set(range(declared)) - found)
+    extra = sorted(found - set(range(declared)))
+    if not missing and not extra:
+        return None
+    parts = []
+    if missing:
+        parts.append(f"no weights for layer{'s' if len(missing) > 1 else ''} {_ranges(missing)}")
+    if extra:
+        parts.append(f"weights for undeclared layer{'s' if len(extra) > 1 else ''} {_ranges(extra)}")
+    return f"declares {declared} but its weight files hold {len(found)} ({'; '.join(parts)})"
+
+
+def _ranges(numbers: list[int]) -> str:
+    spans: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        spans.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(spans)
+
+
+def check_layers_match(config: Mapping[str, Any], folder: str | os.PathLike[str]) -> None:
+    """The weight files hold exactly the decoder and vision layers ``config.json`` declares (checked from the
+    files' headers, before anything is allocated): a model built from a config that declares more layers than
+    its file holds would allocate weights that are then never loaded."""
+    names = weight_names(folder)
+    if names is None:
+        return
+    problem = _layer_mismatch(names, _DECODER_LAYER, int(config.get("num_hidden_layers", 0)))
+    if problem:
+        raise CheckpointError(f"The checkpoint's config.json num_hidden_layers {problem}: config and weights differ.")
+    visual = config.get("visual")
+    if isinstance(visual, Mapping) and "layers" in visual:
+        problem = _layer_mismatch(names, _VISUAL_LAYER, int(visual["layers"]))
+        if problem:
+            raise CheckpointError(f"The checkpoint's config.json visual.layers {problem}: config and weights differ.")
+
+
+def check_checkpoint_folder(
+    folder: str | os.PathLike[str], weights_folders: tuple[str | os.PathLike[str], ...] = ()
+) -> dict[str, Any] | None:
+    """Check a local checkpoint folder before loading it: its files with :func:`check_checkpoint_files` (regular
+    files inside the folder or ``weights_folders``), its ``config.json`` with :func:`check_config` and against the
+    layers its weight files hold (:func:`check_layers_match`), and its ``vocab_size`` against the tokenizer file
+    (``qwen.tiktoken``): the embedding must hold a row for every token the tokenizer can produce, its ranks and its
+    special tokens.
 
     Returns the parsed ``config.json``, or ``None`` when ``folder`` is not a local folder with one (a Hub id:
     the config class checks the values when it is built). Raises :class:`CheckpointError`.
@@ -242,6 +371,7 @@ def check_checkpoint_folder(folder: str | os.PathLike[str]) -> dict[str, Any] | 
     config_file = path / "config.json"
     if not config_file.is_file():
         return None
+    check_checkpoint_files(path, weights_folders)
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -249,6 +379,7 @@ def check_checkpoint_folder(folder: str | os.PathLike[str]) -> dict[str, Any] | 
     if not isinstance(raw, dict):
         raise CheckpointError("The checkpoint's config.json must hold a JSON object.")
     check_config(raw)
+    check_layers_match(raw, path)
     vocab_file = path / "qwen.tiktoken"
     vocab_size = raw.get("vocab_size")
     if vocab_file.is_file() and isinstance(vocab_size, int):

@@ -508,6 +508,7 @@ class BelleVL(VisionTasks):
         compile: bool = False,
         quantize: str | None = None,
         adapter: str | os.PathLike | None = None,
+        weights_folders: Sequence[str | os.PathLike] = (),
         **model_kwargs: Any,
     ) -> BelleVL:
         """Load a checkpoint folder or Hub model id (published layout; no code from the checkpoint is run); with
@@ -526,6 +527,8 @@ class BelleVL(VisionTasks):
         Problems raise :class:`CheckpointError` naming the key or weight. ``compile=True`` decodes with static caches
         through ``torch.compile`` (see the module's docstring); answers are the same. ``adapter`` names a LoRA
         adapter folder (``belle-vl finetune``'s output, a standard PEFT adapter), merged into the weights as it loads.
+        The checkpoint's files must be regular files inside its folder (links resolved); ``weights_folders`` names
+        shared folders its links may point into. Its weight files must hold exactly the layers its config declares.
         """
         model_kwargs.pop("trust_remote_code", None)
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
@@ -551,7 +554,7 @@ class BelleVL(VisionTasks):
         path = str(path_or_hub_id)
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json: point at a checkpoint folder (config.json, weights).")
-        check_checkpoint_folder(path)
+        check_checkpoint_folder(path, tuple(weights_folders))
         if dtype is None and "dtype" not in model_kwargs:
             cpu_default = _cpu_default_dtype(path, model_kwargs, quantization_config)
             if cpu_default is not None:
