@@ -210,13 +210,13 @@ def test_adapter_loads_and_merged_checkpoint_answers_the_same(tiny_dir, trained,
 
     messages = [{"role": "user", "content": [{"type": "image", "image": str(pictures["red"])},
                                              {"type": "text", "text": "What color?"}]}]  # fmt: skip
-    base = BelleVL.from_pretrained(tiny_dir)
-    tuned = BelleVL.from_pretrained(tiny_dir, adapter=trained.adapter)
+    base = BelleVL.from_pretrained(tiny_dir, dtype="float32")  # exact: the CPU default may be bfloat16
+    tuned = BelleVL.from_pretrained(tiny_dir, adapter=trained.adapter, dtype="float32")
     merged_dir = merge_adapter(tiny_dir, trained.adapter, tmp_path / "merged")
     assert {"config.json", "generation_config.json", "qwen.tiktoken", "model.safetensors"} <= {
         p.name for p in merged_dir.iterdir()
     }
-    merged = BelleVL.from_pretrained(merged_dir)
+    merged = BelleVL.from_pretrained(merged_dir, dtype="float32")
     inputs = tuned.processor.collate([_loaded(tuned, messages)])
     with torch.no_grad():
         logits = {

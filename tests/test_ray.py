@@ -48,7 +48,9 @@ def test_caption_dataset_equals_the_local_runtime(local_ray, folder, tiny_dir, r
     from belle_vl_tools.ray import caption_dataset
 
     out = tmp_path / "captions.jsonl"
-    written = caption_dataset(folder, model=tiny_dir, batch_size=2, concurrency=1, max_new_tokens=TOKENS, output=out)
+    written = caption_dataset(  # float32 as the runtime fixture: the CPU default may be bfloat16
+        folder, model=tiny_dir, batch_size=2, concurrency=1, max_new_tokens=TOKENS, output=out, dtype="float32"
+    )
     assert written == str(out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == ["blue.png", "green.png", "red.png"]
@@ -64,7 +66,9 @@ def test_caption_dataset_equals_the_local_runtime(local_ray, folder, tiny_dir, r
     # a broken file is reported in its row, and Parquet output comes as a folder of shards
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     shards = tmp_path / "parquet"
-    caption_dataset(folder, model=tiny_dir, batch_size=4, max_new_tokens=TOKENS, output=shards, format="parquet")
+    caption_dataset(
+        folder, model=tiny_dir, batch_size=4, max_new_tokens=TOKENS, output=shards, format="parquet", dtype="float32"
+    )
     import pyarrow.parquet as pq
 
     table = pq.read_table(shards).to_pylist()
