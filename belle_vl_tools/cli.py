@@ -1130,6 +1130,15 @@ def mcp_command(
             show_default=False,
         ),
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="With --http: another name clients reach the server by (a DNS name, a proxy); the Host and Origin "
+            "headers must name the bind address or one of these. Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     allow_root: Annotated[
         list[Path] | None,
         typer.Option(
@@ -1173,6 +1182,8 @@ def mcp_command(
             "--api-key protects the --http transport; the key of a --remote server is --remote-api-key.",
             param_hint="--api-key",
         )
+    if not http and allowed_host:
+        raise typer.BadParameter("--allowed-host applies to the --http transport.", param_hint="--allowed-host")
     local_only = (("--model", settings.model), ("--device", settings.device), ("--dtype", settings.dtype))
     for name, value in (*local_only, ("--quantize", settings.quantize), ("--adapter", settings.adapter)):
         if remote is not None and value is not None:
@@ -1202,7 +1213,9 @@ def mcp_command(
         generation=settings.generation,
     )
     if http:
-        server.serve_http(host=host, port=port, api_key=api_key, log_level=log_level)
+        server.serve_http(
+            host=host, port=port, api_key=api_key, log_level=log_level, allowed_hosts=tuple(allowed_host or ())
+        )
     else:
         import anyio
 

@@ -161,7 +161,9 @@ class ImagePolicy:
             connection is made (every resolved address must be public).
         allowed_url_hosts: Exceptions to the private-address rule, e.g. an internal image store: host names
             (matched exactly, case-insensitively, against the URL's host) and IP addresses or networks such as
-            ``"10.20.0.0/16"`` (matched against the resolved addresses). URLs still need ``allow_urls=True``.
+            ``"10.20.0.0/16"`` (matched against the resolved addresses, so an address entry admits every name that
+            resolves into it, a redirect hop's included; list a host name instead to admit that name alone). URLs
+            still need ``allow_urls=True``.
         allowed_formats: Pillow format names that may be decoded (``None``: every format Pillow knows). Defaults
             to :data:`DEFAULT_IMAGE_FORMATS`.
         max_bytes: Largest encoded image in bytes (files, bytes, base64 after decoding, downloads).

@@ -28,10 +28,12 @@ import contextvars
 import dataclasses
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -69,6 +71,36 @@ DRAWN_MAX_SIDE = 1024
 
 #: Seconds the server waits for the host's answer to ``roots/list``.
 ROOTS_TIMEOUT = 10.0
+
+#: Seconds a client has to send a whole request body over HTTP (a slowly trickled body is cut off with a 408).
+BODY_TIMEOUT = 30.0
+
+#: Largest request body over HTTP, in bytes (a tool call carrying a picture as base64 fits well inside).
+MAX_BODY_BYTES = 64 << 20
+
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_WILDCARD_BINDS = ("", "0.0.0.0", "::")
+
+
+def allowed_http_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ``Host`` header values (``name:port`` patterns) the HTTP transport accepts when bound to ``host``: the
+    bind address itself, the loopback names when it is a loopback or wildcard address, the machine's name for a
+    wildcard bind, and ``extra`` names (a DNS name or proxy the server is reached by). A request naming any other
+    host is refused (DNS rebinding protection, on for every bind address)."""
+    names: list[str] = []
+    if host not in _WILDCARD_BINDS:
+        names.append(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    try:
+        loopback = host in _WILDCARD_BINDS or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        names.extend(_LOOPBACK_NAMES)
+    if host in _WILDCARD_BINDS:
+        names.append(socket.gethostname())
+    names.extend(extra)
+    return [f"{name}:*" for name in dict.fromkeys(names)]
+
 
 Reporter = Callable[[float, float | None, str], Awaitable[None]]
 
@@ -697,22 +729,28 @@ class VisionMCPServer:
             with contextlib.redirect_stdout(sys.stderr):
                 await self.server.run(read, write, self.server.create_initialization_options())
 
-    def streamable_http_app(self, *, api_key: str | None = None, host: str = "127.0.0.1", path: str = "/mcp") -> Any:
+    def streamable_http_app(
+        self,
+        *,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        path: str = "/mcp",
+        allowed_hosts: Sequence[str] = (),
+    ) -> Any:
         """A Starlette app serving MCP's streamable HTTP transport at ``path``; with ``api_key``, requests need
-        ``Authorization: Bearer <api_key>``. On a loopback ``host`` the Host and Origin headers must be local
-        (DNS rebinding protection)."""
+        ``Authorization: Bearer <api_key>``. The Host and Origin headers must name the bind address (and the
+        loopback names on a loopback bind) or one of ``allowed_hosts`` (DNS rebinding protection, whatever the bind
+        address: :func:`allowed_http_hosts`); a request body must arrive within :data:`BODY_TIMEOUT` seconds."""
         from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
         from mcp.server.transport_security import TransportSecuritySettings
         from starlette.applications import Starlette
         from starlette.routing import Route
 
-        security = None
-        if host in ("127.0.0.1", "localhost", "::1"):
-            security = TransportSecuritySettings(
-                enable_dns_rebinding_protection=True,
-                allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
-                allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
-            )
+        hosts = allowed_http_hosts(host, allowed_hosts)
+        origins = [f"{scheme}://{name}" for name in hosts for scheme in ("http", "https")]
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+        )
         manager = StreamableHTTPSessionManager(app=self.server, security_settings=security)
         return Starlette(
             routes=[Route(path, endpoint=_BearerGate(manager, api_key))],
@@ -726,11 +764,13 @@ class VisionMCPServer:
         port: int = 8765,
         api_key: str | None = None,
         log_level: str = "info",
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
         """Serve over streamable HTTP at ``http://host:port/mcp`` with uvicorn until interrupted."""
         import uvicorn
 
-        uvicorn.run(self.streamable_http_app(api_key=api_key, host=host), host=host, port=port, log_level=log_level)
+        app = self.streamable_http_app(api_key=api_key, host=host, allowed_hosts=allowed_hosts)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 class _BearerGate:
@@ -741,6 +781,10 @@ class _BearerGate:
         self.api_key = api_key or None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            receive = await _read_body(receive, send)
+            if receive is None:
+                return
         if self.api_key is not None and scope["type"] == "http":
             headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
             scheme, _, token = headers.get("authorization", "").partition(" ")
@@ -762,6 +806,43 @@ class _BearerGate:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.manager.handle_request(scope, receive, send)
+
+
+async def _plain_error(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Any, send: Any) -> Any:
+    """Read the whole request body within BODY_TIMEOUT seconds and MAX_BODY_BYTES; return a ``receive`` that
+    replays it (then passes on to the client's), or answer 408 / 413 and return None."""
+    chunks: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BODY_TIMEOUT
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:  # noqa: UP041 (TimeoutError is asyncio's only from Python 3.11)
+            await _plain_error(send, 408, f"The request body did not arrive within {BODY_TIMEOUT:g} seconds.")
+            return None
+        if message["type"] != "http.request":
+            return None  # the client went away
+        size += len(message.get("body", b""))
+        if size > MAX_BODY_BYTES:
+            await _plain_error(send, 413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.")
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replaying() -> Any:
+        return replay.pop() if replay else await receive()
+
+    return replaying
 
 
 # ---------------------------------------------------------------------------------------------------------------
