@@ -62,3 +62,31 @@ def test_the_bomb_hook_takes_every_argument_pillow_passes():
     keywords = {name: p.default for name, p in list(params.items())[1:] if p.default is not inspect.Parameter.empty}
     hooked((10, 10))
     hooked((10, 10), **keywords)  # Pillow 13's WebP reader passes error_only=True
+
+
+def _scan_bomb(side: int, repeats: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: small on disk, slow to decode."""
+    picture = Image.new("RGB", (side, side), RED)
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=90, progressive=True)
+    data = out.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * repeats + data[-2:]
+
+
+def test_a_jpeg_scan_bomb_is_refused_before_decoding():
+    import time
+
+    from belle_vl_tools.errors import ImageTooLargeError
+
+    bomb = _scan_bomb(1000, 2000)
+    started = time.monotonic()
+    with pytest.raises(ImageTooLargeError, match="progressive JPEG of 1000x1000 pixels in 2,0"):
+        load_image(bomb, ImagePolicy())
+    assert time.monotonic() - started < 30  # refused from the markers; decoding it takes minutes
+
+
+def test_an_ordinary_progressive_jpeg_of_many_pixels_still_loads():
+    big = io.BytesIO()
+    Image.new("RGB", (3000, 2000), RED).save(big, format="JPEG", progressive=True)
+    assert load_image(big.getvalue(), ImagePolicy()).size == (3000, 2000)
