@@ -132,7 +132,11 @@ class Page:
 
     def attach(self, *paths: Path) -> None:
         before = len(self.find("#chat-input .thumbnail-item"))
-        self.find("#chat-input input[type=file]")[0].send_keys("\n".join(str(path) for path in paths))
+        field = self.find("#chat-input input[type=file]")[0]
+        # As a file dialog does, a new choice replaces the last one: ChromeDriver would add to the files the input
+        # still holds from the last upload (Gradio leaves them there), which would upload those again.
+        self.driver.execute_script("arguments[0].value = '';", field)
+        field.send_keys("\n".join(str(path) for path in paths))
         self.wait(30).until(lambda d: len(self.find("#chat-input .thumbnail-item")) >= before + len(paths))
 
     def send(self, text: str) -> None:
@@ -197,6 +201,7 @@ def test_an_uploaded_picture_is_answered_and_stays_in_the_conversation(page: Pag
     page.send("What color is the square?")
     answer = page.next_answer(0).lower()
     assert "blue" in answer and "red" not in answer
+    assert len(page.find("#belle-vl-chat [data-testid='user'] img")) == 1  # only the picture attached this time
 
 
 def test_a_question_in_chinese(page: Page):
