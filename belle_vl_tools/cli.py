@@ -1340,7 +1340,7 @@ def ui_command(
         image_policy=policy,
         concurrency_limit=concurrency or (8 if remote is not None else 1),
         max_new_tokens=settings.max_new_tokens or 512,
-        temperature=settings.temperature if settings.temperature is not None else 0.0,
+        temperature=settings.temperature,  # None: the model's own default, as the other commands use it
     )
 
 

@@ -417,13 +417,35 @@ CSS = """
 """
 
 
+def default_temperature(backend: Backend) -> float:
+    """The temperature the page starts at: the one an answer of ``belle-vl ask`` uses when none is given, i.e. the
+    checkpoint's generation_config.json (its temperature, 1.0 unless it names one, where it samples; its top_p and
+    top_k apply as well), or 0 (greedy) where it does not sample or the backend does not say (a remote server)."""
+    config = getattr(backend, "generation_config", None)
+    if config is None or not getattr(config, "do_sample", False):
+        return 0.0
+    return float(getattr(config, "temperature", None) or 1.0)
+
+
+def _temperature_info(backend: Backend, value: float) -> str:
+    config = getattr(backend, "generation_config", None)
+    top_p = getattr(config, "top_p", None) if config is not None else None
+    if value > 0 and value == default_temperature(backend):
+        nucleus = f", with top-p {top_p:g}" if top_p not in (None, 1.0) else ""
+        return (
+            f"Starts at the model's default, as on the command line ({value:g}{nucleus}). "
+            "0 = greedy: the same answer every time."
+        )
+    return "0 = greedy: the same answer every time."
+
+
 def build_app(
     backend: Backend,
     *,
     image_policy: ImagePolicy | None = None,
     concurrency_limit: int | None = 1,
     max_new_tokens: int = 512,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     title: str = "Belle-VL",
 ) -> gr.Blocks:
     """The web chat over ``backend`` as a Gradio app (not yet launched; see :func:`launch`).
@@ -434,10 +456,14 @@ def build_app(
         concurrency_limit: Model calls run at once across all browsers and scripts; the others wait in Gradio's
             queue (1 suits a local model, which answers one at a time anyway; a server batches several).
         max_new_tokens: The side panel's initial "max new tokens".
-        temperature: The side panel's initial temperature (0: greedy).
+        temperature: The side panel's initial temperature (0: greedy); None: :func:`default_temperature`, the
+            model's own default, which ``belle-vl ask`` uses too.
         title: The page's title.
     """
     chat = WebChat(backend, image_policy)
+    if temperature is None:
+        temperature = default_temperature(backend)
+    temperature_info = _temperature_info(backend, temperature)
     model = {"concurrency_limit": concurrency_limit, "concurrency_id": "belle-vl-model"}
     private = {"api_visibility": "private"}
     with gr.Blocks(title=title, analytics_enabled=False, fill_height=True) as app:
@@ -450,7 +476,7 @@ def build_app(
                 value=temperature,
                 step=0.05,
                 label="Temperature",
-                info="0 = greedy: the same answer every time.",
+                info=temperature_info,
             )
             tokens = gr.Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1, label="Max new tokens")
             language = gr.Radio(
@@ -550,7 +576,7 @@ def launch(
     image_policy: ImagePolicy | None = None,
     concurrency_limit: int | None = 1,
     max_new_tokens: int = 512,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     block: bool = True,
     quiet: bool = False,
 ) -> gr.Blocks:

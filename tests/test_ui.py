@@ -67,7 +67,9 @@ def demo_backend():
 @pytest.fixture(scope="module")
 def url(demo_backend) -> Iterator[str]:
     port = _free_port()
-    app = ui.launch(demo_backend, host="127.0.0.1", port=port, block=False, quiet=True, concurrency_limit=2)
+    app = ui.launch(
+        demo_backend, host="127.0.0.1", port=port, block=False, quiet=True, concurrency_limit=2, temperature=0.0
+    )
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
