@@ -414,6 +414,23 @@ class WebChat:
 CSS = """
 #belle-vl-chat { flex-grow: 1; }
 #belle-vl-model { opacity: 0.8; }
+@media (max-width: 899px) { #belle-vl-title { padding-left: 1.5rem; } }  /* clear of the settings panel's arrow */
+"""
+
+#: The settings panel opens beside the page on a wide window; on a narrow one (a phone, a window of 420 px) it would
+#: cover the conversation and the buttons, so it starts closed there (its arrow opens it).
+NARROW_PX = 900
+JS = f"""
+() => {{
+  if (window.innerWidth >= {NARROW_PX}) return;
+  const close = (tries) => {{
+    const panel = document.querySelector(".sidebar.open");
+    const toggle = panel && panel.querySelector(".toggle-button");
+    if (toggle) toggle.click();
+    else if (tries > 0) setTimeout(() => close(tries - 1), 100);
+  }};
+  close(50);
+}}
 """
 
 
@@ -482,7 +499,7 @@ def build_app(
             language = gr.Radio(
                 LANGUAGE_CHOICES, value="auto", label="Language of Describe / Read text / Locate", elem_id="language"
             )
-        gr.Markdown(f"## {html.escape(title)}\nAsk about pictures in English or 中文.")
+        gr.Markdown(f"## {html.escape(title)}\nAsk about pictures in English or 中文.", elem_id="belle-vl-title")
         gr.Markdown(f"**Model:** `{chat.model_name}` · **Device:** {chat.device}", elem_id="belle-vl-model")
         chatbot = gr.Chatbot(label="Conversation", elem_id="belle-vl-chat", height=460, buttons=["copy"])
         box = gr.MultimodalTextbox(
@@ -606,6 +623,7 @@ def launch(
         prevent_thread_lock=True,
         quiet=True,
         css=CSS,
+        js=JS,
         allowed_paths=[str(app.belle_vl_chat.drawn_dir)],  # type: ignore[attr-defined]
     )
     if not quiet:
