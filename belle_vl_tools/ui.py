@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -39,7 +40,16 @@ from PIL import Image
 
 from . import prompts
 from .backend import Backend, LocateResult
-from .errors import BelleVLError, ImageError
+from .demo import DEMO_MODEL_NAME
+from .errors import (
+    BelleVLError,
+    ImageAccessDeniedError,
+    ImageDecodeError,
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+)
 from .grounding import Box, draw_boxes, parse_boxes, strip_grounding
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImagePolicy, load_image
 from .tasks import get_task
@@ -51,7 +61,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 7860
 """The port ``belle-vl ui`` listens on unless told otherwise (Gradio's usual one)."""
 
-NO_PICTURE = "Attach a picture first: upload it with the paper clip, paste it, or drop it into the message box."
+ATTACH = "attach one with the paper clip in the message box (or paste or drop it there)"
+NO_PICTURE = f"Attach a picture first: {ATTACH}."
+NO_PICTURE_FOR = {
+    "brief": f"There is no picture to describe yet: {ATTACH}, then press Describe again.",
+    "detailed": f"There is no picture to describe yet: {ATTACH}, then press Describe again.",
+    "read_text": f"There is no picture to read yet: {ATTACH}, then press Read text again.",
+    "locate": f"There is no picture to look in yet: {ATTACH}, then press Locate again.",
+}
+NO_PICTURE_DEMO = (
+    "There is no picture in this conversation yet, and this model only answers questions about pictures: "
+    f"{ATTACH}, then ask again."
+)
+TEXT_ONLY_NOTE = "(No picture in this conversation: answered as a text question.)"
+MODEL_FAILED = (
+    "The model could not answer this (an internal error, written to the server's log). Try again, or start a new chat."
+)
 LANGUAGE_CHOICES = [("Auto (from your words)", "auto"), ("English", "en"), ("中文", "zh")]
 BOX_HEADERS = ["label", "x1", "y1", "x2", "y2"]
 
@@ -74,6 +99,37 @@ def _device_label(backend: Backend) -> str:
     return "unknown"
 
 
+class _Problem(Exception):
+    """Something to tell the person in the conversation, in the page's words (no paths, no library names)."""
+
+
+def _picture_problem(exc: ImageError, name: str, policy: ImagePolicy) -> str:
+    """What was wrong with an uploaded picture and what to do, in the page's words."""
+    text = str(exc)
+    if isinstance(exc, ImageTooLargeError):
+        if "pixels" in text:
+            size = re.search(r"(\d+)x(\d+)", text)
+            shown = f": {size.group(1)} x {size.group(2)} pixels" if size else ""
+            return (
+                f"{name} is too large{shown}. This page takes pictures of up to "
+                f"{policy.max_pixels / 1e6:g} million pixels: use a smaller picture."
+            )
+        return (
+            f"{name} is too large a file. This page takes files of up to {policy.max_bytes / 2**20:g} MB: use a "
+            "smaller or more compressed picture."
+        )
+    if isinstance(exc, ImageDecodeError):
+        return (
+            f"{name} could not be read as a picture: the file is damaged, or it is not a picture. Try another "
+            "file (PNG, JPEG, WEBP, GIF, BMP or TIFF)."
+        )
+    if isinstance(exc, UnsupportedImageError):
+        return f"{name} is a kind of picture this page cannot use. Save it as PNG or JPEG and try again."
+    if isinstance(exc, ImageNotFoundError | ImageAccessDeniedError):
+        return f"{name} could not be opened here: upload it again."
+    return f"{name} cannot be used as a picture. Try another file (PNG, JPEG, WEBP, GIF, BMP or TIFF)."
+
+
 def _error(message: str) -> gr.Error:
     """An error shown in the page (a client's mistake or a failure already logged: no traceback in the log)."""
     return gr.Error(message, print_exception=False)
@@ -81,6 +137,12 @@ def _error(message: str) -> gr.Error:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _gradio_message(exc: BaseException) -> str:
+    """The text of a gr.Error (its ``message``) or of any other error."""
+    message = getattr(exc, "message", None) if isinstance(exc, gr.Error) else None
+    return " ".join(str(message).split()) if message else _one_line(exc)
 
 
 def _files(message: Any) -> list[str]:
@@ -134,20 +196,40 @@ class WebChat:
 
     # --- pictures ------------------------------------------------------------------------------------------------
     def load(self, paths: Sequence[str]) -> list[Image.Image]:
-        """The uploaded pictures, read under the upload policy; a bad one stops everything with its message (which
-        names the file as the user named it, not where the server keeps it)."""
+        """The uploaded pictures, read under the upload policy; a bad one stops everything with a Gradio error in
+        the page's words (naming the file as the user named it, not where the server keeps it)."""
+        try:
+            return self._pictures(paths)
+        except _Problem as exc:
+            raise _error(str(exc)) from None
+
+    def _pictures(self, paths: Sequence[str]) -> list[Image.Image]:
         pictures = []
         for path in paths:
             try:
                 pictures.append(load_image(Path(path), self.image_policy))
             except ImageError as exc:
-                message, name = _one_line(exc), Path(path).name
-                for where in {str(path), str(Path(path).resolve())}:
-                    message = message.replace(where, name)
-                if name not in message:
-                    message = f"{name}: {message}"
-                raise _error(message) from None
+                logger.info("upload refused: %s", _one_line(exc))
+                raise _Problem(_picture_problem(exc, Path(path).name, self.image_policy)) from None
         return pictures
+
+    @property
+    def pictures_only(self) -> bool:
+        """Whether the model answers only questions about pictures (the shipped demo model): a question without
+        one is refused politely instead of answered with an invented picture."""
+        return self.model_name == DEMO_MODEL_NAME
+
+    @staticmethod
+    def _notice(
+        shown: Shown, history: list[Message], message: str, user: Any = None, box_after: Any = None
+    ) -> Iterator[tuple[Any, ...]]:
+        """One message in the conversation that says what was wrong and what to do; nothing else changes (the
+        model's conversation is untouched). Yields the page's outputs, as the handlers do."""
+        shown_now = [*shown]
+        if user:
+            shown_now.append({"role": "user", "content": user})
+        shown_now.append({"role": "assistant", "content": f"⚠️ {message}"})
+        yield (box_after if box_after is not None else gr.skip()), shown_now, history, shown_now, gr.skip(), gr.skip()
 
     def _load_one(self, picture: Any) -> Image.Image:
         if not picture:
@@ -247,6 +329,8 @@ class WebChat:
         located_image, located_rows = gr.skip(), gr.skip()
         reply: list[Any] = [strip_grounding(answer) or answer]
         picture = self._latest_picture(new_history)
+        if picture is None:  # said in the page only: the model's conversation holds its answer as it was
+            reply[0] = f"{reply[0]}\n\n{TEXT_ONLY_NOTE}"
         boxes = parse_boxes(answer, *picture.size) if picture is not None else []
         if boxes:  # an answer that points at regions: show them drawn on the latest picture
             drawn = draw_boxes(picture, boxes)
@@ -257,26 +341,37 @@ class WebChat:
 
     @staticmethod
     def _error_message(exc: BaseException, unexpected: bool = False) -> dict[str, Any]:
-        what = f"The model failed ({type(exc).__name__})" if unexpected else "Error"
-        return {
-            "role": "assistant",
-            "content": f"⚠️ {what}: {_one_line(exc)}\n\n(This turn is not kept in the conversation.)",
-        }
+        what = MODEL_FAILED if unexpected else _one_line(exc)
+        return {"role": "assistant", "content": f"⚠️ {what}\n\n(This turn is not kept in the conversation.)"}
 
     # --- handlers of the page ------------------------------------------------------------------------------------
     def submit(
         self, message: Any, history: list[Message], shown: Shown, temperature: float, max_new_tokens: float
     ) -> Iterator[tuple[Any, ...]]:
-        """The user sent the message box: its pictures and question become a turn of the conversation."""
-        paths, text = _files(message), _text(message).strip()
-        if not text:
-            raise _error("Type a question about the picture (or press Describe / Read text / Locate).")
+        """The user sent the message box: its pictures and question become a turn of the conversation. A problem
+        (a bad upload, no question, no picture for a model that needs one) is one message in the conversation."""
+        paths, typed = _files(message), _text(message).strip()
+        names = "".join(f"📎 {Path(path).name}\n" for path in paths)
+        if not typed:
+            yield from self._notice(
+                shown,
+                history,
+                "Type a question about the picture in the message box (or press Describe, Read text or Locate).",
+            )
+            return
         try:
-            text = get_task("ask").prompt(question=text)
-        except BelleVLError as exc:
-            raise _error(_one_line(exc)) from None
-        generation = self.generation(temperature, max_new_tokens)
-        pictures = self.load(paths)
+            text = get_task("ask").prompt(question=typed)
+            generation = self.generation(temperature, max_new_tokens)
+            pictures = self._pictures(paths)
+        except _Problem as exc:  # the question stays in the box; the bad picture is taken out of it
+            yield from self._notice(shown, history, str(exc), names + typed, {"text": typed, "files": []})
+            return
+        except (BelleVLError, gr.Error) as exc:
+            yield from self._notice(shown, history, _gradio_message(exc), names + typed, {"text": typed, "files": []})
+            return
+        if not pictures and self._latest_picture(history) is None and self.pictures_only:
+            yield from self._notice(shown, history, NO_PICTURE_DEMO, typed, {"text": typed, "files": []})
+            return
         yield from self._stream_turn(history, shown, paths, pictures, text, {"text": "", "files": []}, generation)
 
     def task(
@@ -292,20 +387,25 @@ class WebChat:
         """A task button ("brief", "detailed" description or "read_text"): the core's prompt about the pictures
         attached in the message box, or about the pictures already in the conversation. Typed text stays in the box."""
         paths = _files(message)
-        generation = self.generation(temperature, max_new_tokens)
-        pictures = self.load(paths)
-        if not pictures and self._latest_picture(history) is None:
-            raise _error(NO_PICTURE)
-        lang = self._language(language, self._last_user_text(history))
+        box_after = {"text": _text(message), "files": []}
         try:
+            generation = self.generation(temperature, max_new_tokens)
+            pictures = self._pictures(paths)
+            lang = self._language(language, self._last_user_text(history))
             text = (
                 get_task("read_text").prompt(language=lang)
                 if kind == "read_text"
                 else get_task("describe").prompt(detail=kind, language=lang)
             )
-        except BelleVLError as exc:
-            raise _error(_one_line(exc)) from None
-        box_after = {"text": _text(message), "files": []}
+        except _Problem as exc:
+            yield from self._notice(shown, history, str(exc), None, box_after)
+            return
+        except (BelleVLError, gr.Error) as exc:
+            yield from self._notice(shown, history, _gradio_message(exc), None, box_after)
+            return
+        if not pictures and self._latest_picture(history) is None:
+            yield from self._notice(shown, history, NO_PICTURE_FOR[kind])
+            return
         yield from self._stream_turn(history, shown, paths, pictures, text, box_after, generation)
 
     def locate(
@@ -322,21 +422,32 @@ class WebChat:
         conversation: the picture with the boxes drawn goes to the chat and to the located panel, with the list."""
         paths = _files(message)
         if len(paths) > 1:
-            raise _error(
+            yield from self._notice(
+                shown,
+                history,
                 f"Locate looks in one picture and {len(paths)} are attached: keep one, or send them first and locate "
-                "in the latest."
+                "in the latest.",
             )
-        generation = self.generation(temperature, max_new_tokens)
-        pictures = self.load(paths)
+            return
+        phrase = phrase or ""
+        if not phrase.strip():
+            yield from self._notice(shown, history, "Type what to find next to Locate (e.g. the red circle).")
+            return
+        try:
+            generation = self.generation(temperature, max_new_tokens)
+            pictures = self._pictures(paths)
+            lang = self._language(language, phrase)
+            prompt = get_task("locate").prompt(phrase=phrase, language=lang)
+        except _Problem as exc:
+            yield from self._notice(shown, history, str(exc), None, {"text": _text(message), "files": []})
+            return
+        except (BelleVLError, gr.Error) as exc:
+            yield from self._notice(shown, history, _gradio_message(exc))
+            return
         picture = pictures[0] if pictures else self._latest_picture(history)
         if picture is None:
-            raise _error(NO_PICTURE)
-        phrase = phrase or ""
-        lang = self._language(language, phrase)
-        try:
-            prompt = get_task("locate").prompt(phrase=phrase, language=lang)
-        except BelleVLError as exc:
-            raise _error(_one_line(exc)) from None
+            yield from self._notice(shown, history, NO_PICTURE_FOR["locate"])
+            return
         shown_user = {"role": "user", "content": [{"path": path} for path in paths] + [f"Locate: {phrase.strip()}"]}
         shown_now = [*shown, shown_user, {"role": "assistant", "content": "…"}]
         yield {"text": _text(message), "files": []}, shown_now, history, shown, gr.skip(), gr.skip()
