@@ -19,8 +19,10 @@ The checkpoint is random (the first 8,192 ranks of the real Qwen vocabulary by d
 takes about the share of the work it takes in the real model; a 448 px / patch-14 vision tower, so 1024 patches
 per image, and a language model with hidden size 512; ``--help`` lists the size options), written to a temporary
 folder and loaded through the public API. Timings are medians of interleaved repeats after warm-up runs; the
-thread count is torch's default. Run it on an otherwise idle machine: with other processes on the same cores,
-torch's threads wait on each other and the timings lose their meaning.
+thread count is torch's default (``--threads`` sets it). Run it on an otherwise idle machine: with other processes
+on the same cores, torch's threads wait on each other and the timings lose their meaning. On a shared machine,
+``--threads 1 --clock cpu`` times this process's CPU time on one thread instead, which the time spent waiting for
+a core does not inflate (other processes still share the memory bandwidth).
 """
 
 from __future__ import annotations
@@ -103,10 +105,14 @@ SECOND = "Describe the colors and the shapes you can see, one by one, from left 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+#: The clock of every timing: wall-clock time, or this process's CPU time (``--clock cpu``, with one thread).
+clock: Callable[[], float] = time.perf_counter
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
+    start = clock()
     out = fn()
-    return time.perf_counter() - start, out
+    return clock() - start, out
 
 
 def median(values: list[float]) -> float:
@@ -246,9 +252,9 @@ def bench_ttft(model: Any, processor: Any, images: list[Path], repeats: int) -> 
     one = {"do_sample": False, "max_new_tokens": 1}
 
     def first_token(runtime: BelleVL, messages: list[dict[str, Any]]) -> tuple[float, str]:
-        start = time.perf_counter()
+        start = clock()
         text = runtime.chat(messages, **one).text
-        return time.perf_counter() - start, text
+        return clock() - start, text
 
     first, second, follow, ratios, follow_ratios = [], [], [], [], []
     for _ in range(repeats):
@@ -455,7 +461,8 @@ def report_decoding(runtime: BelleVL, decoding: dict, session: dict) -> None:
         f"Decoding floor: LM hidden {config.hidden_size} x {config.num_hidden_layers} layers, MLP "
         f"{config.intermediate_size}, vocab {config.vocab_size}; decoder linear layers "
         f"{decoding['bytes'] / 1e6:.0f} MB (fp32), read in {ms(floor).strip()} at batch 1 "
-        f"({decoding['bytes'] / floor / 1e9:.1f} GB/s)"
+        f"({decoding['bytes'] / floor / 1e9:.1f} GB/s); {torch.get_num_threads()} threads, "
+        f"{'CPU' if clock is time.process_time else 'wall-clock'} time"
     )
     rows = [
         (
@@ -501,7 +508,8 @@ def report(config: Any, model: Any, split: dict, overhead: dict, ttft: dict, bat
     v_flops, p_flops, step_flops = flops(config, split["prompt_len"])
     print(
         f"Belle-VL runtime benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.machine()}, float32, random weights"
+        f"{torch.get_num_threads()} threads, {platform.machine()}, float32, random weights, "
+        f"{'CPU' if clock is time.process_time else 'wall-clock'} time"
     )
     print(
         f"  LM: hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads x "
@@ -607,7 +615,23 @@ def main() -> None:
         default="all",
         help="decoding: only the decoding-floor and session rows (4, 5); runtime: only rows 1-3",
     )
+    parser.add_argument("--threads", type=int, default=0, help="torch's thread count (0: torch's default)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: time this process's CPU time (needs --threads 1), which waiting for a busy core does not inflate",
+    )
     args = parser.parse_args()
+    if args.threads < 0:
+        parser.error("--threads must be 0 (torch's default) or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            parser.error("--clock cpu needs --threads 1: with more threads, the CPU time adds up every thread's")
+        global clock
+        clock = time.process_time
     started = time.perf_counter()
     lm = {
         **LM,
