@@ -960,7 +960,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         if not tokenize:
             texts = [
                 super(QWenTokenizer, self).apply_chat_template(
-                    conv,
+                    conv,  # type: ignore[arg-type]  # transformers types messages as dict[str, str]; it reads any
                     chat_template=template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,

@@ -344,9 +344,12 @@ def _keys(kind: Any) -> frozenset[str]:
 
 def _parse_content(content: Any, index: int, role: str, images: list[tuple[int, int, str]]) -> Any:
     param = f"messages[{index}].content"
-    adapter: TypeAdapter[Any] = {"user": _MEDIA_CONTENT, "tool": _MEDIA_CONTENT, "assistant": _ASSISTANT_CONTENT}.get(
-        role, _TEXT_CONTENT
-    )
+    adapters: dict[str, TypeAdapter[Any]] = {
+        "user": _MEDIA_CONTENT,
+        "tool": _MEDIA_CONTENT,
+        "assistant": _ASSISTANT_CONTENT,
+    }
+    adapter = adapters.get(role, _TEXT_CONTENT)
     if role != "assistant" and content is None:
         raise bad_request(f"{param} is missing: give a string or a list of content parts.", param)
     try:
