@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeGuard, runtime_checkable
 
 from .grounding import Box
 from .messages import MessageInput
@@ -126,7 +126,7 @@ class Backend(Protocol):
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def is_backend(obj: Any) -> bool:
+def is_backend(obj: Any) -> TypeGuard[Backend]:
     """Whether ``obj`` is a loaded backend (a ``BelleVL``, a ``RemoteBelleVL`` or any object with ``chat`` and
     ``model_name``); a transformers model (which has the model card's ``chat`` too) is not."""
     if obj is None or isinstance(obj, str | os.PathLike):

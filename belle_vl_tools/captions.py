@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -473,7 +473,7 @@ def clean_partial_files(out: str | os.PathLike[str]) -> list[Path]:
     """Remove the partial files of ``out`` left by runs that were killed (their process is gone, or the file is
     more than a week old); files of runs still going are kept. Returns the removed paths."""
     final = Path(out)
-    removed = []
+    removed: list[Path] = []
     prefix = f".{final.name}."
     folder = final.parent if str(final.parent) else Path(".")
     if not folder.is_dir():
@@ -552,7 +552,7 @@ class ProgressBar:
             ProgressBar.active -= 1
 
     def advance(self, n: int = 1) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
 
 
@@ -636,7 +636,7 @@ def caption_images(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     poll_seconds: float = 0.5,
     **generation: Any,
-) -> Iterator[CaptionRecord]:
+) -> Generator[CaptionRecord, None, None]:
     """Yield a :class:`CaptionRecord` for each picture of ``paths``, in their order, lazily.
 
     Args:
@@ -696,9 +696,9 @@ def _caption_iter(
     generation: dict[str, Any],
     total: int | None,
     leases: tuple[float, float],
-) -> Iterator[CaptionRecord]:
+) -> Generator[CaptionRecord, None, None]:
     own_cache = cache_arg is not None and not isinstance(cache_arg, CaptionCache)
-    cache = CaptionCache(cache_arg) if own_cache else cache_arg  # type: ignore[arg-type]
+    cache = CaptionCache(cache_arg) if cache_arg is not None and not isinstance(cache_arg, CaptionCache) else cache_arg
     lease_seconds, poll_seconds = leases
     owner = _owner_id()
     callback = progress if callable(progress) else None

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -32,8 +32,11 @@ from .finetune.command import finetune_command
 from .prompts import Detail, Language
 
 if TYPE_CHECKING:
+    from rich.status import Status
+
     from .backend import ChatResult
     from .images import ImagePolicy
+    from .messages import Message
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -547,7 +550,7 @@ class _status:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self._status = None
+        self._status: Status | None = None
 
     def __enter__(self) -> _status:
         from .captions import ProgressBar
@@ -559,7 +562,7 @@ class _status:
             self._status.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self._status is not None:
             self._status.__exit__(*exc)
 
@@ -623,7 +626,7 @@ def _result_dict(result: ChatResult) -> dict[str, Any]:
     }
 
 
-def _answer(backend: Any, messages: list[dict[str, Any]], settings: Settings, **extra: Any) -> str:
+def _answer(backend: Any, messages: Sequence[Message | dict[str, Any]], settings: Settings, **extra: Any) -> str:
     """Print the answer (streamed as text, or one JSON object) and return its text."""
     generation = {**settings.generation, **extra}
     if settings.json:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import sys
 import threading
 import time
 import weakref
@@ -335,8 +336,13 @@ def _json_depth(value: Any, limit: int) -> int | None:
 def _regex_cost(pattern: str) -> tuple[float, float]:
     """(size with repetitions written out, length of the shortest match) of a regular expression, as Python reads
     it; a pattern Python cannot read is costed by its length times every ``{n}`` count in it."""
-    from re import _constants as c  # the standard library's own regex parser, for its structure only
-    from re import _parser
+    # the standard library's own regex parser, for its structure only (re._parser since Python 3.11)
+    if sys.version_info >= (3, 11):
+        from re import _constants as c
+        from re import _parser
+    else:
+        import sre_constants as c
+        import sre_parse as _parser
 
     repeats = (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT))
 
@@ -544,7 +550,7 @@ class _SchemaCheck:
     def _typed(self, node: Mapping[str, Any], kind: Any, path: str, flag: bool) -> float:
         sub = lambda child, where: self._shortest(child, where, flag=flag)  # noqa: E731
         if kind == "object":
-            properties = node.get("properties") if isinstance(node.get("properties"), Mapping) else {}
+            properties = found if isinstance(found := node.get("properties"), Mapping) else {}
             required = [r for r in node.get("required") or [] if isinstance(r, str)]
             extra = node.get("additionalProperties", True)
             total = 2.0
@@ -560,17 +566,17 @@ class _SchemaCheck:
                 total += (more - len(required)) * 8.0
             return total
         if kind == "array":
-            prefix = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else []
+            prefix = found if isinstance(found := node.get("prefixItems"), list) else []
             items = node.get("items", True)
             total = 2.0 + sum(sub(child, f"{path}/prefixItems/{i}") + 2 for i, child in enumerate(prefix))
-            least = node.get("minItems") if isinstance(node.get("minItems"), int) else 0
+            least = found if isinstance(found := node.get("minItems"), int) else 0
             item = sub(items, f"{path}/items") if isinstance(items, Mapping | bool) else 4.0
             if items is False:
                 item = _INF
             more = max(0, least - len(prefix))
             return total + (more * (item + 2) if more else 0.0)
         if kind == "string":
-            least = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
+            least = found if isinstance(found := node.get("minLength"), int) else 0
             pattern = node.get("pattern")
             shortest = _regex_cost(pattern)[1] if isinstance(pattern, str) else 0.0
             return 2.0 + max(float(least), shortest, 24.0 if "format" in node else 0.0)

@@ -167,7 +167,8 @@ def _word_box(word: str, cell: tuple[int, int], size: int) -> tuple[int, int, in
     """Where ``word`` is drawn (its top-left anchor and extent) when centered in ``cell``."""
     step = size / 3
     font = _font(_grid_font_size(size))
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), word, font=font)
+    # whole pixels from Pillow's fonts (typed as floats)
+    left, top, right, bottom = map(int, ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), word, font=font))
     cx, cy = (cell[1] + 0.5) * step, (cell[0] + 0.5) * step
     x = min(max(1, round(cx - (right - left) / 2)), size - 1 - (right - left))
     y = min(max(1, round(cy - (bottom - top) / 2)), size - 1 - (bottom - top))
@@ -284,7 +285,7 @@ def _free_scene(rng: random.Random, size: int, word: bool | None, n: int | None)
                 shapes.append(Shape(kind, color, cell, scaled))
                 break
     fonts = (*_free_fonts(), None)
-    style = {
+    style: dict[str, Any] = {
         "background": rng.choice(FREE_BACKGROUNDS),
         "canvas": (width, height),
         "font": rng.choice(fonts),
@@ -479,10 +480,10 @@ def _yes_no(scene: Scene, rng: random.Random, answer: bool, subtask: str, langua
         color = rng.choice(sorted(colors if answer else set(COLORS) - colors))
         q = f"图中有{COLORS[color][1]}的图形吗？" if zh else f"Is there anything {color} in the image?"
     elif subtask == "any_kind":
-        kinds = {s.kind for s in scene.shapes}
-        if not answer and kinds == set(SHAPES):
+        drawn = {s.kind for s in scene.shapes}
+        if not answer and drawn == set(SHAPES):
             answer = True  # every kind is drawn: no kind to ask about that is absent
-        kind = rng.choice(sorted(kinds if answer else set(SHAPES) - kinds))
+        kind = rng.choice(sorted(drawn if answer else set(SHAPES) - drawn))
         q = f"图中有{SHAPES[kind]}吗？" if zh else f"Is there {_a(kind)} {kind} in the image?"
     elif subtask == "OCR":
         if scene.word is None:
@@ -492,7 +493,7 @@ def _yes_no(scene: Scene, rng: random.Random, answer: bool, subtask: str, langua
     else:
         raise ValueError(f"unknown yes/no subtask {subtask!r}")
     reply = ("是" if answer else "否") if zh else ("Yes" if answer else "No")
-    return yes_no_prompt(q, language), reply
+    return yes_no_prompt(q, language), reply  # type: ignore[arg-type]
 
 
 #: Other wordings of the short questions (kind -> language -> templates), asked instead of the usual one with the

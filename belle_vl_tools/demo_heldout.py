@@ -598,7 +598,7 @@ def _agent_items_for(index: int, rng: random.Random) -> list[AgentItem]:
     items: list[AgentItem] = []
 
     def add(skill: str, content: list[dict[str, Any]], expected: str, check: Callable[[str], bool], **kw: Any):
-        image = next((p["image"] for p in content if p.get("type") == "image"), None)
+        image = next(p["image"] for p in content if p.get("type") == "image")  # every item shows a picture
         question = " ".join(p["text"] for p in content if p.get("type") == "text")
         items.append(AgentItem(skill, image, question, expected, check, content=content, **kw))
 
@@ -680,6 +680,7 @@ def _tool_items(scene: HeldoutScene, image: Any, rng: random.Random) -> list[Age
         ("color", "count", "describe", "locate", "read") if scene.word else ("color", "count", "describe", "locate")
     )
     unique_kinds = [s for s in scene.shapes if sum(o.kind == s.kind for o in scene.shapes) == 1]
+    tool: tuple[str, Callable[[dict[str, Any]], bool]]  # the tool expected and a check of its arguments
     if what == "color" and unique_kinds:
         s = rng.choice(unique_kinds)
         noun = "shape" if len(scene.shapes) == 1 else s.kind
@@ -693,10 +694,11 @@ def _tool_items(scene: HeldoutScene, image: Any, rng: random.Random) -> list[Age
     elif what == "locate":
         s = rng.choice(scene.shapes)
         question = f"Find the {s.color} {s.kind} in image_1 and give its bounding box."
-        tool = (
-            "locate_objects",
-            lambda a, s=s: a.get("image") == "image_1" and f"{s.color} {s.kind}" in str(a.get("description", "")),
-        )
+
+        def located(a: dict[str, Any], s: Any = s) -> bool:
+            return a.get("image") == "image_1" and f"{s.color} {s.kind}" in str(a.get("description", ""))
+
+        tool = ("locate_objects", located)
         check, expected = (lambda answer: "[" in answer), "a box"
     elif what == "read":
         question = "What does the text in image_1 say?"

@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from queue import SimpleQueue
 from typing import Any, Protocol, runtime_checkable
@@ -197,6 +197,7 @@ class EngineResult:
         logprobs = None
         if last.logprobs is not None:
             logprobs = [entry for event in events for entry in (event.logprobs or [])]
+        assert last.finish_reason is not None  # the last event ends the answer
         return cls(
             text="".join(event.delta for event in events),
             finish_reason=last.finish_reason,
@@ -219,7 +220,7 @@ class _Request:
     """One submitted request: its laid-out prompt, resolved settings and where its events go."""
 
     def __init__(
-        self, item: ChatInputs, params: SamplingParams, settings: dict[str, Any], sink: Callable[[Any], None]
+        self, item: ChatInputs, params: SamplingParams, settings: dict[str, Any], sink: Callable[[Any], object]
     ) -> None:
         self.item = item
         self.params = params
@@ -324,6 +325,7 @@ class _BatchCache:
             cache.layers = [_in_place(layer) for layer in cache.layers]
             self.cache, self.mask = cache, mask
             return
+        assert self.mask is not None  # a cache has its mask
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
@@ -332,7 +334,9 @@ class _BatchCache:
                 torch.cat([_pad_left(mine.values, width - old_len, -2), _pad_left(theirs.values, width - new_len, -2)]),
             )
         self.mask = torch.cat([_pad_left(self.mask, width - old_len, 1), _pad_left(mask, width - new_len, 1)])
-        _set_alphas(self.cache, _get_alphas(self.cache) + _get_alphas(cache))
+        mine_alphas, their_alphas = _get_alphas(self.cache), _get_alphas(cache)
+        assert mine_alphas is not None and their_alphas is not None  # QWenCache and the prefill's both carry them
+        _set_alphas(self.cache, mine_alphas + their_alphas)
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order) and drop the columns every remaining row has as padding."""
@@ -340,6 +344,7 @@ class _BatchCache:
             self.cache, self.mask = None, None
             return
         alphas = _get_alphas(self.cache)
+        assert self.mask is not None and alphas is not None  # rows to keep: a cache, its mask and its factors
         index = torch.tensor(indices, device=self.mask.device)
         self.mask = self.mask[index]
         lead = int((self.mask.cumsum(1) == 0).all(0).sum())  # columns of padding in every row
@@ -456,7 +461,7 @@ class BatchEngine:
             messages = to_content_lists(list(messages))
         return self.runtime.prepare(messages, system)
 
-    def submit(self, item: ChatInputs, params: SamplingParams, sink: Callable[[Any], None]) -> Callable[[], None]:
+    def submit(self, item: ChatInputs, params: SamplingParams, sink: Callable[[Any], object]) -> Callable[[], None]:
         """Queue a prepared request; ``sink`` receives its events (then an exception if it fails). Returns a
         function that cancels it."""
         settings = self.resolve(params)
@@ -472,7 +477,7 @@ class BatchEngine:
 
     async def stream(
         self, messages: Sequence[Any], params: SamplingParams | None = None, *, system: str | None = None
-    ) -> AsyncIterator[EngineEvent]:
+    ) -> AsyncGenerator[EngineEvent, None]:
         """Stream one answer; leaving the loop (or cancelling the task) takes the request out of the batch."""
         params = params if params is not None else SamplingParams()
         item = await asyncio.to_thread(self.prepare, messages, system)
@@ -605,6 +610,7 @@ class BatchEngine:
         device = runtime.device
         ids = torch.tensor([[row.next_token] for row in self._rows], device=device)
         batch = self._batch
+        assert batch.mask is not None  # a step runs on a batch with rows
         mask = torch.cat([batch.mask, batch.mask.new_ones(batch.rows, 1)], dim=1)
         with runtime._lock, torch.inference_mode():
             start = time.perf_counter()
@@ -711,7 +717,9 @@ def _prefill_groups(requests: list[_Request], waste: float = 0.25) -> list[list[
     return groups
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int:
     """Sample from ``logits`` / temperature restricted to the top-k, then the top-p nucleus (transformers' order)."""
     scores = logits / temperature
     if top_k and top_k < scores.shape[-1]:

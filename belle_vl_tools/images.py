@@ -48,7 +48,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -199,7 +199,7 @@ class ImagePolicy:
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
-        roots = self.allowed_roots
+        roots: Any = self.allowed_roots  # callers may give str or path-like folders: normalised here
         if roots is not None:
             if isinstance(roots, (str, os.PathLike)):
                 roots = (roots,)
@@ -244,8 +244,7 @@ class ImagePolicy:
             roots = _cwd_roots()
         elif isinstance(roots, (str, os.PathLike)):
             roots = (roots,)
-        roots = tuple(roots)
-        return cls(allowed_roots=roots, **overrides)
+        return cls(allowed_roots=tuple(Path(os.fsdecode(r)) for r in roots), **overrides)
 
     # --- helpers used by the loader ------------------------------------------------------------------------
     def _allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -580,7 +579,8 @@ def _ico_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
 
 def _tiff_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
     """The size of every page (IFD) of a TIFF file, classic or BigTIFF."""
-    order = {b"II": "little", b"MM": "big"}.get(data[:2])
+    orders: dict[bytes, Literal["little", "big"]] = {b"II": "little", b"MM": "big"}
+    order = orders.get(data[:2])
     if order is None or len(data) < 8:
         return
     magic = int.from_bytes(data[2:4], order)
@@ -890,7 +890,7 @@ def _lab_to_rgb(image: Image.Image, label: str) -> Image.Image:
     try:
         from PIL import ImageCms
 
-        return ImageCms.applyTransform(image, _lab_transform())
+        return cast(Image.Image, ImageCms.applyTransform(image, _lab_transform()))  # None only when in place
     except (ImportError, OSError, ValueError, AttributeError) as exc:
         raise UnsupportedImageError(
             f"{_cap(label)} is a CIE L*a*b* image and this Pillow cannot convert it to RGB ({exc}). "
@@ -1073,7 +1073,9 @@ def _shown_path(text: str, resolved: Path | None, policy: ImagePolicy) -> str:
         return repr(_short(text, 200))
     lexical = Path(os.path.abspath(os.path.expanduser(text)))
     for candidate in (lexical, resolved):
-        for root in roots if candidate is not None else ():
+        if candidate is None:
+            continue
+        for root in roots:
             if _is_within(candidate, root):
                 relative = os.path.relpath(candidate, root).replace(os.sep, "/")
                 return repr(_short(relative, 200))
@@ -1583,8 +1585,9 @@ class _GuardedHTTPSConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         # As http.client's, with the handshake started only once the deadline is attached to the TLS socket.
         http.client.HTTPConnection.connect(self)
-        server_hostname = self._tunnel_host or self.host
-        sock = self._context.wrap_socket(self.sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+        server_hostname = self._tunnel_host or self.host  # type: ignore[attr-defined]  # private, not in typeshed
+        context = self._context  # type: ignore[attr-defined]  # http.client's private TLS context, not in typeshed
+        sock = context.wrap_socket(self.sock, server_hostname=server_hostname, do_handshake_on_connect=False)
         sock._deadline = self._deadline
         self.sock = sock
         sock.do_handshake()

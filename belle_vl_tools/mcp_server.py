@@ -285,7 +285,7 @@ class _ServedBackend:
                 parts.append(chunk.delta)
                 if chunk.finish_reason is not None:
                     last = chunk
-        if last is None or last.usage is None:
+        if last is None or last.usage is None or last.finish_reason is None:
             raise BelleVLError("The backend's stream ended without its final chunk (finish reason and usage).")
         return ChatResult("".join(parts), last.finish_reason, last.usage, self.model_name)
 
@@ -413,7 +413,9 @@ class VisionMCPServer:
         self._model_key = model_key
         self._stores: WeakKeyDictionary[Any, ImageStore] = WeakKeyDictionary()
         # The core registry: names, descriptions and argument schemas of the vision tools.
-        self._specs = {name: tool.spec() for name, tool in make_tools(self.backend, self.policy).items()}
+        # the tools call chat and achat only, which the lazily loaded backend answers
+        tools = make_tools(self.backend, self.policy)  # type: ignore[arg-type]
+        self._specs = {name: tool.spec() for name, tool in tools.items()}
         self.server: Server = Server(name, version=__version__, instructions=self._instructions())
         self.server.list_tools()(self._list_tools)
         self.server.call_tool(validate_input=True)(self._call_tool)
@@ -585,7 +587,8 @@ class VisionMCPServer:
             except (BelleVLError, ValidationError) as exc:
                 return _error_result(display(_message(exc)))
             policy = dataclasses.replace(self.policy, allowed_roots=roots)
-            tool = BelleVLTool(name, self.backend, policy=policy, store=store, generation=self.generation)
+            backend: Any = self.backend  # a Backend for the tools: they call chat and achat only
+            tool = BelleVLTool(name, backend, policy=policy, store=store, generation=self.generation)
             result = await tool.arun(**arguments)
             return _tool_result(name, result, display)
         finally:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +82,11 @@ class QWenCacheLayer(DynamicLayer):
             return False
         if keys is None or keys.numel() == 0:
             return True
+        values = self.values
+        assert values is not None  # set together with the keys
         return all(
             t.data_ptr() == b.data_ptr() and t.stride() == b.stride() and t.shape[:2] == b.shape[:2]
-            for t, b in ((self.keys, room[0]), (self.values, room[1]))
+            for t, b in ((keys, room[0]), (values, room[1]))
         )
 
     def update(
@@ -103,9 +105,11 @@ class QWenCacheLayer(DynamicLayer):
             keys = key_states.new_empty(batch, heads, capacity, dim)
             values = value_states.new_empty(batch, heads, capacity, value_states.shape[-1])
             if past:
+                assert self.keys is not None and self.values is not None  # past tokens: the layer holds them
                 keys[..., :past, :] = self.keys
                 values[..., :past, :] = self.values
             self._room = (keys, values)
+        assert self._room is not None  # it fits, or was just made
         keys, values = self._room
         keys[..., past:total, :] = key_states
         values[..., past:total, :] = value_states
@@ -569,7 +573,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Features [B, n_queries, output_dim] of pixels [B, 3, S, S]."""
-        return self.encode(pixel_values).pooler_output
+        return cast(torch.Tensor, self.encode(pixel_values).pooler_output)  # encode always sets it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -614,7 +618,7 @@ class QWenPreTrainedModel(PreTrainedModel):
             init.normal_(module.c_proj.weight, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):  # type: ignore[override]
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
         """Load as :meth:`transformers.PreTrainedModel.from_pretrained`, with Qwen's own defaults.
 
         Without an explicit ``dtype``, the checkpoint's ``bf16`` / ``fp16`` / ``fp32`` flags choose it as the
@@ -671,7 +675,8 @@ class QWenModel(QWenPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    # transformers' base takes any module; the word embedding here is an nn.Embedding
+    def set_input_embeddings(self, value: nn.Embedding) -> None:  # type: ignore[override]
         self.wte = value
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling | tuple:
@@ -709,7 +714,9 @@ class QWenModel(QWenPreTrainedModel):
         """
         pad_id, start_id = self.config.image_pad_id, self.config.image_start_id
         if input_ids is not None:
-            return input_ids == pad_id, input_ids == start_id
+            return cast(torch.Tensor, input_ids == pad_id), cast(
+                torch.Tensor, input_ids == start_id
+            )  # torch types == as bool
         ids = torch.tensor([pad_id, start_id], device=inputs_embeds.device)
         pad, start = self.wte(ids).to(inputs_embeds.dtype)
         return (inputs_embeds == pad).all(-1), (inputs_embeds == start).all(-1)
@@ -737,7 +744,7 @@ class QWenModel(QWenPreTrainedModel):
         per_image = self.config.num_image_queries
         if positions == 0:
             if given and past == 0:
-                count = image_features if image_features is not None else pixel_values
+                count: Any = image_features if image_features is not None else pixel_values
                 count = getattr(count, "pooler_output", count)
                 raise ValueError(
                     f"{count.shape[0]} image(s) were given but the input holds no image positions (<imgpad>): write "
@@ -753,6 +760,7 @@ class QWenModel(QWenPreTrainedModel):
                 )
             return inputs_embeds  # an <imgpad> generated while decoding is an ordinary token
         if image_features is None:
+            assert pixel_values is not None  # given: one of the two
             image_features = self.get_image_features(pixel_values, return_dict=True)
         image_features = getattr(image_features, "pooler_output", image_features)
         flat = image_features.reshape(-1, image_features.shape[-1])
@@ -792,7 +800,7 @@ class QWenModel(QWenPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
@@ -938,7 +946,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         """As transformers prepares it, but a default dynamic cache is a :class:`QWenCache` (it keeps the NTK
         factor of each row); a cache passed in by the caller is used as it is."""
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        # transformers types these generation helpers' self as its GenerativePreTrainedModel
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)  # type: ignore[misc]
         for name in ("cache", "past_key_values"):
             cache = model_kwargs.get(name)
             if (
@@ -951,10 +960,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def _prepare_static_cache(self, *args: Any, **kwargs: Any) -> Cache:
         """As transformers builds it for ``cache_implementation="static"``, as a :class:`QWenStaticCache`."""
-        cache = super()._prepare_static_cache(*args, **kwargs)
+        cache = super()._prepare_static_cache(*args, **kwargs)  # type: ignore[misc]  # as above
         if type(cache) is StaticCache:
             cache.__class__ = QWenStaticCache  # same fields and tensors; adds the NTK factors' bookkeeping
-            cache.ntk_alphas = None
+            cache.ntk_alphas = None  # type: ignore[attr-defined]  # a QWenStaticCache field now
         return cache
 
     def prepare_inputs_for_generation(

@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -126,7 +126,7 @@ class QWenVLImageProcessor(BaseImageProcessor):
             image = image.convert("RGB")
         if o["do_resize"]:
             image = image.resize((o["size"]["width"], o["size"]["height"]), Image.Resampling(int(o["resample"])))
-        pixels = np.asarray(image, dtype=np.float32)
+        pixels: np.ndarray = np.asarray(image, dtype=np.float32)
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         if o["do_rescale"]:
@@ -135,7 +135,8 @@ class QWenVLImageProcessor(BaseImageProcessor):
             pixels = (pixels - np.asarray(o["image_mean"], np.float32)) / np.asarray(o["image_std"], np.float32)
         return pixels.transpose(2, 0, 1)
 
-    def __call__(self, images: Any, return_tensors: str | None = "pt", **overrides: Any) -> BatchFeature:
+    # transformers' base names its BatchFeature subclass; the image processor gives the plain one, as it always has
+    def __call__(self, images: Any, return_tensors: str | None = "pt", **overrides: Any) -> BatchFeature:  # type: ignore[override]
         return self.preprocess(images, return_tensors=return_tensors, **overrides)
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **overrides: Any) -> BatchFeature:
@@ -301,7 +302,10 @@ class QWenVLProcessor(ProcessorMixin):
 
     # --- loading and saving -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> QWenVLProcessor:
+    # transformers' base takes its own keywords (cache_dir, force_download, ...); these take them through **kwargs
+    def from_pretrained(  # type: ignore[override]
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> QWenVLProcessor:
         """Build the processor from a checkpoint folder or Hub id.
 
         A folder written by :meth:`save_pretrained` has processor_config.json and preprocessor_config.json;
@@ -321,7 +325,9 @@ class QWenVLProcessor(ProcessorMixin):
             "device_map",
         ):
             kwargs.pop(detail, None)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        hub_kwargs: dict[str, Any] = {
+            k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs
+        }
         tokenizer = kwargs.pop("tokenizer", None) or QWenTokenizer.from_pretrained(
             pretrained_model_name_or_path, **hub_kwargs
         )
@@ -346,7 +352,7 @@ class QWenVLProcessor(ProcessorMixin):
         )
         return cls(image_processor, tokenizer, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:  # type: ignore[override]
         """Write the tokenizer files, the chat template, preprocessor_config.json and processor_config.json, so
         ``AutoProcessor.from_pretrained(save_directory)`` gives an equal processor."""
         if kwargs.get("push_to_hub"):
@@ -355,7 +361,7 @@ class QWenVLProcessor(ProcessorMixin):
         folder.mkdir(parents=True, exist_ok=True)
         files = [str(p) for p in self.tokenizer.save_pretrained(folder)]
         files += [str(p) for p in self.image_processor.save_pretrained(folder)]
-        (folder / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        (folder / "chat_template.jinja").write_text(cast(str, self.chat_template), encoding="utf-8")  # one, see init
         settings = {
             "processor_class": type(self).__name__,
             "max_window_size": self.max_window_size,
@@ -399,7 +405,7 @@ class QWenVLProcessor(ProcessorMixin):
         if not isinstance(messages, list | tuple) or not messages:
             raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts.")
         window = int(max_window_size or self.max_window_size)
-        chat_template = chat_template or self.chat_template
+        chat_template = chat_template or cast(str, self.chat_template)  # __init__ always sets one template
         msgs, variables = chat_template_inputs(
             messages, chat_template, tools=tools, documents=documents, template_kwargs=template_kwargs
         )
@@ -547,7 +553,7 @@ class QWenVLProcessor(ProcessorMixin):
             if kwargs.get(name) in (None, False, True, "longest"):
                 kwargs.pop(name, None)
         batched = bool(conversation) and not isinstance(conversation[0], Mapping)
-        conversations = list(conversation) if batched else [conversation]
+        conversations = cast(list[Sequence[Mapping[str, Any]]], list(conversation) if batched else [conversation])
         items = [
             self.prepare(
                 conv,
@@ -628,7 +634,7 @@ class QWenVLProcessor(ProcessorMixin):
             rows = [self._encode_with_placeholders(t, kwargs.get("add_special_tokens", False)) for t in texts]
             tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "add_special_tokens"}
             if isinstance(text, str) and not tokenizer_kwargs.get("padding"):
-                encoded = {"input_ids": [rows[0]], "attention_mask": [[1] * len(rows[0])]}
+                encoded: dict[str, Any] = {"input_ids": [rows[0]], "attention_mask": [[1] * len(rows[0])]}
                 if return_tensors is None:
                     encoded = {key: value[0] for key, value in encoded.items()}
                 data.update(encoded)

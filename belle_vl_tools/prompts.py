@@ -107,7 +107,7 @@ _SPACES_RE = re.compile(r"\s+")
 def _check_language(language: object) -> Language:
     if language not in LANGUAGES:
         raise PromptError(f"language must be one of {', '.join(map(repr, LANGUAGES))}; got {language!r}.")
-    return language  # type: ignore[return-value]
+    return language
 
 
 def _check_text(value: object, name: str, example: str) -> str:

@@ -229,7 +229,7 @@ def _normalise_call(call: Any) -> tuple[str, str, str]:
     if isinstance(call, InvalidToolCall):
         return call.id, call.name or "", call.arguments or ""
     if isinstance(call, Mapping):
-        function = call.get("function") if isinstance(call.get("function"), Mapping) else call
+        function = found if isinstance(found := call.get("function"), Mapping) else call
         arguments = function.get("arguments", function.get("args"))
         if isinstance(function.get("name"), str) and isinstance(arguments, str) and arguments.strip():
             try:
@@ -480,7 +480,7 @@ def parse_reply(text: str, tools: Sequence[ToolSpec] | None = None) -> ParsedRep
     """
     if not isinstance(text, str):
         text = "" if text is None else str(text)
-    specs = {}
+    specs: dict[str, ToolSpec] = {}
     for tool in tools or ():
         spec = tool if isinstance(tool, ToolSpec) else ToolSpec.from_openai(tool)
         specs[spec.name] = spec
@@ -520,8 +520,7 @@ def parse_reply(text: str, tools: Sequence[ToolSpec] | None = None) -> ParsedRep
                 index += 1
                 raw = following[1]
                 invalid_name = _check_name(name, specs)
-                spec = specs.get(name)
-                arguments, problem = _parse_arguments(raw, spec)
+                arguments, problem = _parse_arguments(raw, specs.get(name))
                 if invalid_name is not None:
                     invalid.append(InvalidToolCall(name or None, raw, invalid_name))
                 elif arguments is None:

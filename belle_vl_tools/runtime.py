@@ -26,7 +26,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import SimpleQueue
@@ -380,7 +380,8 @@ def _compile_config(device: torch.device) -> Any:
 
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
-    config._compile_all_devices = True  # transformers compiles only on accelerators unless told so
+    # transformers compiles only on accelerators unless told so (a private switch it declares as None)
+    config._compile_all_devices = True  # type: ignore[assignment]
     return config
 
 
@@ -814,7 +815,7 @@ class BelleVL(VisionTasks):
 
     def stream(
         self, messages: Sequence[Message], *, system: str | None = None, **generation: Any
-    ) -> Iterator[StreamChunk]:
+    ) -> Generator[StreamChunk, None, None]:
         """Yield the answer as text deltas; the last chunk carries ``finish_reason`` and ``usage``."""
         settings = _resolve_settings(self.generation_config, generation)
         item = self.prepare(messages, system)

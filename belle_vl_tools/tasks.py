@@ -45,7 +45,7 @@ def _text(answer: str, size: tuple[int, int], arguments: Mapping[str, Any]) -> s
 
 def _boxes(answer: str, size: tuple[int, int], arguments: Mapping[str, Any]) -> list[Box]:
     width, height = size
-    return parse_boxes(answer, width, height, default_label=arguments.get("phrase"))
+    return parse_boxes(answer, width, height, default_label=arguments.get("phrase") or "")
 
 
 def _describe_prompt(detail: prompts.Detail = "brief", language: prompts.Language = "en") -> str:

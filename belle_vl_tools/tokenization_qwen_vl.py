@@ -38,7 +38,7 @@ import shutil
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import tiktoken
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
@@ -225,7 +225,7 @@ def _box_coordinate(value: Any, index: int, item: Any) -> int:
         raise PromptError(
             f"list_format item {index} {_describe(item)}: box coordinates must be numbers, got {value!r}."
         )
-    coordinate = round(value)
+    coordinate = int(round(value))
     if not 0 <= coordinate <= BOX_GRID:
         raise PromptError(
             f"list_format item {index} {_describe(item)}: box coordinate {value!r} is outside the 0-{BOX_GRID} "
@@ -426,7 +426,7 @@ def chat_template_inputs(
     tools: Sequence[Any] | None = None,
     documents: Sequence[Any] | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[Mapping[str, Any]], dict[str, Any]]:
     """What transformers' chat-template arguments mean for one conversation: the conversation to lay out and the
     variables to hand to ``chat_template``.
 
@@ -453,7 +453,7 @@ def chat_template_inputs(
             ", not a chat-template argument: give it to generation (pipeline(...)(..., generate_kwargs={"
             f"{misplaced[0]!r}: ...}}) or model.generate({misplaced[0]}=...))."
         )
-    messages = list(conversation)
+    messages: list[Mapping[str, Any]] = list(conversation)
     if tools is not None and not isinstance(tools, list | tuple):
         raise PromptError(f"tools must be a list of tool schemas (dicts) or functions, not {type(tools).__name__}.")
     schemas = []
@@ -470,7 +470,7 @@ def chat_template_inputs(
         from .react import ToolSpec, render_tool_messages  # the one ReAct rendering (a layer up, see test_imports)
 
         specs = [ToolSpec.from_openai(schema) for schema in schemas]
-        messages = render_tool_messages(messages, specs, "auto" if specs else None)
+        messages = [*render_tool_messages(messages, specs, "auto" if specs else None)]
     if documents:
         if "documents" not in variables:
             raise PromptError(
@@ -626,7 +626,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         """Check that a saved ``added_tokens_decoder`` (from tokenizer_config.json) matches the special tokens."""
         for index, token in (saved or {}).items():
             content = token.get("content") if isinstance(token, Mapping) else str(token)
-            if self.special_tokens.get(content) != int(index):
+            if (self.special_tokens.get(content) if isinstance(content, str) else None) != int(index):
                 raise CheckpointError(
                     f"tokenizer_config.json maps id {index} to {content!r}, but with this qwen.tiktoken "
                     f"({len(self.mergeable_ranks)} ranks) that id is "
@@ -723,8 +723,10 @@ class QWenTokenizer(PreTrainedTokenizer):
     def tokenize(
         self,
         text: str,
-        allowed_special: Literal["all"] | Collection[str] = "all",
-        disallowed_special: Literal["all"] | Collection[str] = (),
+        # tiktoken's arguments, as the published tokenizer takes them, where transformers' base has pair and
+        # add_special_tokens
+        allowed_special: Literal["all"] | Collection[str] = "all",  # type: ignore[override]
+        disallowed_special: Literal["all"] | Collection[str] = (),  # type: ignore[override]
         **kwargs: Any,
     ) -> list[str]:
         """Split NFC-normalised text into tokens (byte-level strings for ordinary tokens, the text of special ones).
@@ -828,7 +830,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         self,
         token_ids: int | Iterable[int],
         skip_special_tokens: bool = False,
-        errors: str | None = None,
+        errors: str | None = None,  # type: ignore[override]  # the published tokenizer's bytes-decoding errors
         **kwargs: Any,
     ) -> str:
         """Decode ids to text.
@@ -890,7 +892,7 @@ class QWenTokenizer(PreTrainedTokenizer):
             **variables,
         )
         nl = self.encode_text("\n")
-        pieces = rendered.split(IMSTART)
+        pieces = cast(str, rendered).split(IMSTART)  # tokenize=False: the text
         separator = self._plain(pieces[0], texts)
         blocks: list[ChatBlock] = []
         for piece in pieces[1:]:
@@ -953,12 +955,12 @@ class QWenTokenizer(PreTrainedTokenizer):
         batched = bool(conversation) and not isinstance(conversation[0], Mapping)
         prepared = [
             chat_template_inputs(conv, template, tools=tools, documents=documents, template_kwargs=kwargs)
-            for conv in (list(conversation) if batched else [conversation])
+            for conv in cast(list[Sequence[Mapping[str, Any]]], list(conversation) if batched else [conversation])
         ]
         if not tokenize:
             texts = [
                 super(QWenTokenizer, self).apply_chat_template(
-                    conv,
+                    conv,  # type: ignore[arg-type]  # transformers types messages as dict[str, str]; it reads any
                     chat_template=template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,

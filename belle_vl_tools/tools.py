@@ -290,7 +290,8 @@ class BelleVLTool:
         return ToolSpec(self.name, self.description, self.args_schema.model_json_schema())
 
     # --- running --------------------------------------------------------------------------------------------
-    def _arguments(self, kwargs: dict[str, Any]) -> BaseModel:
+    def _arguments(self, kwargs: dict[str, Any]) -> Any:
+        """The arguments as the tool's input model (each of them has an ``image`` field)."""
         try:
             return self.args_schema.model_validate(kwargs)
         except ValidationError as exc:

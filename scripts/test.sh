@@ -3,7 +3,7 @@
 # installs the core and both integration packages with their test extras, and runs every test suite:
 # the core's, the LangChain package's unit tests (sockets disabled, as LangChain's partner packages run them)
 # and integration tests, the LlamaIndex package's tests, and the vLLM plugin's (in .venv-vllm; SKIP_VLLM=1 skips it),
-# after ruff's lint and format checks. Arguments go to the core suite's pytest.
+# after ruff's lint and format checks and mypy's type check. Arguments go to the core suite's pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -31,7 +31,12 @@ lint() {  # the linter and formatter over the core, both integration packages, t
     .venv/bin/ruff check . || status=1
     .venv/bin/ruff format --check . || status=1
 }
+typecheck() {  # mypy over the core and both integration packages, in one run ([tool.mypy] in pyproject.toml)
+    echo "== types: mypy"
+    .venv/bin/mypy || status=1
+}
 lint
+typecheck
 suite . "$@"
 suite integrations/langchain tests/unit_tests --disable-socket --allow-unix-socket
 suite integrations/langchain tests/integration_tests

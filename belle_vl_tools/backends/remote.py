@@ -94,7 +94,7 @@ def _left(timeout: float | None) -> float | None:
     remaining = at - time.monotonic()
     if remaining <= 0:
         raise _DeadlineExceeded("deadline")
-    return min(float(timeout), remaining) if timeout is not None else remaining  # type: ignore[arg-type]
+    return min(float(timeout), remaining) if timeout is not None else remaining
 
 
 def _expired(timeout: float | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def stored_dtype(checkpoint: str | Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def apply_adapter(model: Any, adapter: str | Path, *, precision: str | None = None) -> Any:
+def apply_adapter(model: Any, adapter: str | os.PathLike[str], *, precision: str | None = None) -> Any:
     """``model`` with the LoRA ``adapter`` merged into its weights (so every runtime path, caches and compiled
     decoding included, runs it at the base's speed).
 

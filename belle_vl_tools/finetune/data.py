@@ -258,6 +258,8 @@ def load_data(
         raise FinetuneDataError(f"label_mask={label_mask!r}: use 'reference' or 'assistant'.")
     if on_bad not in ("skip", "error"):
         raise FinetuneDataError(f"on_bad={on_bad!r}: use 'skip' (report and leave the record out) or 'error'.")
+    file: Path | None
+    base: Path | None
     if isinstance(path, str | Path):
         file = Path(path)
         records = read_records(file)

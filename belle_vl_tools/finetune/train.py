@@ -143,7 +143,7 @@ class _IndexedCollator(Collator):
         super().__init__(processor)
         self.pools = {"train": list(train), "eval": list(held)}
 
-    def __call__(self, batch: Sequence[Any]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def __call__(self, batch: Sequence[Any]) -> dict[str, torch.Tensor]:
         return super().__call__([self.pools[row["split"]][row["row"]] for row in batch])
 
 
@@ -306,7 +306,7 @@ def finetune(
         modules_to_save=["wte", "lm_head"] if train_embeddings else None,
     )
     peft_model = get_peft_model(base_model, lora)
-    checkpointing = _checkpointing_name()
+    no_checkpointing: dict[str, Any] = {_checkpointing_name(): False}
     on_cpu = not torch.cuda.is_available() or (device is not None and str(device).startswith("cpu"))
     args = SFTConfig(
         output_dir=str(out),
@@ -336,7 +336,7 @@ def finetune(
         bf16=not on_cpu and qlora and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
         max_length=None,
-        **{checkpointing: False},
+        **no_checkpointing,
     )
     trainer = SFTTrainer(
         model=peft_model,

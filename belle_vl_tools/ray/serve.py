@@ -89,7 +89,8 @@ def build_app(
         ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus},
         max_ongoing_requests=max_ongoing_requests,
     )
-    return deployment.bind()
+    # ray types serve.deployment(target, **options) as the decorator form; given the class it is the Deployment
+    return deployment.bind()  # type: ignore[attr-defined]
 
 
 def app_builder(args: dict[str, str]) -> Any:

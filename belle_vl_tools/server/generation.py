@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.util
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from ..backend import Backend, ChatResult, StreamChunk, Usage
@@ -72,7 +72,9 @@ class Generator(Protocol):
     """What the routes need: answers, streams, and figures for /health and /metrics."""
 
     features: frozenset[str]
-    stats: dict[str, int]
+
+    @property
+    def stats(self) -> Mapping[str, float]: ...
 
     @property
     def waiting(self) -> int: ...
@@ -253,7 +255,7 @@ class EngineGenerator:
         self._counts = {"requests": 0, "cancelled": 0}
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """``batches``: prefill forwards (each may admit several requests), ``largest_batch``: most rows decoded
         together, ``requests``, ``cancelled``, and the engine's own counters (``steps``, ``tokens``, ...)."""
         engine = dict(self.engine.stats)

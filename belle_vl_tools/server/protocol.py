@@ -344,7 +344,12 @@ def _keys(kind: Any) -> frozenset[str]:
 
 def _parse_content(content: Any, index: int, role: str, images: list[tuple[int, int, str]]) -> Any:
     param = f"messages[{index}].content"
-    adapter = {"user": _MEDIA_CONTENT, "tool": _MEDIA_CONTENT, "assistant": _ASSISTANT_CONTENT}.get(role, _TEXT_CONTENT)
+    adapters: dict[str, TypeAdapter[Any]] = {
+        "user": _MEDIA_CONTENT,
+        "tool": _MEDIA_CONTENT,
+        "assistant": _ASSISTANT_CONTENT,
+    }
+    adapter = adapters.get(role, _TEXT_CONTENT)
     if role != "assistant" and content is None:
         raise bad_request(f"{param} is missing: give a string or a list of content parts.", param)
     try:
@@ -539,12 +544,13 @@ def parse_chat_request(
     if isinstance(choice, Mapping):
         if choice.get("type") != "function":
             raise bad_request("tool_choice must be 'auto', 'none', 'required' or a function.", "tool_choice")
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
         if name not in {tool.name for tool in tools}:
             raise bad_request(f"tool_choice names {name!r}, which is not one of the tools.", "tool_choice")
     elif choice == "required" and not tools:
         raise bad_request("tool_choice 'required' needs tools.", "tool_choice")
-    fmt = dict(req.response_format) if req.response_format is not None else None
+    fmt: dict[str, Any] | None = dict(req.response_format) if req.response_format is not None else None
     if fmt is not None and fmt.get("type") == "text":
         fmt = None
     if fmt is not None and fmt.get("type") == "json_schema":

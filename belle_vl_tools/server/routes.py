@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,6 +23,7 @@ from openai.types.chat import (
     ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageToolCallUnion,
     ChatCompletionTokenLogprob,
 )
 from openai.types.chat import chat_completion as cc
@@ -119,7 +120,7 @@ def _chat_logprobs(entries: Sequence[TokenLogprob] | None, top: int) -> cc.Choic
     )
 
 
-def _tool_calls(answer: ChoiceContent) -> list[ChatCompletionMessageFunctionToolCall] | None:
+def _tool_calls(answer: ChoiceContent) -> list[ChatCompletionMessageToolCallUnion] | None:
     if not answer.tool_calls:
         return None
     return [ChatCompletionMessageFunctionToolCall.model_validate(call) for call in answer.tool_calls]
@@ -199,7 +200,7 @@ def _error_event(error: APIError) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-async def _merged(streams: Sequence[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+async def _merged(streams: Sequence[AsyncIterator[Delta]]) -> AsyncGenerator[tuple[int, Delta], None]:
     """(choice index, delta) pairs from several streams as they come; an error in one ends all."""
     if len(streams) == 1:
         async for delta in streams[0]:
@@ -547,7 +548,7 @@ def build_router(state: ServerState) -> APIRouter:
                                     logprobs=_text_logprobs(delta.logprobs, text_request.logprobs)
                                     if delta.logprobs
                                     else None,
-                                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+                                    finish_reason=delta.finish_reason,
                                 )
                             ]
                         )

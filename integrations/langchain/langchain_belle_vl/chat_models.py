@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from belle_vl_tools.backend import ChatResult as CoreResult
 from belle_vl_tools.backend import StreamChunk, Usage
@@ -23,6 +23,7 @@ from belle_vl_tools.tools import ImageStore
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -34,6 +35,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import ToolCallChunk
 from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -79,7 +81,8 @@ def _short(value: Any, limit: int = 100) -> str:
 def _content_parts(message: BaseMessage, *, allow_images: bool) -> list[dict[str, Any]]:
     """The text and image parts of a message, read through LangChain's standard content blocks."""
     parts: list[dict[str, Any]] = []
-    for block in message.content_blocks:
+    # read as plain dicts: the union of LangChain's block types does not narrow on .get("type")
+    for block in cast(list[dict[str, Any]], message.content_blocks):
         kind = block.get("type")
         if kind == "text":
             if block.get("text"):
@@ -185,7 +188,8 @@ def _register_images(messages: Sequence[dict[str, Any]], store: ImageStore) -> N
 def _usage(usage: Usage | None) -> UsageMetadata | None:
     if usage is None:
         return None
-    return UsageMetadata(
+    # langchain-core writes the details keys as typing.NotRequired (Python 3.11), which a 3.10 check reads as required
+    return UsageMetadata(  # type: ignore[typeddict-item]
         input_tokens=usage.prompt_tokens,
         output_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
@@ -305,7 +309,7 @@ class ChatBelleVL(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider=PROVIDER,
-            ls_model_name=kwargs.get("model") if isinstance(kwargs.get("model"), str) else self.model_label,
+            ls_model_name=model if isinstance(model := kwargs.get("model"), str) else self.model_label,
             ls_model_type="chat",
         )
         temperature = kwargs.get("temperature", self.temperature)
@@ -319,7 +323,7 @@ class ChatBelleVL(BaseChatModel):
             params["ls_stop"] = list(stop)
         return params
 
-    def _resolve_model_profile(self) -> dict[str, Any]:
+    def _resolve_model_profile(self) -> ModelProfile:
         return {
             "text_inputs": True,
             "image_inputs": True,
@@ -391,6 +395,7 @@ class ChatBelleVL(BaseChatModel):
         json_schema = convert_to_json_schema(schema) if schema is not None else None
         structured = {"kwargs": {"method": method}, "schema": json_schema}
         if method == "function_calling":
+            assert schema is not None  # refused above
             tool = convert_to_openai_tool(schema)
             name = tool["function"]["name"]
             llm = self.bind_tools([tool], tool_choice="required", ls_structured_output_format=structured)
@@ -546,16 +551,22 @@ class _ChunkConverter:
                 out.append(ChatGenerationChunk(message=AIMessageChunk(content=text)))
             return out
         parsed = None
-        chunks: list[dict[str, Any]] = []
+        # ToolCallChunk's "type" is typing.NotRequired (Python 3.11), which a 3.10 check reads as required
+        chunks: list[ToolCallChunk] = []
         if self.parser is not None:
             rest, parsed = self.parser.finish()
             text += rest
             chunks = [
-                {"name": c.name, "args": json.dumps(c.arguments, ensure_ascii=False), "id": c.id, "index": i}
+                {  # type: ignore[typeddict-item]
+                    "name": c.name,
+                    "args": json.dumps(c.arguments, ensure_ascii=False),
+                    "id": c.id,
+                    "index": i,
+                }
                 for i, c in enumerate(parsed.tool_calls)
             ]
             chunks += [
-                {"name": c.name, "args": c.arguments or "", "id": c.id, "index": len(chunks) + i}
+                {"name": c.name, "args": c.arguments or "", "id": c.id, "index": len(chunks) + i}  # type: ignore[typeddict-item]
                 for i, c in enumerate(parsed.invalid_tool_calls)
             ]
         last = AIMessageChunk(
@@ -575,7 +586,7 @@ def _from_chunks(chunks: list[ChatGenerationChunk]) -> ChatResult:
     merged = chunks[0]
     for chunk in chunks[1:]:
         merged += chunk
-    message = merged.message
+    message = cast(AIMessageChunk, merged.message)  # the chunks are AIMessageChunk
     return ChatResult(
         generations=[
             ChatGeneration(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from belle_vl_tools.backend import load_backend
 from belle_vl_tools.tools import (
@@ -71,7 +71,7 @@ class _BelleVLBaseTool(BaseTool):
     generation: dict[str, Any] | None = None
     """Generation settings (default: greedy, 512 new tokens at most)."""
 
-    response_format: str = "content_and_artifact"
+    response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
     handle_tool_error: bool | str | Any = True
     handle_validation_error: bool | str | Any = Field(default_factory=lambda: _validation_message)
 

@@ -16,7 +16,7 @@ import binascii
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import IOBase
 from pathlib import Path
@@ -155,9 +155,9 @@ def to_core_messages(messages: Sequence[ChatMessage], policy: ImagePolicy) -> li
             if not core["content"] and isinstance(thought, str):
                 core["content"] = thought  # the protocol writes it as the call's Thought
         if role == "tool":
-            call_id = message.additional_kwargs.get("tool_call_id")
-            core["tool_call_id"] = call_id
-            core["name"] = message.additional_kwargs.get("name") or tool_names.get(str(call_id), "")
+            answered = message.additional_kwargs.get("tool_call_id")
+            core["tool_call_id"] = answered
+            core["name"] = message.additional_kwargs.get("name") or tool_names.get(str(answered), "")
         if role == "system" and out and out[-1]["role"] == "system":
             previous = out[-1]["content"]
             out[-1]["content"] = "\n".join(t for t in (previous, core["content"]) if t)
@@ -339,7 +339,7 @@ class BelleVL(FunctionCallingLLM):
         request = self._request(messages, kwargs)
         chunks = self._backend.stream(request.messages, **request.generation)
 
-        def responses() -> Iterator[ChatResponse]:
+        def responses() -> ChatResponseGen:
             translate = _StreamTranslator(self, request)
             for chunk in chunks:
                 yield from translate.push(chunk)
@@ -356,7 +356,7 @@ class BelleVL(FunctionCallingLLM):
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         request = await asyncio.to_thread(self._request, messages, kwargs)
 
-        async def responses() -> AsyncIterator[ChatResponse]:
+        async def responses() -> ChatResponseAsyncGen:
             translate = _StreamTranslator(self, request)
             async for chunk in self._backend.astream(request.messages, **request.generation):
                 for response in translate.push(chunk):
@@ -385,7 +385,7 @@ class BelleVL(FunctionCallingLLM):
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         chunks = self._backend.stream(self._completion_messages(prompt), **self._generation(kwargs))
 
-        def responses() -> Iterator[CompletionResponse]:
+        def responses() -> CompletionResponseGen:
             text = ""
             for chunk in chunks:
                 text += chunk.delta
@@ -406,7 +406,7 @@ class BelleVL(FunctionCallingLLM):
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         chunks = self._backend.astream(self._completion_messages(prompt), **self._generation(kwargs))
 
-        async def responses() -> AsyncIterator[CompletionResponse]:
+        async def responses() -> CompletionResponseAsyncGen:
             text = ""
             async for chunk in chunks:
                 text += chunk.delta

@@ -109,7 +109,8 @@ class BelleVLToolSpec(BaseToolSpec):
         for spec in spec_functions or self.spec_functions:
             sync_name, async_name = (spec, None) if isinstance(spec, str) else spec
             metadata = mapping.get(sync_name) or self.get_metadata_from_fn_name(sync_name)
-            callback = _error_output(metadata.get_name())
+            # no metadata: FunctionTool names the tool after the method
+            callback = _error_output(metadata.get_name() if metadata is not None else sync_name)
 
             async def async_callback(raw_output: Any, callback: Any = callback) -> ToolOutput | None:
                 return callback(raw_output)
