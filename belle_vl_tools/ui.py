@@ -694,6 +694,15 @@ def build_app(
     return app
 
 
+def _login_everywhere() -> dict[str, Any]:
+    """FastAPI settings that put the routes Gradio's ``auth=`` leaves open behind the login (see ``ui_login``)."""
+    from starlette.middleware import Middleware
+
+    from .ui_login import LoginRequired
+
+    return {"openapi_url": None, "middleware": [Middleware(LoginRequired)]}
+
+
 def launch(
     backend: Backend,
     *,
@@ -710,9 +719,10 @@ def launch(
 ) -> gr.Blocks:
     """Build the web chat and serve it at ``http://host:port`` (Gradio's queue serves several browsers at once).
 
-    ``share`` asks Gradio for a public link; ``auth`` (user, password) puts a login in front of the page and the
-    API. Uploads larger than the policy's ``max_bytes`` are refused by Gradio before they are stored. With
-    ``block=False`` the call returns once the server runs (close it with ``app.close()``).
+    ``share`` asks Gradio for a public link; ``auth`` (user, password) puts a login in front of the page, the
+    API and every other route of Gradio's that logging in does not need. Uploads larger than the policy's
+    ``max_bytes`` are refused by Gradio before they are stored. With ``block=False`` the call returns once the
+    server runs (close it with ``app.close()``).
     """
     policy = image_policy or upload_policy()
     app = build_app(
@@ -736,6 +746,7 @@ def launch(
         css=CSS,
         js=JS,
         allowed_paths=[str(app.belle_vl_chat.drawn_dir)],  # type: ignore[attr-defined]
+        app_kwargs=_login_everywhere() if auth else None,
     )
     if not quiet:
         print(f"Belle-VL web chat ({app.belle_vl_chat.model_name}) at {app.local_url}", flush=True)  # type: ignore[attr-defined]

@@ -96,7 +96,8 @@ def test_absurd_values_raise_checkpoint_error_naming_the_key(key, value, named):
         check_config(config)
     with pytest.raises(CheckpointError):
         QWenConfig(**config)
-    assert time.monotonic() - start < 1
+    # Milliseconds normally; the (generous, shared-machine) bound catches work that grows with the absurd value.
+    assert time.monotonic() - start < 10
 
 
 def test_every_size_is_bounded():
@@ -113,6 +114,18 @@ def test_huge_combinations_are_refused_by_the_parameter_count():
     assert estimate_parameters(config) > MAX_PARAMETERS
     with pytest.raises(CheckpointError, match="parameters"):
         check_config(config)
+
+
+@pytest.fixture()
+def nothing_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a decoder layer or the vision tower fails the test: a refusal must come before any allocation."""
+    from belle_vl_tools import modeling_qwen_vl
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was being built before the config was refused")
+
+    monkeypatch.setattr(modeling_qwen_vl.QWenBlock, "__init__", built)
+    monkeypatch.setattr(modeling_qwen_vl.VisionTransformer, "__init__", built)
 
 
 @pytest.fixture()
@@ -140,24 +153,20 @@ def _edit_config(folder: Path, **changes) -> None:
         ({"vocab_size": 900}, "vocab_size=900"),  # the demo tokenizer produces more ids than that
     ],
 )
-def test_loading_an_absurd_checkpoint_fails_fast(demo_copy, changes, named):
+def test_loading_an_absurd_checkpoint_fails_fast(demo_copy, nothing_built, changes, named):
     from belle_vl_tools import BelleVL
 
     _edit_config(demo_copy, **changes)
-    start = time.monotonic()
     with pytest.raises(CheckpointError, match=named):
         BelleVL.from_pretrained(demo_copy)
-    assert time.monotonic() - start < 1
 
 
-def test_the_model_class_checks_the_config_too(demo_copy):
+def test_the_model_class_checks_the_config_too(demo_copy, nothing_built):
     from belle_vl_tools.modeling_qwen_vl import QWenLMHeadModel
 
     _edit_config(demo_copy, num_hidden_layers=1_000_000)
-    start = time.monotonic()
     with pytest.raises(CheckpointError, match="num_hidden_layers=1,000,000"):
         QWenLMHeadModel.from_pretrained(demo_copy)
-    assert time.monotonic() - start < 1
 
 
 def test_unreadable_config_json(tmp_path):

@@ -556,10 +556,22 @@ def test_local_files_can_be_disabled(png_path, png_bytes):
 def test_special_files_are_refused(tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    start = time.monotonic()
-    with pytest.raises(ImageNotFoundError, match="regular file"):
-        load_image(fifo)
-    assert time.monotonic() - start < 2  # did not block waiting for a writer
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_image(fifo)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # opening the pipe to read would wait for a writer forever
+    if reader.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY))  # free the blocked reader before failing
+        pytest.fail("load_image blocked on a named pipe, waiting for a writer")
+    assert len(outcome) == 1 and isinstance(outcome[0], ImageNotFoundError), outcome
+    assert "regular file" in str(outcome[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -892,10 +904,14 @@ def test_download_limits(server):
     with pytest.raises(ImageTooLargeError, match="50,000,000 bytes"):
         load_image(f"{server}/declared-big", policy)
     _Handler.streamed.clear()
-    start = time.monotonic()
     with pytest.raises(ImageTooLargeError, match=r"stopped after 100,001 bytes"):
         load_image(f"{server}/endless", policy)
-    assert time.monotonic() - start < 5
+    deadline = time.monotonic() + 30  # the server notices the closed connection on its next write
+    while not _Handler.streamed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Counted in bytes, not seconds: the server could send 64 MiB, the closed connection stopped it far short
+    # (what it sent is the 100,001 bytes read plus what the socket buffers held).
+    assert _Handler.streamed and _Handler.streamed[0] < 16 * 2**20, _Handler.streamed
 
 
 def test_download_timeout(monkeypatch):
@@ -905,9 +921,9 @@ def test_download_timeout(monkeypatch):
     try:
         policy = ImagePolicy.trusted(allow_urls=True, allow_private_urls=True, url_timeout=0.3)
         start = time.monotonic()
-        with pytest.raises(ImageFetchError, match="timed out"):
+        with pytest.raises(ImageFetchError, match="timed out"):  # the read timeout's message, not the deadline's
             load_image(f"http://127.0.0.1:{listener.getsockname()[1]}/x.png", policy)
-        assert time.monotonic() - start < 3
+        assert time.monotonic() - start < 0.3 * 10  # 10x margin for a busy machine; the peer never answers
     finally:
         listener.close()
 
@@ -1061,11 +1077,13 @@ def test_fuzz_mutated_files(recwarn):
             load_image(data)
             pytest.fail(f"{name} loaded")
     start = time.monotonic()
-    report = fuzz_images.fuzz(3000, seed=20240611, time_limit=2.0, corpus=corpus)
+    # Each input loads in milliseconds; one that hangs the decoder takes minutes. The limits leave a busy shared
+    # machine a wide margin (10 s for one input, 300 s for all) and still catch a hang.
+    report = fuzz_images.fuzz(3000, seed=20240611, time_limit=10.0, corpus=corpus)
     assert report.count == 3000 and sum(report.outcomes.values()) == 3000
     assert not report.bugs, report.summary()
     assert not report.too_slow, report.summary()
-    assert report.slowest is not None and report.slowest.seconds < 2.0
+    assert report.slowest is not None and report.slowest.seconds < 10.0
     assert set(report.by_format) == formats
     assert report.outcomes["loaded"] > 0 and report.outcomes["ImageDecodeError"] > 0  # both paths exercised
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 300

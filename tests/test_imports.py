@@ -126,6 +126,7 @@ LAYERS: list[set[str]] = [
         "server",
         "mcp_server",
         "ui",
+        "ui_login",
         "ray",
         "eval",
         "testing",
