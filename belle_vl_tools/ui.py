@@ -39,7 +39,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from . import prompts
-from .backend import Backend, LocateResult
+from .backend import Backend, LocateResult, VisionTasks
 from .demo import DEMO_MODEL_NAME
 from .errors import (
     BelleVLError,
@@ -187,7 +187,13 @@ class WebChat:
     def __init__(
         self, backend: Backend, image_policy: ImagePolicy | None = None, drawn_dir: str | Path | None = None
     ) -> None:
+        if not isinstance(backend, VisionTasks):
+            raise TypeError(
+                f"The web chat needs a backend with describe, ask, read_text and locate (a BelleVL, a RemoteBelleVL "
+                f"or a subclass of belle_vl_tools.backend.VisionTasks); got {type(backend).__name__}."
+            )
         self.backend = backend
+        self.tasks: VisionTasks = backend  # the same object, typed for its describe/ask/read_text/locate
         self.image_policy = image_policy or upload_policy()
         self.drawn_dir = Path(drawn_dir) if drawn_dir is not None else Path(tempfile.mkdtemp(prefix="belle-vl-ui-"))
         self.drawn_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +261,7 @@ class WebChat:
     @staticmethod
     def _language(choice: str, text: str) -> prompts.Language:
         if choice in prompts.LANGUAGES:
-            return choice  # type: ignore[return-value]
+            return choice
         if choice != "auto":
             raise _error(f"language must be auto, en or zh; got {choice!r}.")
         return prompts.detect_language(text) if text.strip() else "en"
@@ -452,7 +458,7 @@ class WebChat:
         shown_now = [*shown, shown_user, {"role": "assistant", "content": "…"}]
         yield {"text": _text(message), "files": []}, shown_now, history, shown, gr.skip(), gr.skip()
         try:
-            result: LocateResult = self.backend.locate(picture, phrase, language=lang, **generation)
+            result: LocateResult = self.tasks.locate(picture, phrase, language=lang, **generation)
         except BelleVLError as exc:
             shown_now[-1] = self._error_message(exc)
             yield gr.skip(), shown_now, history, shown_now, gr.skip(), gr.skip()
@@ -491,14 +497,14 @@ class WebChat:
         """The answer to a question about a picture."""
         image = self._load_one(picture)
         generation = self.generation(temperature, max_new_tokens)
-        return self._call("ask", self.backend.ask, image, question or "", **generation).text  # type: ignore[attr-defined]
+        return self._call("ask", self.tasks.ask, image, question or "", **generation).text
 
     def api_describe(self, picture: Any, detail: str, language: str, temperature: float, max_new_tokens: float) -> str:
         """A brief or detailed description of a picture."""
         image = self._load_one(picture)
         generation = self.generation(temperature, max_new_tokens)
         lang = self._language(language, "")
-        describe = self.backend.describe  # type: ignore[attr-defined]
+        describe = self.tasks.describe
         return self._call("describe", describe, image, detail=detail, language=lang, **generation).text
 
     def api_read_text(self, picture: Any, language: str, temperature: float, max_new_tokens: float) -> str:
@@ -506,7 +512,7 @@ class WebChat:
         image = self._load_one(picture)
         generation = self.generation(temperature, max_new_tokens)
         lang = self._language(language, "")
-        read_text = self.backend.read_text  # type: ignore[attr-defined]
+        read_text = self.tasks.read_text
         return self._call("read_text", read_text, image, language=lang, **generation).text
 
     def api_locate(
@@ -516,7 +522,7 @@ class WebChat:
         image = self._load_one(picture)
         generation = self.generation(temperature, max_new_tokens)
         lang = self._language(language, phrase or "")
-        locate = self.backend.locate  # type: ignore[attr-defined]
+        locate = self.tasks.locate
         result: LocateResult = self._call("locate", locate, image, phrase or "", language=lang, **generation)
         boxes = [dataclasses.asdict(box) | {"grid": list(box.grid)} for box in result.boxes]
         return boxes, draw_boxes(result.image if result.image is not None else image, result.boxes)
@@ -598,7 +604,7 @@ def build_app(
         history = gr.State([])  # the conversation as the model sees it (pictures as pictures)
         shown = gr.State([])  # the conversation as the page shows it
         with gr.Sidebar(label="Settings", open=True):
-            temperature = gr.Slider(
+            temperature_slider = gr.Slider(
                 0.0,
                 max(2.0, temperature),
                 value=temperature,
@@ -639,7 +645,7 @@ def build_app(
                 headers=BOX_HEADERS, label="Boxes (pixels)", interactive=False, elem_id="located-boxes"
             )
 
-        settings = [temperature, tokens]
+        settings = [temperature_slider, tokens]
         outputs = [box, chatbot, history, shown, located, located_boxes]
         box.submit(chat.submit, [box, history, shown, *settings], outputs, api_name="chat_ask", **private, **model)
         for button, kind in ((brief, "brief"), (detailed, "detailed"), (read, "read_text")):
@@ -690,7 +696,7 @@ def build_app(
             api_name="locate",
             **model,
         )
-    app.belle_vl_chat = chat  # type: ignore[attr-defined]
+    app.belle_vl_chat = chat
     return app
 
 

@@ -562,3 +562,14 @@ def test_the_command_refuses_bad_flags(launched: dict[str, Any], arguments: list
     assert result.exit_code == 2
     assert message in " ".join(result.output.replace("│", " ").split())
     assert not launched
+
+
+def test_a_backend_without_the_vision_tasks_is_refused_when_the_page_is_built():
+    class ChatOnly:
+        model_name = "chat-only"
+
+        def chat(self, messages, **generation):
+            return ChatResult("hi")
+
+    with pytest.raises(TypeError, match="describe, ask, read_text and locate.*got ChatOnly"):
+        ui.WebChat(ChatOnly(), ImagePolicy.trusted())
