@@ -743,7 +743,8 @@ class VisionMCPServer:
         """A Starlette app serving MCP's streamable HTTP transport at ``path``; with ``api_key``, requests need
         ``Authorization: Bearer <api_key>``. The Host and Origin headers must name the bind address (and the
         loopback names on a loopback bind) or one of ``allowed_hosts`` (DNS rebinding protection, whatever the bind
-        address: :func:`allowed_http_hosts`); a request body must arrive within :data:`BODY_TIMEOUT` seconds."""
+        address: :func:`allowed_http_hosts`); a request body must arrive within :data:`BODY_TIMEOUT` seconds and be at
+        most :data:`MAX_BODY_BYTES`."""
         from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
         from mcp.server.transport_security import TransportSecuritySettings
         from starlette.applications import Starlette
@@ -754,7 +755,9 @@ class VisionMCPServer:
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
         )
-        manager = StreamableHTTPSessionManager(app=self.server, security_settings=security)
+        manager = StreamableHTTPSessionManager(
+            app=self.server, security_settings=security, max_request_body_size=MAX_BODY_BYTES
+        )
         return Starlette(
             routes=[Route(path, endpoint=_BearerGate(manager, api_key))],
             lifespan=lambda app: manager.run(),

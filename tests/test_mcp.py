@@ -540,6 +540,30 @@ def test_an_empty_roots_list_means_the_operators_folders(root: Path, outside: Pa
     anyio.run(run)
 
 
+def test_error_results_carry_our_message_and_the_handshake_our_version(root: Path, tmp_path: Path) -> None:
+    """What keeps the server on the SDK's low-level server (docs/mcp.md): an error result, on tools that declare an
+    output schema too, is our message as written (no wrapper prefix, no validation dump in its place), and the
+    handshake names this package's version, not the SDK's."""
+    from belle_vl_tools import __version__
+
+    (tmp_path / "empty").mkdir()
+    server = VisionMCPServer(_OneAnswer(), allowed_roots=[root, tmp_path])
+
+    async def run() -> None:
+        async with create_connected_server_and_client_session(server.server) as session:
+            handshake = await session.initialize()  # again, to read what the server answers to it
+            assert handshake.serverInfo.name == "belle-vl" and handshake.serverInfo.version == __version__
+            tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+            assert tools["visual_qa"].outputSchema is not None and tools["caption_folder"].outputSchema is not None
+            refused = await session.call_tool("visual_qa", {"image": "/etc/hostname", "question": "?"})
+            assert refused.isError and refused.structuredContent is None
+            assert _text(refused).startswith("Error: Refused to read '/etc/hostname'"), _text(refused)
+            empty = await session.call_tool("caption_folder", {"folder": str(tmp_path / "empty")})
+            assert empty.isError and _text(empty).startswith("Error: No pictures in 'empty'"), _text(empty)
+
+    anyio.run(run)
+
+
 def test_roots_intersection(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     assert _intersect([tmp_path], [a]) == (a,)

@@ -84,3 +84,23 @@ def test_a_whole_body_is_replayed_to_the_transport():
         return await replay()
 
     assert asyncio.run(run()) == {"type": "http.request", "body": b"abc", "more_body": False}
+
+
+def test_a_body_over_the_sdk_default_but_within_our_limit_is_served(tmp_path):
+    """The transport's own body limit (the SDK's 4 MiB default) is raised to MAX_BODY_BYTES, so a tool call
+    carrying a picture of a few MiB as base64 is served, not refused with 413."""
+    padded = {**INITIALIZE, "params": {**INITIALIZE["params"], "padding": "x" * (5 << 20)}}
+    app = VisionMCPServer(ScriptedBackend("x"), allowed_roots=[tmp_path]).streamable_http_app()
+    with TestClient(app) as client:
+        headers = {**HEADERS, "host": "127.0.0.1:8765"}
+        assert client.post("/mcp", content=json.dumps(padded), headers=headers).status_code == 200
+
+
+def test_a_body_over_our_limit_is_refused_with_413(tmp_path, monkeypatch):
+    monkeypatch.setattr(mcp_server, "MAX_BODY_BYTES", 1 << 20)
+    padded = {**INITIALIZE, "params": {**INITIALIZE["params"], "padding": "x" * (2 << 20)}}
+    app = VisionMCPServer(ScriptedBackend("x"), allowed_roots=[tmp_path]).streamable_http_app()
+    with TestClient(app) as client:
+        headers = {**HEADERS, "host": "127.0.0.1:8765"}
+        response = client.post("/mcp", content=json.dumps(padded), headers=headers)
+    assert response.status_code == 413 and "over 1 MiB" in response.text
