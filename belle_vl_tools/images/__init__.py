@@ -27,8 +27,8 @@ local files), ``fetch`` (:func:`check_url`, :func:`fetch_url`: the SSRF-guarded 
 
 from __future__ import annotations
 
-# The names below ``__all__`` are re-exported too (the error classes, the other defaults, and the path check the
-# runtime uses), so that everything this package's single module used to offer is still found here.
+# Names outside ``__all__`` (the error classes, the other limits, the path check the runtime uses) are re-exported
+# too: everything the former single module offered is still found here.
 from ..errors import ImageAccessDeniedError as ImageAccessDeniedError
 from ..errors import ImageDecodeError as ImageDecodeError
 from ..errors import ImageError as ImageError

@@ -74,7 +74,7 @@ def _check_pillow_limit(size: tuple[int, int], label: str) -> None:
 # the process), so the policy's limit is applied per thread instead: while a load runs, Pillow's check function
 # first refuses, as an error, any size over the limit of the policy this thread is loading under; other threads
 # and other code see Pillow's own behaviour. Frame, page and icon sizes of containers are also read from their
-# headers by the small walkers below before anything is decoded.
+# headers by the small walkers of ``formats`` before anything is decoded.
 
 _limits = threading.local()
 _hook_lock = threading.Lock()
