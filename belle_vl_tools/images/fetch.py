@@ -12,7 +12,6 @@ import re
 import socket
 import ssl
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..deadline import Deadline, DeadlineExceeded
 from ..errors import ImageAccessDeniedError, ImageError, ImageFetchError, ImageTooLargeError
 from .decode import _check_bytes, _decode_bytes
 from .policy import ImagePolicy, _normalise_host
@@ -102,7 +102,7 @@ _resolver_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _resolver_lock = threading.Lock()
 
 
-def _getaddrinfo(host: str, port: int, deadline: _Deadline | None) -> list[tuple[Any, ...]]:
+def _getaddrinfo(host: str, port: int, deadline: Deadline | None) -> list[tuple[Any, ...]]:
     """``socket.getaddrinfo``; with a ``deadline``, the caller waits no longer than it (the system resolver cannot
     be interrupted, so the lookup finishes in a small shared pool of threads while the caller gives up)."""
     if deadline is None or _literal_address(host) is not None:
@@ -116,16 +116,16 @@ def _getaddrinfo(host: str, port: int, deadline: _Deadline | None) -> list[tuple
         return future.result(timeout=deadline.timeout())
     except concurrent.futures.TimeoutError:
         future.cancel()
-        raise _DeadlineExceeded(f"resolving {host!r} took too long") from None
+        raise DeadlineExceeded(f"resolving {host!r} took too long") from None
 
 
 def _resolve_checked(
-    host: str, port: int, policy: ImagePolicy, deadline: _Deadline | None = None
+    host: str, port: int, policy: ImagePolicy, deadline: Deadline | None = None
 ) -> list[tuple[Any, ...]]:
     """Resolve ``host`` and check every address against the policy; the addresses to connect to."""
     try:
         infos = _getaddrinfo(host, port, deadline)
-    except _DeadlineExceeded:
+    except DeadlineExceeded:
         raise
     except (OSError, UnicodeError) as exc:
         raise ImageFetchError(f"Cannot resolve the host {_short(host, 100)!r} ({exc}). Check the URL.") from exc
@@ -193,32 +193,10 @@ def check_url(url: str, policy: ImagePolicy, *, resolve: bool = False) -> str:
     return url
 
 
-class _DeadlineExceeded(TimeoutError):
-    """The whole download ran past ``ImagePolicy.url_total_timeout``."""
-
-
-class _Deadline:
-    """A monotonic deadline for one download, and the per-operation timeout."""
-
-    def __init__(self, total: float, per_operation: float) -> None:
-        self.end = time.monotonic() + total
-        self.per_operation = per_operation
-
-    def timeout(self) -> float:
-        """Seconds the next socket operation may take; raises once the deadline has passed."""
-        remaining = self.end - time.monotonic()
-        if remaining <= 0:
-            raise _DeadlineExceeded("the total download deadline has passed")
-        return min(self.per_operation, remaining)
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self.end
-
-
 class _DeadlineSocket(socket.socket):
     """A socket whose every connect, read and write waits at most until the download's deadline."""
 
-    _deadline: _Deadline | None = None
+    _deadline: Deadline | None = None
 
     def _arm(self) -> None:
         if self._deadline is not None:
@@ -250,7 +228,7 @@ class _DeadlineSocket(socket.socket):
 class _DeadlineSSLSocket(ssl.SSLSocket):
     """The TLS counterpart of :class:`_DeadlineSocket` (handshake, reads and writes)."""
 
-    _deadline: _Deadline | None = None
+    _deadline: Deadline | None = None
 
     def _arm(self) -> None:
         if self._deadline is not None:
@@ -293,7 +271,7 @@ def _guarded_connect(
     source_address: Any = None,
     *,
     policy: ImagePolicy,
-    deadline: _Deadline | None = None,
+    deadline: Deadline | None = None,
 ) -> socket.socket:
     """``socket.create_connection`` that checks every resolved address first and connects only to those; with a
     ``deadline``, the socket enforces it on every later operation too."""
@@ -313,19 +291,19 @@ def _guarded_connect(
         except OSError as exc:
             errors.append(exc)
             sock.close()
-            if isinstance(exc, _DeadlineExceeded):
+            if isinstance(exc, DeadlineExceeded):
                 break
     raise errors[-1] if errors else OSError(f"cannot connect to {host!r}")
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args: Any, policy: ImagePolicy, deadline: _Deadline | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: ImagePolicy, deadline: Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._create_connection = functools.partial(_guarded_connect, policy=policy, deadline=deadline)
 
 
 class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, policy: ImagePolicy, deadline: _Deadline | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: ImagePolicy, deadline: Deadline | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline = deadline
         self._create_connection = functools.partial(_guarded_connect, policy=policy, deadline=deadline)
@@ -342,7 +320,7 @@ class _GuardedHTTPSConnection(http.client.HTTPSConnection):
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: ImagePolicy, deadline: _Deadline | None = None) -> None:
+    def __init__(self, policy: ImagePolicy, deadline: Deadline | None = None) -> None:
         super().__init__()
         self._policy = policy
         self._deadline = deadline
@@ -353,7 +331,7 @@ class _GuardedHTTPHandler(urllib.request.HTTPHandler):
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: ImagePolicy, deadline: _Deadline | None = None) -> None:
+    def __init__(self, policy: ImagePolicy, deadline: Deadline | None = None) -> None:
         self._ssl_context = ssl.create_default_context()
         self._ssl_context.sslsocket_class = _DeadlineSSLSocket
         super().__init__(context=self._ssl_context)
@@ -365,7 +343,7 @@ class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(factory, req, context=self._ssl_context)
 
 
-def _build_opener(policy: ImagePolicy, deadline: _Deadline | None = None) -> urllib.request.OpenerDirector:
+def _build_opener(policy: ImagePolicy, deadline: Deadline | None = None) -> urllib.request.OpenerDirector:
     # Only the two guarded handlers: no proxies from the environment (the address checks must see the real
     # destination), no automatic redirects (each hop is checked here), no HTTP error processing (statuses are
     # handled below).
@@ -406,12 +384,12 @@ def _check_content_type(value: str | None, shown: str) -> None:
 
 
 def _fetch_error(
-    shown: str, exc: BaseException, policy: ImagePolicy | None = None, budget: _Deadline | None = None
+    shown: str, exc: BaseException, policy: ImagePolicy | None = None, budget: Deadline | None = None
 ) -> ImageError:
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, ImageError):
         return reason
-    expired = isinstance(reason, _DeadlineExceeded) or (
+    expired = isinstance(reason, DeadlineExceeded) or (
         isinstance(reason, (TimeoutError, socket.timeout)) and budget is not None and budget.expired()
     )
     if expired and policy is not None:
@@ -447,8 +425,7 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
     ``policy.max_bytes + 1`` bytes. Raises :class:`ImageAccessDeniedError`, :class:`ImageTooLargeError` or
     :class:`ImageFetchError` (bad status, obviously non-image content type, network errors, timeouts).
     """
-    budget = _Deadline(policy.url_total_timeout, policy.url_timeout)
-    deadline = budget.end
+    budget = Deadline(policy.url_total_timeout, policy.url_timeout)
     opener = _build_opener(policy, budget)
     current = url.strip()
     for _hop in range(policy.max_redirects + 1):
@@ -489,7 +466,7 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
             if declared and declared.strip().isdigit():
                 _check_bytes(int(declared), policy, f"The download from {shown}")
             try:
-                return _read_limited(response, policy, shown, deadline)
+                return _read_limited(response, policy, shown, budget)
             except (ImageError, MemoryError):
                 raise
             except (http.client.HTTPException, OSError, ValueError) as exc:
@@ -500,13 +477,13 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
     )
 
 
-def _read_limited(response: http.client.HTTPResponse, policy: ImagePolicy, shown: str, deadline: float) -> bytes:
+def _read_limited(response: http.client.HTTPResponse, policy: ImagePolicy, shown: str, budget: Deadline) -> bytes:
     read = getattr(response, "read1", response.read)
     chunks: list[bytes] = []
     total = 0
     while True:
-        if time.monotonic() > deadline:
-            raise _fetch_error(shown, _DeadlineExceeded(), policy)
+        if budget.expired():
+            raise _fetch_error(shown, DeadlineExceeded(), policy)
         chunk = read(min(1 << 16, policy.max_bytes + 1 - total))
         if not chunk:
             return b"".join(chunks)
