@@ -263,7 +263,7 @@ def test_a_picture_from_stdin_or_a_data_url_reaches_the_model(scripted, pictures
 
 
 def test_a_url_needs_allow_urls_and_goes_through_the_guarded_fetcher(scripted, pictures, monkeypatch):
-    from belle_vl_tools import images
+    from belle_vl_tools.images import fetch
 
     url = "http://example.com/pictures/x.png"
     line = _one_error_line(invoke("ask", url, "What?"), url, "--allow-urls")  # not mangled into http:/
@@ -279,7 +279,7 @@ def test_a_url_needs_allow_urls_and_goes_through_the_guarded_fetcher(scripted, p
         fetched.append((address, policy.allow_urls))
         return pictures["green"].read_bytes()
 
-    monkeypatch.setattr(images, "fetch_url", fake_fetch)
+    monkeypatch.setattr(fetch, "fetch_url", fake_fetch)  # the default fetcher, where the URL loader looks it up
     result = invoke("ask", url, "What?", "--allow-urls")
     assert result.exit_code == 0, result.output
     assert fetched == [(url, True)] and scripted.pictures()[0].getpixel((48, 40)) == (0, 128, 0)

@@ -1009,9 +1009,34 @@ def test_images_module_imports_without_torch_or_transformers():
 
 
 def test_images_module_does_not_import_numpy_eagerly():
-    source = (REPO / "belle_vl_tools" / "images.py").read_text()
-    top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    assert not [line for line in top_level if "numpy" in line or "torch" in line or "transformers" in line]
+    modules = sorted((REPO / "belle_vl_tools" / "images").glob("*.py"))
+    assert {path.name for path in modules} >= {"__init__.py", "decode.py", "fetch.py", "load.py", "policy.py"}
+    for path in modules:
+        top_level = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
+        assert top_level, path.name
+        assert not [line for line in top_level if "numpy" in line or "torch" in line or "transformers" in line], path
+
+
+def test_the_package_offers_every_name_the_single_module_did():
+    """Callers import these from ``belle_vl_tools.images`` (the runtime its path check), whatever module holds them."""
+    import belle_vl_tools.errors as errors
+    import belle_vl_tools.images as images
+
+    names = {
+        "DEFAULT_IMAGE_FORMATS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_REDIRECTS",
+        "DEFAULT_URL_TIMEOUT", "DEFAULT_URL_TOTAL_TIMEOUT", "JPEG_FREE_SCANS", "JPEG_MAX_EXTRA_PIXEL_SCANS",
+        "Fetcher", "ImagePolicy", "ImageSource", "check_url", "describe_source", "fetch_url", "image_digest",
+        "load_image", "_resolve_local_path",
+    }  # fmt: skip
+    missing = [name for name in sorted(names) if getattr(images, name, None) is None]
+    assert not missing
+    assert set(images.__all__) <= names and all(hasattr(images, name) for name in images.__all__)
+    for name in ("ImageError", "ImageAccessDeniedError", "ImageDecodeError", "ImageFetchError", "ImageNotFoundError"):
+        assert getattr(images, name) is getattr(errors, name)
+    for name in ("ImageTooLargeError", "InvalidImageDataError", "UnsupportedImageError"):
+        assert getattr(images, name) is getattr(errors, name)
+    assert images.load_image.__module__ == "belle_vl_tools.images.load"
+    assert images.fetch_url is images.fetch.fetch_url and images.ImagePolicy is images.policy.ImagePolicy
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -98,11 +98,21 @@ def test_pipeline_finds_the_model_after_import_belle_vl_tools(tiny_dir):
 # ---------------------------------------------------------------------------------------------------------------
 
 LAYERS: list[set[str]] = [
-    # 0: no model code: errors, the message model, pictures, prompts, boxes, the task registry, config
+    # 0: no model code: errors, the total deadline, the message model, pictures, prompts, boxes, the task registry,
+    # config
     {
         "errors",
+        "deadline",
         "messages",
         "images",
+        "images.policy",
+        "images.sources",
+        "images.formats",
+        "images.decode",
+        "images.data_urls",
+        "images.local",
+        "images.fetch",
+        "images.load",
         "prompts",
         "grounding",
         "tasks",

@@ -25,7 +25,6 @@ import io
 import random
 import ssl
 import threading
-import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +35,7 @@ import httpx
 import openai
 
 from ..backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
+from ..deadline import Deadline
 from ..errors import BackendError, PromptError
 from ..images import ImagePolicy, load_image
 
@@ -71,35 +71,33 @@ class _ResponseTooLarge(openai.OpenAIError):
     """Raised inside the transport when a response passes the size limit (never retried either)."""
 
 
-class _Deadline(float):
-    """A per-operation timeout that also carries the call's absolute deadline (``at``, on the monotonic clock).
+class _Timeout(float):
+    """A per-operation timeout that also carries the call's :class:`~belle_vl_tools.deadline.Deadline`.
 
     It rides in the request's timeout settings through the openai client, httpx and httpcore down to the
     socket operations, where :func:`_left` bounds each connect, read and write by the time left.
     """
 
-    at: float
+    deadline: Deadline
 
-    def __new__(cls, value: float, at: float) -> _Deadline:
+    def __new__(cls, value: float, deadline: Deadline) -> _Timeout:
         obj = super().__new__(cls, value)
-        obj.at = at
+        obj.deadline = deadline
         return obj
 
 
 def _left(timeout: float | None) -> float | None:
-    """The timeout of one socket operation: the per-operation timeout, cut to the time left before the deadline."""
-    at = getattr(timeout, "at", None)
-    if at is None:
+    """The timeout of one socket operation: the per-operation timeout, cut to the time left before the deadline
+    (raises :class:`_DeadlineExceeded` once it has passed)."""
+    deadline: Deadline | None = getattr(timeout, "deadline", None)
+    if deadline is None or timeout is None:
         return timeout
-    remaining = at - time.monotonic()
-    if remaining <= 0:
-        raise _DeadlineExceeded("deadline")
-    return min(float(timeout), remaining) if timeout is not None else remaining
+    return deadline.timeout(float(timeout))
 
 
 def _expired(timeout: float | None) -> bool:
-    at = getattr(timeout, "at", None)
-    return at is not None and time.monotonic() >= at - 0.001
+    deadline: Deadline | None = getattr(timeout, "deadline", None)
+    return deadline is not None and deadline.expired(slack=0.001)
 
 
 class _Stream(httpcore.NetworkStream):
@@ -309,9 +307,9 @@ class _RetryPauses:
             done = options.get_max_retries(self.max_retries) - remaining_retries  # type: ignore[attr-defined]
             delay = min(self._belle_backoff * 2.0 ** min(done, 30), 8.0) * (1 - 0.25 * random.random())
         timeout = getattr(options, "timeout", None)
-        at = getattr(getattr(timeout, "read", None), "at", None)
-        if at is not None:
-            delay = min(delay, max(0.0, at - time.monotonic()))
+        deadline: Deadline | None = getattr(getattr(timeout, "read", None), "deadline", None)
+        if deadline is not None:
+            delay = min(delay, deadline.remaining())
         return delay
 
 
@@ -470,8 +468,8 @@ class RemoteBelleVL(VisionTasks):
         total = self.timeout if timeout is None else float(timeout)
         if not total > 0:
             raise PromptError(f"timeout must be a positive number of seconds, not {timeout!r}.")
-        at = time.monotonic() + total
-        return httpx.Timeout(_Deadline(total, at), connect=_Deadline(min(CONNECT_TIMEOUT, total), at))
+        deadline = Deadline(total, error=_DeadlineExceeded)
+        return httpx.Timeout(_Timeout(total, deadline), connect=_Timeout(min(CONNECT_TIMEOUT, total), deadline))
 
     # --- model name ----------------------------------------------------------------------------------------------
     @property
