@@ -195,7 +195,7 @@ def test_a_tiff_with_far_more_strips_than_lines_is_refused():
 @pytest.mark.xfail(
     strict=True,
     reason="Pillow keeps every JPEG APP marker in a list: 5 million empty markers (20 MB) before an 8x8 picture "
-    "take 8 s of CPU and 600 MB of memory",
+    "take 5 to 8 s of CPU and about 650 MiB of memory",
 )
 def test_a_jpeg_of_a_million_markers_is_refused():
     from belle_vl_tools.errors import ImageError
