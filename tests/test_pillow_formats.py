@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import struct
 
 import PIL
 import pytest
@@ -90,3 +91,116 @@ def test_an_ordinary_progressive_jpeg_of_many_pixels_still_loads():
     big = io.BytesIO()
     Image.new("RGB", (3000, 2000), RED).save(big, format="JPEG", progressive=True)
     assert load_image(big.getvalue(), ImagePolicy()).size == (3000, 2000)
+
+
+# --- files whose decoding cost is out of proportion to their bytes and pixels (benchmarks/image_worst_case.py) ---
+#
+# Each file below is a small instance of a case that, at the size the default limits admit, takes from several
+# seconds to hours to decode, or gigabytes of memory for a few pixels (figures in docs/image-policy.md). The loader
+# should refuse them before decoding, as it refuses the JPEG scan bomb; until it does, these fail.
+
+
+def _ifd(entries: list[tuple[int, int, int]], next_ifd: int) -> bytes:
+    """A little-endian TIFF directory of (tag, SHORT or LONG type, single value) entries."""
+    body = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in sorted(entries))
+    return struct.pack("<H", len(entries)) + body + struct.pack("<I", next_ifd)
+
+
+_ONE_GRAY_PIXEL = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1), (278, 3, 1)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a JPEG with a multi-picture (MPO) index opens as format MPO, and the scan count is checked only for "
+    "format JPEG: the scan bomb the loader refuses as a JPEG decodes for minutes as an MPO",
+)
+def test_a_jpeg_scan_bomb_inside_an_mpo_file_is_refused():
+    from belle_vl_tools.errors import ImageTooLargeError
+
+    picture = Image.new("RGB", (1024, 1024), RED)
+    out = io.BytesIO()
+    picture.save(out, format="MPO", save_all=True, append_images=[picture.resize((8, 8))], progressive=True)
+    data = out.getvalue()
+    end = data.index(b"\xff\xd9") + 2  # the first picture's end: entropy-coded data never holds FF D9
+    last = data.rindex(b"\xff\xda", 0, end)
+    bomb = data[:last] + data[last : end - 2] * 400 + data[end - 2 :]
+    with Image.open(io.BytesIO(bomb)) as probe:
+        assert probe.format == "MPO"
+    with pytest.raises(ImageTooLargeError):
+        load_image(bomb, ImagePolicy())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pillow joins a GIF comment's sub-blocks one by one, in time quadratic in their number: 1 MiB of "
+    "1-byte sub-blocks takes about 10 s of CPU, 2 MiB over a minute, and the 20 MiB the byte limit admits hours",
+)
+def test_a_gif_comment_of_many_tiny_sub_blocks_is_refused():
+    from belle_vl_tools.errors import ImageError
+
+    tiny = _encode("GIF")
+    at = tiny.index(b",")  # the first image descriptor
+    slow = tiny[:at] + b"!\xfe" + b"\x01x" * 131_072 + b"\x00" + tiny[at:]
+    with pytest.raises(ImageError):
+        load_image(slow, ImagePolicy())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the TIFF page walker reads every directory's entries, and directories may overlap: 4,095 directories "
+    "of 100,000 entries fit in 1.2 MB and take minutes to walk",
+)
+def test_a_tiff_whose_directories_overlap_is_refused():
+    from belle_vl_tools.errors import ImageError
+
+    pages, per_page = 4095, 200
+    head = 8 + len(_ifd(_ONE_GRAY_PIXEL + [(273, 4, 0), (279, 4, 1)], 0))
+    chain = head + 2  # 2 mod 4, so that no pointer below reads as a width or height tag
+    first = _ifd(_ONE_GRAY_PIXEL + [(273, 4, chain - 2), (279, 4, 1)], chain)
+    slots = bytearray(12 * (per_page + pages) + 16)
+    for k in range(pages):  # directory k starts 12 * k bytes into the chain and ends inside directory k + per_page
+        struct.pack_into("<H", slots, 12 * k, per_page)
+        struct.pack_into("<I", slots, 12 * (k + per_page) + 2, chain + 12 * (k + 1) if k < pages - 1 else 0)
+    data = b"II*\x00" + struct.pack("<I", 8) + first + b"\x00\x00" + bytes(slots)
+    with pytest.raises(ImageError):
+        load_image(data, ImagePolicy())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pillow makes one tile per strip offset of an uncompressed TIFF, however few pixels it has: 10 million "
+    "offsets (20 MB) on a 1x2 image take over a minute and gigabytes of memory",
+)
+def test_a_tiff_with_far_more_strips_than_lines_is_refused():
+    from belle_vl_tools.errors import ImageError
+
+    count = 100_000
+    entries = [(256, 3, 1), (257, 3, 2), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1), (278, 3, 1)]
+    entries += [(279, 3, 1), (273, 3, 0)]
+    body = b""
+    directory_end = 8 + 2 + 12 * len(entries) + 4
+    for tag, kind, value in sorted(entries):
+        if tag == 273:  # the offsets (all pointing at the first bytes) live after the directory
+            body += struct.pack("<HHII", tag, kind, count, directory_end)
+        else:
+            body += struct.pack("<HHII", tag, kind, 1, value)
+    data = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)) + body + b"\x00" * 4
+    data += struct.pack("<H", 8) * count
+    with Image.open(io.BytesIO(data)) as probe:
+        assert probe.size == (1, 2) and len(probe.tile) >= count // 2
+    with pytest.raises(ImageError):
+        load_image(data, ImagePolicy())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pillow keeps every JPEG APP marker in a list: 5 million empty markers (20 MB) before an 8x8 picture "
+    "take 5 to 8 s of CPU and about 650 MiB of memory",
+)
+def test_a_jpeg_of_a_million_markers_is_refused():
+    from belle_vl_tools.errors import ImageError
+
+    jpeg = _encode("JPEG")
+    slow = jpeg[:2] + b"\xff\xe5\x00\x02" * 250_000 + jpeg[2:]
+    with pytest.raises(ImageError):
+        load_image(slow, ImagePolicy())
