@@ -843,7 +843,9 @@ def chat(
     interactive = sys.stdin.isatty()
     if interactive:
         _say(CHAT_HELP)
-    history: list[dict[str, Any]] = []
+    from .messages import ImagePart, Message, count_images
+
+    history: list[Message] = []
     backend = None
     demo = settings.model is None  # the shipped demo model answers only questions about pictures
     while True:
@@ -892,16 +894,11 @@ def chat(
             continue
         if text.startswith("//"):
             text = text[1:]
-        has_picture = bool(attached) or any(
-            isinstance(message["content"], list) and any(part.get("type") == "image" for part in message["content"])
-            for message in history
-        )
+        has_picture = bool(attached) or count_images(history) > 0
         if not has_picture and demo:
             _say(f"error: {NO_PICTURE_DEMO}")
             continue
-        content = [{"type": "image", "image": picture} for picture in attached]
-        content.append({"type": "text", "text": text})
-        history.append({"role": "user", "content": content})
+        history.append(Message.user(*(ImagePart(picture) for picture in attached), text))
         try:
             if backend is None:
                 backend = _load_backend(settings)
@@ -926,7 +923,7 @@ def chat(
             _say(f"(Answer stopped; that message is not kept in the conversation{kept}.)")
             continue
         attached = []
-        history.append({"role": "assistant", "content": answer})
+        history.append(Message.assistant(answer))
 
 
 @app.command()

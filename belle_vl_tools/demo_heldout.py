@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .demo_data import COLORS, POSITIONS, SHAPES, WORDS
+from .messages import TextPart, parse_message
 from .prompts import read_text_prompt, yes_no_prompt
 
 __all__ = [
@@ -598,8 +599,9 @@ def _agent_items_for(index: int, rng: random.Random) -> list[AgentItem]:
     items: list[AgentItem] = []
 
     def add(skill: str, content: list[dict[str, Any]], expected: str, check: Callable[[str], bool], **kw: Any):
-        image = next(p["image"] for p in content if p.get("type") == "image")  # every item shows a picture
-        question = " ".join(p["text"] for p in content if p.get("type") == "text")
+        asked = parse_message({"role": "user", "content": content})
+        image = asked.images[0]  # every item shows a picture
+        question = " ".join(part.text for part in asked.parts if isinstance(part, TextPart))
         items.append(AgentItem(skill, image, question, expected, check, content=content, **kw))
 
     scene, image = _picture(rng, n=rng.randint(1, 3))

@@ -455,10 +455,6 @@ class BatchEngine:
 
     def prepare(self, messages: Sequence[Any], system: str | None = None) -> ChatInputs:
         """Lay out a conversation (pictures loaded under the runtime's image policy); raises on bad input."""
-        if any(not isinstance(m, dict) for m in messages or ()):
-            from .messages import to_content_lists  # the shared message model
-
-            messages = to_content_lists(list(messages))
         return self.runtime.prepare(messages, system)
 
     def submit(self, item: ChatInputs, params: SamplingParams, sink: Callable[[Any], object]) -> Callable[[], None]:

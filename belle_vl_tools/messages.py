@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -56,6 +56,8 @@ class ImagePart:
     image or a numpy array."""
 
     source: Any = field(repr=False)
+    #: OpenAI's ``image_url.detail`` as given (None when absent); not part of the picture's identity.
+    detail: str | None = field(default=None, compare=False, repr=False)
 
     def __repr__(self) -> str:
         return f"ImagePart({_short(self.source, 60)})"
@@ -132,9 +134,10 @@ def _image_part(raw: Mapping[str, Any], where: str) -> ImagePart:
     if kind == "image_url":
         url = raw.get("image_url")
         url = url.get("url") if isinstance(url, Mapping) else url
+        detail = raw["image_url"].get("detail") if isinstance(raw.get("image_url"), Mapping) else None
         if not isinstance(url, str) or not url:
             raise PromptError(f"image_url part{where} needs {{'image_url': {{'url': 'https://... or data:...'}}}}.")
-        return ImagePart(url)
+        return ImagePart(url, detail if isinstance(detail, str) else None)
     for key in _IMAGE_KEYS:
         if raw.get(key) is not None:
             return ImagePart(raw[key])
@@ -253,10 +256,71 @@ def parse_messages(raw: Any) -> list[Message]:
 
 
 def part_dict(part: Part) -> dict[str, Any]:
-    """A part in transformers' content-list form."""
+    """A part in transformers' content-list form (a ``{"base64", "mime_type"}`` source as those two keys)."""
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
-    return {"type": "image", "image": part.source}
+    source = part.source
+    if isinstance(source, Mapping) and set(source) == {"base64", "mime_type"}:
+        return {"type": "image", "base64": source["base64"], "mime_type": source["mime_type"]}
+    return {"type": "image", "image": source}
+
+
+def is_text_only(message: Message) -> bool:
+    """Whether the message holds no picture."""
+    return all(isinstance(part, TextPart) for part in message.parts)
+
+
+def template_messages(messages: Iterable[Message], text: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """Messages as transformers' chat templates read them.
+
+    A message of text only has its text as ``content`` (a string); one with pictures has a list of
+    ``{"type": "text", "text"}`` and ``{"type": "image"}`` parts (the template writes a picture's place, never its
+    source). Tool calls are ``{"id", "type": "function", "function": {"name", "arguments": {...}}}`` (arguments as
+    an object, as transformers' templates take them); ``tool_call_id`` and ``name`` are kept. ``text`` maps each
+    text (the tokenizer puts markers in its place).
+    """
+    write = text or (lambda value: value)
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        content: Any
+        if is_text_only(message):
+            content = write(message.text)
+        else:
+            content = [
+                {"type": "text", "text": write(part.text)} if isinstance(part, TextPart) else {"type": "image"}
+                for part in message.parts
+            ]
+        entry: dict[str, Any] = {"role": message.role, "content": content}
+        if message.tool_calls:
+            entry["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for call in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def to_openai(message: Message, image: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """A message in OpenAI's chat form: text only as a string (None for an assistant's bare tool calls), else a
+    list of ``{"type": "text"}`` parts and what ``image`` makes of each picture's source (an ``image_url`` part);
+    tool calls with their arguments as JSON text."""
+    content: Any
+    if not message.parts and message.tool_calls:
+        content = None
+    elif is_text_only(message):
+        content = message.text
+    else:
+        content = [
+            {"type": "text", "text": part.text} if isinstance(part, TextPart) else image(part.source)
+            for part in message.parts
+        ]
+    [entry] = to_content_lists([Message(message.role, (), message.tool_calls, message.tool_call_id, message.name)])
+    entry["content"] = content
+    return entry
 
 
 def to_content_lists(messages: Iterable[Message]) -> list[dict[str, Any]]:
@@ -296,6 +360,7 @@ __all__ = [
     "TextPart",
     "ToolCall",
     "count_images",
+    "is_text_only",
     "new_call_id",
     "parse_content",
     "parse_message",
@@ -303,5 +368,7 @@ __all__ = [
     "parse_part",
     "parse_tool_call",
     "part_dict",
+    "template_messages",
     "to_content_lists",
+    "to_openai",
 ]

@@ -14,15 +14,17 @@ names another policy, so a query from an untrusted source needs ``image_policy=I
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import PromptError
 from .images import ImagePolicy, load_image
+from .messages import ImagePart, MessageInput, parse_messages
 from .processing_qwen_vl import DEFAULT_SYSTEM, QWenVLImageProcessor, QWenVLProcessor
 from .runtime import BelleVL
 from .tokenization_qwen_vl import QWenTokenizer
@@ -107,7 +109,7 @@ def _model_card_generation(tokenizer: QWenTokenizer, generation: dict[str, Any])
     return generation
 
 
-def _pictures_under(messages: list[dict[str, Any]], policy: ImagePolicy | None) -> list[dict[str, Any]]:
+def _pictures_under(messages: list[dict[str, Any]], policy: ImagePolicy | None) -> Sequence[MessageInput]:
     """The messages with every picture loaded under ``policy`` (``None``: left to the runtime's trusted policy).
 
     The query names files and URLs as the reference's ``chat`` reads them: with no ``image_policy`` given, any local
@@ -118,16 +120,16 @@ def _pictures_under(messages: list[dict[str, Any]], policy: ImagePolicy | None) 
         return messages
     if not isinstance(policy, ImagePolicy):
         raise PromptError(f"image_policy must be an ImagePolicy, not {type(policy).__name__}.")
-    loaded = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [
-                {**part, "image": load_image(part["image"], policy)} if part.get("type") == "image" else part
-                for part in content
-            ]
-        loaded.append({**message, "content": content})
-    return loaded
+    return [
+        dataclasses.replace(
+            message,
+            parts=tuple(
+                ImagePart(load_image(part.source, policy)) if isinstance(part, ImagePart) else part
+                for part in message.parts
+            ),
+        )
+        for message in parse_messages(messages)
+    ]
 
 
 def model_card_chat(

@@ -42,7 +42,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from .configuration_qwen_vl import DEFAULT_VISUAL, NUM_IMAGE_QUERIES
 from .errors import PromptError
 from .images import ImagePolicy, load_image
-from .messages import DEFAULT_SYSTEM
+from .messages import DEFAULT_SYSTEM, Message, MessageInput
 from .tokenization_qwen_vl import CHAT_TEMPLATE, IMG_END, IMG_START, QWenTokenizer, chat_template_inputs
 
 DEFAULT_MAX_WINDOW_SIZE = 6144
@@ -220,63 +220,6 @@ class ChatInputs:
         return len(self.sources)
 
 
-def _image_source(part: Mapping[str, Any]) -> Any:
-    for key in ("image", "url", "path", "base64"):
-        if part.get(key) is not None:
-            return part[key] if key != "base64" else {"base64": part[key], "mime_type": part.get("mime_type")}
-    raise PromptError(f"Image part {_short(part)} has no image: give it an 'image', 'url', 'path' or 'base64' key.")
-
-
-def _short(obj: Any, limit: int = 120) -> str:
-    text = repr(obj)
-    return text if len(text) <= limit else text[:limit] + "...'"
-
-
-def split_parts(content: Any) -> tuple[list[dict[str, str]], list[Any]]:
-    """A message's content (a string or a list of parts) as ordered template parts, and its picture sources."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}], []
-    if content is None:
-        return [], []
-    if not isinstance(content, list | tuple):
-        raise PromptError(f"Message content must be a string or a list of parts, not {type(content).__name__}.")
-    parts: list[dict[str, str]] = []
-    sources: list[Any] = []
-    for part in content:
-        if isinstance(part, str):
-            parts.append({"type": "text", "text": part})
-            continue
-        if not isinstance(part, Mapping):
-            raise PromptError(f"Content part {_short(part)} must be a dict such as {{'type': 'text', 'text': ...}}.")
-        kind = part.get("type")
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise PromptError(f"Text part {_short(part)} needs a string 'text'.")
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image":
-            sources.append(_image_source(part))
-            parts.append({"type": "image"})
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, Mapping) else url
-            if not isinstance(url, str):
-                raise PromptError(f"image_url part {_short(part)} needs {{'image_url': {{'url': ...}}}}.")
-            sources.append(url)
-            parts.append({"type": "image"})
-        else:
-            raise PromptError(
-                f"Unsupported content part type {kind!r}: use 'text' or 'image' parts "
-                "(an image part holds a path, bytes, a data URL, a PIL image or a URL)."
-            )
-    return parts, sources
-
-
-def split_content(content: Any) -> tuple[list[str], list[Any]]:
-    """The texts and picture sources of a message's content (a string, or a list of parts)."""
-    parts, sources = split_parts(content)
-    return [part["text"] for part in parts if part["type"] == "text"], sources
-
-
 class QWenVLProcessor(ProcessorMixin):
     """Image processor + tokenizer, with the reference's ChatML layout as ``apply_chat_template``."""
 
@@ -385,7 +328,7 @@ class QWenVLProcessor(ProcessorMixin):
     # --- chat layout --------------------------------------------------------------------------------------------
     def prepare(
         self,
-        messages: Sequence[Mapping[str, Any]],
+        messages: Sequence[MessageInput],
         *,
         add_generation_prompt: bool = True,
         system: str | None = None,
@@ -398,6 +341,8 @@ class QWenVLProcessor(ProcessorMixin):
     ) -> ChatInputs:
         """Lay out one conversation (token ids, the pictures' sources in prompt order, the assistant mask).
 
+        ``messages`` are :class:`~belle_vl_tools.messages.Message` objects or the dicts transformers' chat
+        templates take (any form :func:`~belle_vl_tools.messages.parse_messages` reads), read once here.
         ``tools``, ``documents`` and ``template_kwargs`` (template variables) mean what they mean for transformers'
         chat templates (see :func:`~belle_vl_tools.tokenization_qwen_vl.chat_template_inputs`: tools are rendered
         in Qwen's ReAct format by the reference layout). Pure: the pictures are not loaded (see :class:`ChatInputs`).
@@ -410,29 +355,22 @@ class QWenVLProcessor(ProcessorMixin):
             messages, chat_template, tools=tools, documents=documents, template_kwargs=template_kwargs
         )
         for i, msg in enumerate(msgs):
-            if not isinstance(msg, Mapping) or "role" not in msg:
-                raise PromptError(f"Message {i} ({_short(msg)}) must be a dict with 'role' and 'content'.")
-            if msg["role"] not in ROLES:
+            if msg.role not in ROLES:
                 raise PromptError(
-                    f"Message {i} has role {msg['role']!r}; use one of {', '.join(ROLES)} "
+                    f"Message {i} has role {msg.role!r}; use one of {', '.join(ROLES)} "
                     "(tool results go into a user message)."
                 )
-            if msg["role"] == "system" and i > 0:
+            if msg.role == "system" and i > 0:
                 raise PromptError(f"Message {i} is a system message: only the first message may be one.")
-        conversation: list[dict[str, Any]] = []
-        sources: list[list[Any]] = []
-        for msg in msgs:
-            parts, srcs = split_parts(msg.get("content"))
-            if srcs and msg["role"] != "user":
-                what = "The system message" if msg["role"] == "system" else f"A {msg['role']} message"
+            if msg.images and msg.role != "user":
+                what = "The system message" if msg.role == "system" else f"A {msg.role} message"
                 raise PromptError(f"{what} cannot hold images: put them in a user message.")
-            conversation.append({"role": msg["role"], "content": parts})
-            sources.append(srcs)
-        if conversation[0]["role"] != "system":
-            conversation.insert(0, {"role": "system", "content": system if system is not None else DEFAULT_SYSTEM})
-            sources.insert(0, [])
+        conversation = list(msgs)
+        if conversation[0].role != "system":
+            conversation.insert(0, Message.system(system if system is not None else DEFAULT_SYSTEM))
         if len(conversation) == 1:
             raise PromptError("messages hold only a system message: add a user message.")
+        sources = [message.images for message in conversation]
 
         blocks = self.tokenizer.encode_chat(
             conversation,
@@ -506,7 +444,7 @@ class QWenVLProcessor(ProcessorMixin):
 
     def apply_chat_template(  # type: ignore[override]
         self,
-        conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        conversation: Sequence[MessageInput] | Sequence[Sequence[MessageInput]],
         chat_template: str | None = None,
         tools: Sequence[Any] | None = None,
         documents: Sequence[Any] | None = None,
@@ -552,8 +490,8 @@ class QWenVLProcessor(ProcessorMixin):
         for name in ("padding", "truncation", "max_length"):  # what the pipeline may pass; left padding is applied
             if kwargs.get(name) in (None, False, True, "longest"):
                 kwargs.pop(name, None)
-        batched = bool(conversation) and not isinstance(conversation[0], Mapping)
-        conversations = cast(list[Sequence[Mapping[str, Any]]], list(conversation) if batched else [conversation])
+        batched = bool(conversation) and not isinstance(conversation[0], Mapping | Message)
+        conversations = cast(list[Sequence[MessageInput]], list(conversation) if batched else [conversation])
         items = [
             self.prepare(
                 conv,
@@ -683,6 +621,4 @@ __all__ = [
     "ChatInputs",
     "QWenVLImageProcessor",
     "QWenVLProcessor",
-    "split_content",
-    "split_parts",
 ]

@@ -47,7 +47,18 @@ from typing import Any
 
 from .constrained import Grammar, grammar_from
 from .errors import PromptError
-from .messages import Message, ToolCall, new_call_id, parse_tool_call, to_content_lists
+from .messages import (
+    ImagePart,
+    Message,
+    MessageInput,
+    Part,
+    TextPart,
+    ToolCall,
+    new_call_id,
+    parse_message,
+    parse_messages,
+    parse_tool_call,
+)
 
 __all__ = [
     "FINAL_ANSWER_THOUGHT",
@@ -240,38 +251,9 @@ def _normalise_call(call: Any) -> tuple[str, str, str]:
     return parsed.id, parsed.name, _json_text(parsed.arguments)
 
 
-def _is_image_part(part: Any) -> bool:
-    return isinstance(part, Mapping) and part.get("type") in ("image", "image_url")
-
-
-def _split_tool_content(content: Any) -> tuple[str, list[dict[str, Any]]]:
-    """The text of a tool result and its image parts (kept as they are, for the processor)."""
-    if content is None:
-        return "", []
-    if isinstance(content, str):
-        return content, []
-    if isinstance(content, Mapping):
-        content = [content]
-    if isinstance(content, (list, tuple)):
-        texts: list[str] = []
-        images: list[dict[str, Any]] = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif _is_image_part(part):
-                images.append(dict(part))
-            elif isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                texts.append(_json_text(part))
-        return "\n".join(texts), images
-    return _json_text(content), []
-
-
-def _content_text(content: Any) -> str:
-    """The text parts of a message's content (images are not expected where this is used)."""
-    text, _ = _split_tool_content(content)
-    return text
+def _texts(message: Message) -> str:
+    """The text parts of a message, one per line (a tool result's or an assistant's text)."""
+    return "\n".join(part.text for part in message.parts if isinstance(part, TextPart))
 
 
 def format_tool_call(name: str, arguments: str | Mapping[str, Any], thought: str | None = None) -> str:
@@ -281,44 +263,60 @@ def format_tool_call(name: str, arguments: str | Mapping[str, Any], thought: str
     return f"Thought: {thought}\nAction: {name}\nAction Input: {args}"
 
 
-def _prefix_question(content: Any, prefix: str) -> Any:
-    """``content`` with ``prefix`` put before its (first) text, images left in place."""
-    if isinstance(content, str) or content is None:
-        return prefix + (content or "")
-    parts = list(content)
-    for i, part in enumerate(parts):
-        if isinstance(part, str):
-            parts[i] = prefix + part
-            return parts
-        if isinstance(part, Mapping) and part.get("type") == "text":
-            parts[i] = {**part, "text": prefix + str(part.get("text", ""))}
-            return parts
-    return [*parts, {"type": "text", "text": prefix.rstrip()}]
+def _prefix_question(parts: Sequence[Part], prefix: str) -> tuple[Part, ...]:
+    """``parts`` with ``prefix`` put before the first text, pictures left in place."""
+    out = list(parts)
+    for i, part in enumerate(out):
+        if isinstance(part, TextPart):
+            out[i] = TextPart(prefix + part.text)
+            return tuple(out)
+    return (*out, TextPart(prefix.rstrip() if out else prefix))
+
+
+def _read_message(raw: Any, index: int) -> tuple[Message, Sequence[Any]]:
+    """A message read by the message model, and an assistant's past calls as given: a call the model got wrong
+    (an :class:`InvalidToolCall`, arguments that are not JSON) is replayed as it was written."""
+    if isinstance(raw, Mapping) and raw.get("role") in ("assistant", "ai") and raw.get("tool_calls"):
+        calls = raw["tool_calls"]
+        if not isinstance(calls, list | tuple):
+            raise PromptError(f"'tool_calls' (message {index}) must be a list.")
+        return parse_message({**raw, "content": raw.get("content"), "tool_calls": None}, index), calls
+    message = parse_message(raw, index)
+    return message, message.tool_calls
+
+
+@dataclass
+class _Turn:
+    role: str
+    parts: list[Part]
+    observation: bool = False  # a user turn that shows a tool's pictures
+
+    def message(self) -> Message:
+        return Message(self.role, tuple(self.parts))  # type: ignore[arg-type]  # roles come from Message objects
 
 
 class _Renderer:
     """Builds the plain conversation, folding tool calls and results into assistant text."""
 
     def __init__(self) -> None:
-        self.out: list[dict[str, Any]] = []
+        self.out: list[_Turn] = []
         self.in_react = False  # tool calls were made since the last question
 
-    def _last(self, role: str, observation: bool = False) -> dict[str, Any] | None:
-        if self.out and self.out[-1]["role"] == role and bool(self.out[-1].get("_observation")) == observation:
+    def _last(self, role: str, observation: bool = False) -> _Turn | None:
+        if self.out and self.out[-1].role == role and self.out[-1].observation == observation:
             return self.out[-1]
         return None
 
     def _append_assistant(self, text: str) -> None:
         last = self._last("assistant")
         if last is None:
-            self.out.append({"role": "assistant", "content": text})
+            self.out.append(_Turn("assistant", [TextPart(text)]))
         else:
-            current = last["content"]
-            last["content"] = current + ("\n" if current and not current.endswith("\n") else "") + text
+            current = "".join(part.text for part in last.parts if isinstance(part, TextPart))
+            last.parts = [TextPart(current + ("\n" if current and not current.endswith("\n") else "") + text)]
 
-    def assistant(self, message: Mapping[str, Any]) -> None:
-        calls = message.get("tool_calls") or []
-        text = _content_text(message.get("content")).strip()
+    def assistant(self, message: Message, calls: Sequence[Any]) -> None:
+        text = _texts(message).strip()
         if not calls:
             if self.in_react and not re.search(r"Final\s*Answer\s*[:：]", text):
                 text = f"Thought: {FINAL_ANSWER_THOUGHT}\nFinal Answer: {text}"
@@ -330,9 +328,9 @@ class _Renderer:
             self._append_assistant(format_tool_call(name, arguments, text if index == 0 else None))
         self.in_react = True
 
-    def tool(self, message: Mapping[str, Any]) -> None:
-        text, images = _split_tool_content(message.get("content"))
-        observation = f"Observation: {text.strip() or '(no text)'}"
+    def tool(self, message: Message) -> None:
+        images = [part for part in message.parts if isinstance(part, ImagePart)]
+        observation = f"Observation: {_texts(message).strip() or '(no text)'}"
         if not images and self._last("assistant") is not None:
             self._append_assistant(observation)
             return
@@ -340,31 +338,31 @@ class _Renderer:
         # pictures before its text, as "Picture N:").
         previous = self._last("user", observation=True)
         if previous is None:
-            previous = {"role": "user", "content": [], "_observation": True}
+            previous = _Turn("user", [], observation=True)
             self.out.append(previous)
-        previous["content"] += [*images, {"type": "text", "text": observation}]
+        previous.parts += [*images, TextPart(observation)]
 
-    def other(self, message: Mapping[str, Any]) -> None:
-        if message["role"] == "user":
+    def other(self, message: Message) -> None:
+        if message.role == "user":
             self.in_react = False
-        self.out.append({"role": message["role"], "content": message.get("content")})
+        self.out.append(_Turn(message.role, list(message.parts)))
 
 
 def render_tool_messages(
-    messages: Sequence[Mapping[str, Any]],
+    messages: Sequence[MessageInput],
     tools: Sequence[ToolSpec],
     tool_choice: str | Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Message]:
     """Plain messages for the processor from a conversation with tools, tool calls and tool results.
 
-    ``messages`` are :class:`~belle_vl_tools.messages.Message` objects or dicts in transformers' format
-    (``{"role", "content": str | parts}``); assistant messages may hold ``tool_calls`` (:class:`ToolCall`, OpenAI's
-    dicts) and ``{"role": "tool", "content", "tool_call_id", "name"}`` messages hold results. The tool instruction
-    goes into the first user message after the system prompt (as ``Question: ...``), later user messages become
-    ``Question: ...``; calls and text results are folded into the assistant's text as ``Action`` / ``Action Input``
-    / ``Observation``; a result that holds images becomes a user turn with those images, so the model sees them.
-    ``tool_choice``: ``"auto"`` or ``None``, ``"none"`` (no tool instruction), ``"required"``, or ``{"type":
-    "function", "function": {"name": ...}}`` (only that tool is offered and the instruction asks for it).
+    ``messages`` are :class:`~belle_vl_tools.messages.Message` objects or dicts in any form
+    :func:`~belle_vl_tools.messages.parse_messages` reads (transformers', OpenAI's); assistant messages may hold
+    ``tool_calls`` (:class:`ToolCall`, :class:`InvalidToolCall`, OpenAI's dicts) and ``tool`` messages hold results.
+    The tool instruction goes into the first user message after the system prompt (as ``Question: ...``), later user
+    messages become ``Question: ...``; calls and text results are folded into the assistant's text as ``Action`` /
+    ``Action Input`` / ``Observation``; a result that holds images becomes a user turn with those images, so the
+    model sees them. ``tool_choice``: ``"auto"`` or ``None``, ``"none"`` (no tool instruction), ``"required"``, or
+    ``{"type": "function", "function": {"name": ...}}`` (only that tool is offered and the instruction asks for it).
     """
     specs = [tool if isinstance(tool, ToolSpec) else ToolSpec.from_openai(tool) for tool in tools]
     if tool_choice not in (None, "auto", "none", "required", "any") and not isinstance(tool_choice, Mapping):
@@ -379,31 +377,27 @@ def render_tool_messages(
         specs = []
     instruction = react_instruction(specs, tool_choice) if specs else None
 
+    if isinstance(messages, str | Mapping | Message) or not isinstance(messages, Sequence):
+        raise PromptError("messages must be a list of messages (dicts with 'role' and 'content', or Message).")
     renderer = _Renderer()
-    for i, message in enumerate(messages):
-        if isinstance(message, Message):
-            message = to_content_lists([message])[0]
-        if not isinstance(message, Mapping) or "role" not in message:
-            raise PromptError(f"Message {i} must be a dict with 'role' and 'content', got {message!r:.80}.")
-        role = message["role"]
-        if role == "assistant":
-            renderer.assistant(message)
-        elif role in ("tool", "function"):
+    for i, raw in enumerate(messages):
+        message, calls = _read_message(raw, i)
+        if message.role == "assistant":
+            renderer.assistant(message, calls)
+        elif message.role == "tool":
             renderer.tool(message)
         else:
             renderer.other(message)
 
-    out = renderer.out
     first_user = True
-    for message in out:
-        observation = message.pop("_observation", False)
-        if message["role"] != "user" or observation:
+    for turn in renderer.out:
+        if turn.role != "user" or turn.observation:
             continue
         if instruction is not None:
             prefix = f"{instruction}\n\nQuestion: " if first_user else "Question: "
-            message["content"] = _prefix_question(message["content"], prefix)
+            turn.parts = list(_prefix_question(turn.parts, prefix))
         first_user = False
-    return out
+    return [turn.message() for turn in renderer.out]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -662,7 +656,7 @@ def normalize_tool_choice(tool_choice: Any, tools: Sequence[ToolSpec] = ()) -> T
 class PreparedRequest:
     """What to hand to a backend: ``backend.chat(request.messages, **request.generation)``."""
 
-    messages: list[Any]
+    messages: list[Message]
     generation: dict[str, Any]
 
 
@@ -717,7 +711,7 @@ class ToolSession:
             return Grammar.tool_call(calls, answer=self.response_format)
         return self.response_format
 
-    def prepare(self, messages: Sequence[Any], generation: Mapping[str, Any] | None = None) -> PreparedRequest:
+    def prepare(self, messages: Sequence[MessageInput], generation: Mapping[str, Any] | None = None) -> PreparedRequest:
         """The messages for the backend (tool instruction and past calls rendered in the ReAct format) and the
         generation settings (``stop`` extended by ``Observation:`` when a tool may be called; ``response_format``
         set to the session's grammar)."""
@@ -725,9 +719,10 @@ class ToolSession:
         if "response_format" in settings:
             raise PromptError("Give response_format to the ToolSession, not with the generation settings.")
         history = any(_has_tool_turns(message) for message in messages)
-        out: list[Any] = list(messages)
         if self.tools or history:
             out = render_tool_messages(messages, self.offered, self.tool_choice if self.offered else None)
+        else:
+            out = parse_messages(messages)
         if self.may_call:
             stops = settings.get("stop") or []
             stops = [stops] if isinstance(stops, str) else list(stops)

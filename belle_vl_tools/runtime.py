@@ -42,7 +42,7 @@ from .checkpoint_checks import check_checkpoint_folder, check_finite_weights
 from .constrained import Grammar, grammar_from, logits_processor
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .images import ImagePolicy, _resolve_local_path, image_digest, load_image
-from .messages import parse_messages, to_content_lists
+from .messages import parse_messages
 from .modeling_qwen_vl import CACHE_FIELD, QWenCache, QWenLMHeadModel, QWenStaticCache, ntk_alpha, stop_token_ids
 from .processing_qwen_vl import ChatInputs, QWenVLProcessor
 from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
@@ -602,8 +602,7 @@ class BelleVL(VisionTasks):
     # --- preparing inputs ---------------------------------------------------------------------------------------
     def prepare(self, messages: Sequence[Message], system: str | None = None) -> ChatInputs:
         """Token ids and pictures of a conversation, in any accepted form (parsed once, by the message model)."""
-        conversation = to_content_lists(parse_messages(messages))
-        item = self.processor.prepare(conversation, add_generation_prompt=True, system=system)
+        item = self.processor.prepare(parse_messages(messages), add_generation_prompt=True, system=system)
         if item.sources and self.model.transformer.visual is None:
             raise PromptError(
                 "This checkpoint is text-only (its config.json has no `visual` block): send text without images."

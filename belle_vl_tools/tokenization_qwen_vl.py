@@ -44,6 +44,7 @@ import tiktoken
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 
 from .errors import CheckpointError, PromptError
+from .messages import Message, MessageInput, count_images, parse_messages, template_messages
 
 __all__ = [
     "ENDOFTEXT",
@@ -390,8 +391,6 @@ CHAT_TEMPLATE = (
 IMAGE_PLACEHOLDER = IMG_START + IMG_END
 _MARK = "\ue000{}\ue001"
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
-_ROLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
-_IMAGE_PART_TYPES = ("image", "image_url")
 
 
 @functools.lru_cache(maxsize=32)
@@ -411,24 +410,26 @@ def _generation_arguments() -> frozenset[str]:
     return frozenset(names - {"transformers_version"}) | {"stop", "seed", "streamer", "generation_config"}
 
 
-def _has_tool_turns(conversation: Sequence[Any]) -> bool:
-    return any(
-        isinstance(message, Mapping)
+def _has_tool_turns(conversation: Any) -> bool:
+    return isinstance(conversation, Sequence) and any(
+        (message.role == "tool" or bool(message.tool_calls))
+        if isinstance(message, Message)
+        else isinstance(message, Mapping)
         and (message.get("role") in ("tool", "function") or bool(message.get("tool_calls")))
         for message in conversation
     )
 
 
 def chat_template_inputs(
-    conversation: Sequence[Mapping[str, Any]],
+    conversation: Sequence[MessageInput],
     chat_template: str,
     *,
     tools: Sequence[Any] | None = None,
     documents: Sequence[Any] | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[list[Mapping[str, Any]], dict[str, Any]]:
-    """What transformers' chat-template arguments mean for one conversation: the conversation to lay out and the
-    variables to hand to ``chat_template``.
+) -> tuple[list[Message], dict[str, Any]]:
+    """What transformers' chat-template arguments mean for one conversation: the conversation to lay out (read by
+    :mod:`belle_vl_tools.messages`, once) and the variables to hand to ``chat_template``.
 
     * ``tools`` (JSON-schema dicts in OpenAI's format, or Python functions as transformers takes them): passed to a
       template that reads ``tools``; for one that does not (the reference layout), rendered in Qwen's ReAct format
@@ -453,7 +454,6 @@ def chat_template_inputs(
             ", not a chat-template argument: give it to generation (pipeline(...)(..., generate_kwargs={"
             f"{misplaced[0]!r}: ...}}) or model.generate({misplaced[0]}=...))."
         )
-    messages: list[Mapping[str, Any]] = list(conversation)
     if tools is not None and not isinstance(tools, list | tuple):
         raise PromptError(f"tools must be a list of tool schemas (dicts) or functions, not {type(tools).__name__}.")
     schemas = []
@@ -466,11 +466,13 @@ def chat_template_inputs(
     if "tools" in variables:
         if schemas:
             extra["tools"] = schemas
-    elif schemas or _has_tool_turns(messages):
+    if "tools" not in variables and (schemas or _has_tool_turns(conversation)):
         from .react import ToolSpec, render_tool_messages  # the one ReAct rendering (a layer up, see test_imports)
 
         specs = [ToolSpec.from_openai(schema) for schema in schemas]
-        messages = [*render_tool_messages(messages, specs, "auto" if specs else None)]
+        messages = render_tool_messages(conversation, specs, "auto" if specs else None)
+    else:
+        messages = parse_messages(conversation)
     if documents:
         if "documents" not in variables:
             raise PromptError(
@@ -498,45 +500,16 @@ class ChatBlock:
     closed: bool = True
 
 
-def _mark_conversation(conversation: Any) -> tuple[list[dict[str, Any]], list[str], int]:
-    """A copy of ``conversation`` whose texts are replaced by markers, the texts, and the number of pictures."""
-    if not isinstance(conversation, Sequence) or isinstance(conversation, (str, bytes)):
-        raise PromptError("A conversation must be a list of {'role': ..., 'content': ...} messages.")
+def _mark_conversation(conversation: Sequence[Message]) -> tuple[list[dict[str, Any]], list[str], int]:
+    """The conversation as the chat template reads it, each text replaced by a marker; the texts; the number of
+    pictures."""
     texts: list[str] = []
-    pictures = 0
 
     def mark(text: str) -> str:
         texts.append(text)
         return _MARK.format(len(texts) - 1)
 
-    marked = []
-    for index, message in enumerate(conversation):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise PromptError(f"Message {index} must be a dict with a 'role' string and 'content'.")
-        if not _ROLE_RE.match(message["role"]):
-            raise PromptError(f"Message {index} has the role {message['role']!r}: a role is a plain word.")
-        content = message.get("content")
-        if isinstance(content, str):
-            content = mark(content)
-        elif content is not None:
-            if not isinstance(content, Sequence):
-                raise PromptError(f"Message {index}: content must be a string or a list of parts.")
-            parts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    parts.append({**part, "text": mark(part["text"])})
-                elif kind in _IMAGE_PART_TYPES:
-                    pictures += 1
-                    parts.append(dict(part))
-                else:
-                    raise PromptError(
-                        f"Message {index}: unsupported content part {_describe(part)}; use "
-                        "{'type': 'text', 'text': ...} or {'type': 'image', ...} parts."
-                    )
-            content = parts
-        marked.append({**message, "content": content} if content is not None else dict(message))
-    return marked, texts, pictures
+    return template_messages(conversation, mark), texts, count_images(conversation)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------------
@@ -855,7 +828,7 @@ class QWenTokenizer(PreTrainedTokenizer):
     # -- chat --------------------------------------------------------------------------------------------------
     def encode_chat(
         self,
-        conversation: Sequence[Mapping[str, Any]],
+        conversation: Sequence[MessageInput],
         *,
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
@@ -872,11 +845,16 @@ class QWenTokenizer(PreTrainedTokenizer):
         well). Each ``<img></img>`` the template writes
         becomes ``<img>``, ``num_image_queries`` ``<imgpad>`` ids and ``</img>``.
 
+        The messages are :class:`~belle_vl_tools.messages.Message` objects, or any form
+        :func:`~belle_vl_tools.messages.parse_messages` reads.
+
         Raises:
             PromptError: a malformed conversation, or a template that wrote another number of pictures than the
                 conversation holds (a picture must never be dropped silently).
         """
-        marked, texts, pictures = _mark_conversation(conversation)
+        if isinstance(conversation, str | bytes) or not isinstance(conversation, Sequence):
+            raise PromptError("A conversation must be a list of {'role': ..., 'content': ...} messages.")
+        marked, texts, pictures = _mark_conversation(parse_messages(conversation))
         variables = dict(template_kwargs)
         for name, value in variables.items():  # a string template variable is text too, never control tokens
             if isinstance(value, str):
@@ -926,7 +904,7 @@ class QWenTokenizer(PreTrainedTokenizer):
 
     def apply_chat_template(  # type: ignore[override]
         self,
-        conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        conversation: Sequence[MessageInput] | Sequence[Sequence[MessageInput]],
         tools: list | None = None,
         documents: list | None = None,
         chat_template: str | None = None,
@@ -952,15 +930,15 @@ class QWenTokenizer(PreTrainedTokenizer):
         if tokenizer_kwargs:
             raise PromptError(f"tokenizer_kwargs {sorted(tokenizer_kwargs)} are not supported by QWenTokenizer.")
         template = chat_template or self.chat_template or CHAT_TEMPLATE
-        batched = bool(conversation) and not isinstance(conversation[0], Mapping)
+        batched = bool(conversation) and not isinstance(conversation[0], Mapping | Message)
         prepared = [
             chat_template_inputs(conv, template, tools=tools, documents=documents, template_kwargs=kwargs)
-            for conv in cast(list[Sequence[Mapping[str, Any]]], list(conversation) if batched else [conversation])
+            for conv in cast(list[Sequence[MessageInput]], list(conversation) if batched else [conversation])
         ]
         if not tokenize:
             texts = [
                 super(QWenTokenizer, self).apply_chat_template(
-                    conv,  # type: ignore[arg-type]  # transformers types messages as dict[str, str]; it reads any
+                    template_messages(conv),  # transformers reads any message dict
                     chat_template=template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,

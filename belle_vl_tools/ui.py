@@ -52,6 +52,7 @@ from .errors import (
 )
 from .grounding import Box, draw_boxes, parse_boxes, strip_grounding
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImagePolicy, load_image
+from .messages import TextPart, parse_messages
 from .tasks import get_task
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_PORT", "WebChat", "build_app", "launch", "upload_policy"]
@@ -250,12 +251,9 @@ class WebChat:
 
     @staticmethod
     def _latest_picture(history: Sequence[Message]) -> Image.Image | None:
-        for message in reversed(history):
-            content = message.get("content")
-            if isinstance(content, list):
-                for part in reversed(content):
-                    if part.get("type") == "image":
-                        return part["image"]
+        for message in reversed(parse_messages(list(history))):
+            if message.images:
+                return message.images[-1]
         return None
 
     @staticmethod
@@ -268,11 +266,10 @@ class WebChat:
 
     @staticmethod
     def _last_user_text(history: Sequence[Message]) -> str:
-        for message in reversed(history):
-            if message.get("role") == "user":
-                for part in reversed(message.get("content") or []):
-                    if part.get("type") == "text":
-                        return part["text"]
+        for message in reversed(parse_messages(list(history))):
+            texts = [part.text for part in message.parts if isinstance(part, TextPart)]
+            if message.role == "user" and texts:
+                return texts[-1]
         return ""
 
     @staticmethod

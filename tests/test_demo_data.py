@@ -329,6 +329,6 @@ def test_react_conversations_render_as_the_tool_session_writes_them():
         handle = json.loads(call["arguments"])["image"]
         assert handle in conversation["scenes"] and handle in messages[0]["content"]
         rendered = render_tool_messages(messages[:2], tools)
-        reply = parse_reply(rendered[-1]["content"], tools)
+        reply = parse_reply(rendered[-1].text, tools)
         assert reply.tool_calls[0].name == call["name"]
     assert names == {"describe_image", "visual_qa", "locate_objects", "read_text"}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from belle_vl_tools.errors import PromptError
-from belle_vl_tools.messages import Message, TextPart
+from belle_vl_tools.messages import ImagePart, Message, TextPart, parse_messages
 from belle_vl_tools.react import (
     STOP_SEQUENCES,
     InvalidToolCall,
@@ -224,13 +224,14 @@ def test_render_puts_the_instruction_before_the_first_question() -> None:
         {"role": "user", "content": "And its color?"},
     ]
     out = render_tool_messages(messages, TOOLS)
-    assert out[0] == {"role": "system", "content": "Be brief."}
-    image_part, text_part = out[1]["content"]
-    assert image_part == {"type": "image", "image": "a.png"}
-    assert text_part["text"].startswith("Answer the following questions")
-    assert text_part["text"].endswith("Begin!\n\nQuestion: What is it?")
-    assert out[2] == {"role": "assistant", "content": "A circle."}
-    assert out[3] == {"role": "user", "content": "Question: And its color?"}
+    assert out[0] == Message.system("Be brief.")
+    assert out[1].role == "user"
+    image_part, text_part = out[1].parts
+    assert image_part == ImagePart("a.png")
+    assert isinstance(text_part, TextPart) and text_part.text.startswith("Answer the following questions")
+    assert text_part.text.endswith("Begin!\n\nQuestion: What is it?")
+    assert out[2] == Message.assistant("A circle.")
+    assert out[3] == Message.user("Question: And its color?")
     assert messages[1]["content"][1]["text"] == "What is it?"  # the input is not modified
 
 
@@ -246,13 +247,13 @@ def test_render_folds_calls_and_observations_into_assistant_text() -> None:
         {"role": "assistant", "content": "A red circle."},
     ]
     out = render_tool_messages(messages, TOOLS)
-    assert [m["role"] for m in out] == ["user", "assistant"]
-    assert out[1]["content"] == (
+    assert [m.role for m in out] == ["user", "assistant"]
+    assert out[1] == Message.assistant(
         'Thought: I should look at it.\nAction: describe_image\nAction Input: {"image": "image_1"}\n'
         "Observation: A red circle.\nThought: I now know the final answer\nFinal Answer: A red circle."
     )
     # the reply that answers it parses back to the same call
-    call_text = out[1]["content"].split("\nObservation:")[0]
+    call_text = out[1].text.split("\nObservation:")[0]
     assert parse_reply(call_text, TOOLS).tool_calls[0].arguments == {"image": "image_1"}
 
 
@@ -269,7 +270,7 @@ def test_render_accepts_every_call_form() -> None:
     texts = set()
     for call in forms:
         messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-        texts.add(render_tool_messages(messages, TOOLS)[-1]["content"].replace(" ", ""))
+        texts.add(render_tool_messages(messages, TOOLS)[-1].text.replace(" ", ""))
     assert len(texts) == 1
     with pytest.raises(PromptError, match="Cannot read the tool call"):
         render_tool_messages([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [42]}], TOOLS)
@@ -287,17 +288,17 @@ def test_render_keeps_images_returned_by_tools() -> None:
         {"role": "tool", "content": [{"type": "text", "text": "Drawn."}, picture], "tool_call_id": "a"},
     ]
     out = render_tool_messages(messages, TOOLS)
-    assert [m["role"] for m in out] == ["user", "assistant", "user"]
-    assert out[2]["content"] == [picture, {"type": "text", "text": "Observation: Drawn."}]
-    assert not out[2]["content"][1]["text"].startswith("Question:")
+    assert [m.role for m in out] == ["user", "assistant", "user"]
+    source = {"base64": "iVBORw0KGgo=", "mime_type": "image/png"}
+    assert out[2] == Message("user", (ImagePart(source), TextPart("Observation: Drawn.")))  # not a "Question:"
 
 
 def test_render_tool_choice() -> None:
     messages = [{"role": "user", "content": "hi"}]
-    assert render_tool_messages(messages, TOOLS, "none") == [{"role": "user", "content": "hi"}]
+    assert render_tool_messages(messages, TOOLS, "none") == [Message.user("hi")]
     named = render_tool_messages(messages, TOOLS, {"type": "function", "function": {"name": "visual_qa"}})
-    assert "describe_image" not in named[0]["content"] and "must call the visual_qa tool" in named[0]["content"]
-    assert "must call one of the tools" in render_tool_messages(messages, TOOLS, "required")[0]["content"]
+    assert "describe_image" not in named[0].text and "must call the visual_qa tool" in named[0].text
+    assert "must call one of the tools" in render_tool_messages(messages, TOOLS, "required")[0].text
     with pytest.raises(PromptError, match="not among the tools"):
         render_tool_messages(messages, TOOLS, {"type": "function", "function": {"name": "nope"}})
     with pytest.raises(PromptError, match="tool_choice"):
@@ -306,7 +307,7 @@ def test_render_tool_choice() -> None:
 
 def test_render_takes_openai_tool_dicts() -> None:
     out = render_tool_messages([{"role": "user", "content": "hi"}], [ASK.to_openai()])
-    assert "visual_qa: Call this tool" in out[0]["content"]
+    assert "visual_qa: Call this tool" in out[0].text
 
 
 def test_render_output_is_accepted_by_the_processor(processor) -> None:
@@ -374,9 +375,9 @@ def test_session_one_stop_rule_and_grammar_per_tool_choice() -> None:
     for choice in ("auto", "required", "visual_qa"):
         request = ToolSession.create(TOOLS, choice).prepare(messages, {"stop": ["Observation:", "END"]})
         assert request.generation["stop"] == ["Observation:", "END"]  # added once, whenever a call may come
-        assert "Action Input" in request.messages[0]["content"]
+        assert "Action Input" in request.messages[0].text
     request = ToolSession.create(TOOLS, "none").prepare(messages, {"temperature": 0})
-    assert request.generation == {"temperature": 0} and request.messages == messages
+    assert request.generation == {"temperature": 0} and request.messages == parse_messages(messages)
 
     assert "response_format" not in ToolSession.create(TOOLS, "auto").prepare(messages).generation
     forced = ToolSession.create(TOOLS, "required").prepare(messages).generation["response_format"]
@@ -387,7 +388,7 @@ def test_session_one_stop_rule_and_grammar_per_tool_choice() -> None:
     either = ToolSession.create(TOOLS, "auto", {"type": "json_object"}).grammar()
     assert either.kind == "tool_call" and either.answer.kind == "json_object"
     plain = ToolSession.create(None, None, {"type": "json_object"}).prepare(messages)
-    assert plain.generation["response_format"].kind == "json_object" and plain.messages == messages
+    assert plain.generation["response_format"].kind == "json_object" and plain.messages == parse_messages(messages)
     with pytest.raises(PromptError, match="response_format"):
         ToolSession.create().prepare(messages, {"response_format": {"type": "json_object"}})
 
@@ -408,7 +409,7 @@ def test_session_accepts_core_messages() -> None:
         Message("tool", (TextPart("A red circle."),), tool_call_id="c1"),
     ]
     request = ToolSession.create(TOOLS).prepare(history)
-    assert request.messages[1]["content"].endswith('Action Input: {"image": "image_1"}\nObservation: A red circle.')
+    assert request.messages[1].text.endswith('Action Input: {"image": "image_1"}\nObservation: A red circle.')
 
 
 def test_forced_calls_from_a_random_model_are_always_valid(runtime) -> None:

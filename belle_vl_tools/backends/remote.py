@@ -38,6 +38,8 @@ from ..backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
 from ..deadline import Deadline
 from ..errors import BackendError, PromptError
 from ..images import ImagePolicy, load_image
+from ..messages import Message as CoreMessage
+from ..messages import parse_messages, to_openai
 
 __all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "RemoteBackendError", "RemoteBelleVL"]
 
@@ -504,56 +506,19 @@ class RemoteBelleVL(VisionTasks):
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         data = base64.b64encode(buffer.getvalue()).decode("ascii")
-        return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
-
-    def _content(self, content: Any) -> Any:
-        if content is None or isinstance(content, str):
-            return content
-        if not isinstance(content, list | tuple):
-            raise PromptError(f"Message content must be a string or a list of parts, not {type(content).__name__}.")
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
-                continue
-            if not isinstance(part, Mapping):
-                raise PromptError(f"Content part {part!r:.80} must be a dict such as {{'type': 'text', ...}}.")
-            kind = part.get("type")
-            if kind == "text":
-                parts.append({"type": "text", "text": part.get("text", "")})
-            elif kind == "image":
-                source = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
-                if source is None and part.get("base64") is not None:
-                    source = {"base64": part["base64"], "mime_type": part.get("mime_type")}
-                if source is None:
-                    raise PromptError(f"Image part {part!r:.80} has no image: give it an 'image' key.")
-                parts.append(self._image_part(source))
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, Mapping) else url
-                parts.append(self._image_part(url))
-            else:
-                raise PromptError(f"Unsupported content part type {kind!r}: use 'text' or 'image' parts.")
-        return parts
+        return _PicturePart(type="image_url", image_url={"url": f"data:image/png;base64,{data}"})
 
     def _messages(self, messages: Sequence[Message], system: str | None) -> list[dict[str, Any]]:
         if not isinstance(messages, list | tuple) or not messages:
             raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts.")
-        if any(not isinstance(m, Mapping) for m in messages):
-            from ..messages import to_content_lists  # the shared message model (Message objects)
-
-            messages = to_content_lists(list(messages))
+        parsed = parse_messages(messages)  # the one reading of every accepted form
         out: list[dict[str, Any]] = []
-        if system is not None and not (isinstance(messages[0], Mapping) and messages[0].get("role") == "system"):
+        if system is not None and parsed[0].role != "system":
             out.append({"role": "system", "content": system})
-        for i, message in enumerate(messages):
-            if not isinstance(message, Mapping) or "role" not in message:
-                raise PromptError(f"Message {i} must be a dict with 'role' and 'content'.")
-            converted = {k: v for k, v in message.items() if k != "content"}
-            converted["content"] = self._content(message.get("content"))
-            if converted["role"] == "system" and system is not None:
-                converted["content"] = system
-            out.append(converted)
+        for message in parsed:
+            if message.role == "system" and system is not None:
+                message = CoreMessage.system(system)
+            out.append(to_openai(message, self._image_part))
         return out
 
     def _body(
@@ -773,13 +738,17 @@ def _usage(data: Any, images: int) -> Usage:
     )
 
 
+class _PicturePart(dict):
+    """An ``image_url`` part this client wrote (a plain dict on the wire; its type counts the request's pictures)."""
+
+
 def _count_images(body: Mapping[str, Any]) -> int:
     return sum(
         1
         for message in body.get("messages", [])
         if isinstance(message.get("content"), list)
         for part in message["content"]
-        if part.get("type") == "image_url"
+        if isinstance(part, _PicturePart)
     )
 
 

@@ -26,6 +26,7 @@ No torch here: the collator that makes tensors lives in :mod:`belle_vl_tools.fin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,7 @@ from PIL import Image
 
 from ..errors import BelleVLError
 from ..images import ImagePolicy, load_image
+from ..messages import ImagePart, MessageInput, Part, parse_messages
 
 if TYPE_CHECKING:
     from ..processing_qwen_vl import QWenVLProcessor
@@ -191,29 +193,26 @@ def _check_order(messages: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(f"two {a} messages in a row: user and assistant messages must alternate")
 
 
-def _resolve_sources(messages: list[dict[str, Any]], base: Path | None) -> list[dict[str, Any]]:
+def _resolve_sources(messages: list[dict[str, Any]], base: Path | None) -> Sequence[MessageInput]:
     """Messages with relative picture paths made relative to ``base`` (the data file's folder)."""
     if base is None:
         return messages
-    out = []
-    for msg in messages:
-        content = msg.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if isinstance(part, Mapping) and part.get("type") == "image":
-                    key = next((k for k in ("image", "path") if isinstance(part.get(k), str)), None)
-                    if key is not None and not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", part[key]):
-                        path = Path(part[key]).expanduser()
-                        part = {**part, key: str(path if path.is_absolute() else base / path)}
-                parts.append(part)
-            msg = {**msg, "content": parts}
-        out.append(msg)
-    return out
+
+    def resolved(part: Part) -> Part:
+        if isinstance(part, ImagePart) and isinstance(part.source, str):
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", part.source):
+                path = Path(part.source).expanduser()
+                return ImagePart(str(path if path.is_absolute() else base / path))
+        return part
+
+    return [
+        dataclasses.replace(message, parts=tuple(resolved(part) for part in message.parts))
+        for message in parse_messages(messages)
+    ]
 
 
 def label_ids(
-    processor: QWenVLProcessor, messages: Sequence[Mapping[str, Any]], mask: LabelMask = "reference"
+    processor: QWenVLProcessor, messages: Sequence[MessageInput], mask: LabelMask = "reference"
 ) -> tuple[list[int], list[int], list[Any]]:
     """``(input_ids, labels, picture sources)`` of one conversation, laid out and masked as the reference does
     (``mask="reference"``), or with only the assistant content and its closing ``<|im_end|>`` counted

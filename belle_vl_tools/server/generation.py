@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.util
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from ..backend import Backend, ChatResult, StreamChunk, Usage
+from ..backend import Backend, ChatResult, Message, StreamChunk, Usage
 from .errors import bad_request
 from .protocol import Sampling
 from .scheduler import BatchScheduler, Job, batch_key
@@ -86,9 +86,9 @@ class Generator(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def complete(self, messages: list[dict[str, Any]], sampling: Sampling, is_gone: IsGone) -> Output: ...
+    async def complete(self, messages: Sequence[Message], sampling: Sampling, is_gone: IsGone) -> Output: ...
 
-    def stream(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Delta]: ...
+    def stream(self, messages: Sequence[Message], sampling: Sampling) -> AsyncIterator[Delta]: ...
 
 
 def check_features(generator: Generator, sampling: Sampling) -> None:
@@ -173,7 +173,7 @@ class BackendGenerator:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.scheduler.close)
 
-    async def complete(self, messages: list[dict[str, Any]], sampling: Sampling, is_gone: IsGone) -> Output:
+    async def complete(self, messages: Sequence[Message], sampling: Sampling, is_gone: IsGone) -> Output:
         loop = asyncio.get_running_loop()
         generation = self._kwargs(sampling)
         job = Job(messages, generation, loop, key=batch_key(generation), future=loop.create_future())
@@ -185,7 +185,7 @@ class BackendGenerator:
                 self.scheduler.cancel(job)
         return Output(result.text, result.finish_reason, result.usage)
 
-    async def stream(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Delta]:
+    async def stream(self, messages: Sequence[Message], sampling: Sampling) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         job = Job(messages, self._kwargs(sampling), loop, stream=True, events=asyncio.Queue())
         self.scheduler.submit(job)
@@ -328,7 +328,7 @@ class EngineGenerator:
             raise QueueFullError(self.max_queue)
         self._counts["requests"] += 1
 
-    async def complete(self, messages: list[dict[str, Any]], sampling: Sampling, is_gone: IsGone) -> Output:
+    async def complete(self, messages: Sequence[Message], sampling: Sampling, is_gone: IsGone) -> Output:
         params = await _until_done_or_gone(self._params(sampling), is_gone)
         self._admit()
         try:
@@ -344,7 +344,7 @@ class EngineGenerator:
             logprobs=[_token_logprob(e) for e in result.logprobs] if result.logprobs is not None else None,
         )
 
-    async def stream(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Delta]:
+    async def stream(self, messages: Sequence[Message], sampling: Sampling) -> AsyncIterator[Delta]:
         params = await self._params(sampling)
         self._admit()
         events = self.engine.stream(messages, params)

@@ -31,6 +31,8 @@ from openai.types.chat import completion_create_params as chat_params
 from openai.types.chat.completion_create_params import ResponseFormat
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from ..errors import PromptError
+from ..messages import ImagePart, Part, parse_part
 from .errors import APIError, bad_request
 
 __all__ = [
@@ -360,23 +362,22 @@ def _parse_content(content: Any, index: int, role: str, images: list[tuple[int, 
         raise bad_request(f"{bad.message} {role} message content holds {kinds} parts.", bad.param) from None
     if content is None or isinstance(content, str):
         return content or ""
-    parts: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
+    parts: list[Part] = []
+    for j, raw_part in enumerate(content):
         where = f"{param}[{j}]"
-        kind = part.get("type")
-        if kind == "text":
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            image_url = part["image_url"]
-            url = image_url.get("url")
-            detail = image_url.get("detail")
-            if detail not in (None, "auto"):
+        try:
+            part = parse_part(raw_part)  # the core's one reading of content parts
+        except PromptError as exc:
+            raise bad_request(f"{where}: {exc} This server reads 'text' and 'image_url' parts.", where) from None
+        if isinstance(part, ImagePart):
+            url = part.source
+            if part.detail not in (None, "auto"):
                 raise bad_request(
-                    f"{where}.image_url.detail is {detail!r}: this model sees every picture at one resolution "
+                    f"{where}.image_url.detail is {part.detail!r}: this model sees every picture at one resolution "
                     "(448x448); leave detail out or use 'auto'.",
                     f"{where}.image_url.detail",
                 )
-            if not isinstance(url, str) or not url.strip():
+            if not url.strip():
                 raise bad_request(f"{where} needs {{'image_url': {{'url': 'data:image/png;base64,...'}}}}.", where)
             if not url.lstrip()[:8].lower().startswith(("data:", "http://", "https://")):
                 raise bad_request(
@@ -385,9 +386,7 @@ def _parse_content(content: Any, index: int, role: str, images: list[tuple[int, 
                     code="invalid_image_url",
                 )
             images.append((index, len(parts), url))
-            parts.append({"type": "image_url", "image_url": {"url": url}})
-        else:
-            raise bad_request(f"{where} has type {kind!r}: this model reads 'text' and 'image_url' parts.", where)
+        parts.append(part)
     return parts
 
 

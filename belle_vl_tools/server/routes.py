@@ -34,6 +34,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..backend import Usage
 from ..images import ImagePolicy
+from ..messages import ImagePart, MessageInput
 from .errors import APIError, QueueFullError, api_error
 from .generation import Delta, Generator, Output, TokenLogprob, check_features
 from .media import MediaPool, PixelTicket
@@ -307,14 +308,16 @@ def build_router(state: ServerState) -> APIRouter:
         except Exception as exc:
             raise api_error(exc, "messages") from None
         for (index, part_index, _), picture in zip(chat.image_sources, pictures, strict=True):
-            chat.messages[index]["content"][part_index] = {"type": "image", "image": picture}
+            chat.messages[index]["content"][part_index] = ImagePart(picture)
 
     def count_tokens(outputs: Sequence[Output]) -> None:
         usage = _sum_usage(outputs)
         metrics.prompt_tokens.inc(usage.prompt_tokens)
         metrics.completion_tokens.inc(usage.completion_tokens)
 
-    async def complete_all(request: Request, messages: list[dict[str, Any]], samplings: list[Sampling]) -> list[Output]:
+    async def complete_all(
+        request: Request, messages: Sequence[MessageInput], samplings: list[Sampling]
+    ) -> list[Output]:
         tasks = [
             asyncio.ensure_future(generator.complete(messages, sampling, request.is_disconnected))
             for sampling in samplings
@@ -409,7 +412,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     async def stream_chat(
         chat: ChatRequest,
-        messages: list[dict[str, Any]],
+        messages: Sequence[MessageInput],
         samplings: list[Sampling],
         request_id: str,
         arrived: float,

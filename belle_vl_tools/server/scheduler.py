@@ -18,10 +18,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..backend import Backend, ChatResult
+from ..backend import Backend, ChatResult, Message
 from .errors import APIError, QueueFullError
 
 logger = logging.getLogger("belle_vl_tools.server")
@@ -33,7 +33,7 @@ __all__ = ["BatchScheduler", "Job", "batch_key"]
 class Job:
     """One request waiting for, or getting, its answer."""
 
-    messages: list[dict[str, Any]]
+    messages: Sequence[Message]
     generation: dict[str, Any]
     loop: asyncio.AbstractEventLoop
     stream: bool = False

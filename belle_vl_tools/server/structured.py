@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..messages import DEFAULT_SYSTEM
+from ..messages import DEFAULT_SYSTEM, Message, TextPart
 from .protocol import ChatRequest, Sampling
 
 __all__ = ["ChoiceContent", "Plan", "extract_json", "plan"]
@@ -35,7 +35,7 @@ class Plan:
     JSON); a streamed request then gets the parsed answer as a few chunks.
     """
 
-    messages: list[dict[str, Any]]
+    messages: list[Message]
     sampling: Sampling
     whole_answer_first: bool
     parse: Callable[[str, str], ChoiceContent]
@@ -126,8 +126,8 @@ def _with_json_instruction(request: ChatRequest, messages: list[dict[str, Any]])
     messages = [dict(m) for m in messages]
     if messages[0]["role"] == "system":
         text = messages[0]["content"]
-        if isinstance(text, list):
-            text = "\n".join(p["text"] for p in text if p.get("type") == "text")
+        if isinstance(text, list):  # the request's parts, read by the message model
+            text = "\n".join(part.text for part in text if isinstance(part, TextPart))
         messages[0]["content"] = f"{text}\n{instruction}" if text else instruction
     else:
         messages.insert(0, {"role": "system", "content": f"{DEFAULT_SYSTEM}\n{instruction}"})
