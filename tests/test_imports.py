@@ -98,10 +98,12 @@ def test_pipeline_finds_the_model_after_import_belle_vl_tools(tiny_dir):
 # ---------------------------------------------------------------------------------------------------------------
 
 LAYERS: list[set[str]] = [
-    # 0: no model code: errors, the message model, pictures, prompts, boxes, the task registry, config
+    # 0: no model code: errors, the message model, the sampling settings, pictures, prompts, boxes, the task
+    # registry, config
     {
         "errors",
         "messages",
+        "sampling",
         "images",
         "prompts",
         "grounding",

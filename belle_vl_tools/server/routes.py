@@ -38,13 +38,13 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..backend import Usage
 from ..images import ImagePolicy
+from ..sampling import SamplingParams
 from .errors import APIError, QueueFullError, api_error
 from .generation import Delta, Generator, Output, TokenLogprob, check_features
 from .media import MediaPool, PixelTicket
 from .metrics import Metrics
 from .protocol import (
     ChatRequest,
-    Sampling,
     TextRequest,
     parse_chat_request,
     parse_completion_request,
@@ -304,7 +304,7 @@ class OpenAIServing:
         return parse_json(await read_body(request, self.config.max_request_bytes))
 
     async def complete_jobs(
-        self, request: Request, jobs: Sequence[tuple[list[dict[str, Any]], Sampling]]
+        self, request: Request, jobs: Sequence[tuple[list[dict[str, Any]], SamplingParams]]
     ) -> list[Output]:
         """Whole answers of ``(messages, settings)`` jobs, generated together; all are cancelled if one fails or
         the client goes away."""
@@ -472,7 +472,7 @@ class OpenAIServingChat(OpenAIServing):
         self,
         chat: ChatRequest,
         messages: list[dict[str, Any]],
-        samplings: list[Sampling],
+        samplings: list[SamplingParams],
         request_id: str,
         arrived: float,
     ) -> Response:
