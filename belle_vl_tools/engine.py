@@ -32,13 +32,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .backend import Usage
-from .errors import BelleVLError, PromptError
+from .errors import BelleVLError, SamplingError
 from .modeling_qwen_vl import CACHE_FIELD, QWenCacheLayer
 from .processing_qwen_vl import ChatInputs
 from .runtime import AnswerText, BelleVL
-
-#: Seeds ``torch.Generator.manual_seed`` accepts.
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+from .sampling import SamplingParams
 
 
 @runtime_checkable
@@ -54,92 +52,6 @@ class RowProcessor(Protocol):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class SamplingParams:
-    """Per-request generation settings; ``None`` takes the checkpoint's generation_config.json value.
-
-    * ``temperature`` 0 is greedy; ``top_p`` in (0, 1]; ``top_k`` 0 means no top-k.
-    * ``presence_penalty`` / ``frequency_penalty`` (-2 to 2) follow OpenAI: the logit of a token already generated
-      ``c`` times drops by ``presence_penalty + c * frequency_penalty``.
-    * ``repetition_penalty`` (> 0) follows transformers: logits of tokens in the prompt or the answer are divided
-      by it (multiplied when negative).
-    * ``logit_bias`` (token id -> -100 to 100) is added to the logits.
-    * ``stop``: strings that end the answer (not included in it).
-    * ``logprobs`` / ``top_logprobs`` (0 to 20): log-probabilities of the chosen tokens (log-softmax of the
-      model's logits, before any processing) and of the most likely alternatives.
-    * ``seed``: the row's sampling draws from its own generator seeded with it (reproducible in any batch).
-    * ``processors``: :class:`RowProcessor` objects applied last, before the token is chosen.
-
-    Invalid values raise :class:`~belle_vl_tools.errors.PromptError` (a ``ValueError``) naming the field.
-    """
-
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    processors: list[RowProcessor] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`PromptError` naming the first invalid field."""
-
-        def bad(name: str, rule: str) -> PromptError:
-            return PromptError(f"Invalid {name}={getattr(self, name)!r}: {rule}.")
-
-        if self.max_new_tokens is not None and not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
-            raise bad("max_new_tokens", "must be an integer >= 1")
-        if self.temperature is not None and not (_is_number(self.temperature) and self.temperature >= 0):
-            raise bad("temperature", "must be a finite number >= 0 (0 is greedy)")
-        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise bad("top_p", "must be a number in (0, 1]")
-        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
-            raise bad("top_k", "must be an integer >= 0 (0 disables top-k)")
-        if self.seed is not None and not (_is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX):
-            raise bad("seed", f"must be an integer from {_SEED_MIN} to {_SEED_MAX}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not (_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
-                raise bad(name, "must be a number from -2 to 2")
-        if self.repetition_penalty is not None and not (
-            _is_number(self.repetition_penalty) and self.repetition_penalty > 0
-        ):
-            raise bad("repetition_penalty", "must be a number > 0 (1 disables it)")
-        if not isinstance(self.logit_bias, dict):
-            raise bad("logit_bias", "must be a dict of token id -> bias")
-        for key, value in self.logit_bias.items():
-            if not (_is_int(key) and key >= 0):
-                raise PromptError(f"Invalid logit_bias key {key!r}: token ids are integers >= 0.")
-            if not (_is_number(value) and -100 <= value <= 100):
-                raise PromptError(f"Invalid logit_bias value {value!r} for token {key}: a number from -100 to 100.")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "must be a string or a list of non-empty strings")
-        self.stop = list(self.stop)
-        if not isinstance(self.logprobs, bool):
-            raise bad("logprobs", "must be true or false")
-        if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20):
-            raise bad("top_logprobs", "must be an integer from 0 to 20")
-        if self.top_logprobs and not self.logprobs:
-            raise bad("top_logprobs", "needs logprobs=True")
-        if not isinstance(self.processors, list | tuple) or not all(callable(p) for p in self.processors):
-            raise bad("processors", "must be a list of callables (generated_ids, logits) -> logits")
-        self.processors = list(self.processors)
 
 
 @dataclass(frozen=True)
@@ -441,6 +353,12 @@ class BatchEngine:
     def resolve(self, params: SamplingParams) -> dict[str, Any]:
         """The request's settings with the checkpoint's defaults filled in; checks token ids against the vocabulary."""
         params.validate()
+        if params.response_format is not None:
+            raise SamplingError(
+                "The BatchEngine takes structured output as a row processor: pass "
+                "processors=[belle_vl_tools.constrained.RowProcessor(grammar, ...)] instead of response_format.",
+                "response_format",
+            )
         settings = dict(self._defaults)
         for key in settings:
             value = getattr(params, key)
@@ -448,8 +366,9 @@ class BatchEngine:
                 settings[key] = value
         for token in params.logit_bias:
             if token >= self._vocab:
-                raise PromptError(
-                    f"Invalid logit_bias key {token}: this model's token ids go from 0 to {self._vocab - 1}."
+                raise SamplingError(
+                    f"Invalid logit_bias key {token}: this model's token ids go from 0 to {self._vocab - 1}.",
+                    "logit_bias",
                 )
         return settings
 

@@ -56,6 +56,15 @@ class PromptError(BelleVLError, ValueError):
     """Messages or generation arguments are malformed (wrong roles, bad content parts, bad values)."""
 
 
+class SamplingError(PromptError):
+    """A generation setting has a value outside what it admits; ``param`` names the setting (as
+    :class:`~belle_vl_tools.sampling.SamplingParams` calls it)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class ContextLengthError(PromptError):
     """The prompt and the answer asked for do not fit the model's context. ``prompt_tokens``, ``max_new_tokens``
     and ``limit`` (when known) let each front end say which of its own settings to change."""

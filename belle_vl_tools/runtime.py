@@ -40,11 +40,12 @@ from transformers.generation.streamers import BaseStreamer
 from .backend import ChatResult, Message, StreamChunk, Usage, VisionTasks
 from .checkpoint_checks import check_checkpoint_folder, check_finite_weights
 from .constrained import Grammar, grammar_from, logits_processor
-from .errors import CheckpointError, ContextLengthError, PromptError
+from .errors import CheckpointError, ContextLengthError, PromptError, SamplingError
 from .images import ImagePolicy, _resolve_local_path, image_digest, load_image
 from .messages import parse_messages
 from .modeling_qwen_vl import CACHE_FIELD, QWenCache, QWenLMHeadModel, QWenStaticCache, ntk_alpha, stop_token_ids
 from .processing_qwen_vl import ChatInputs, QWenVLProcessor
+from .sampling import SamplingParams
 from .tokenization_qwen_vl import IncrementalDecoder, QWenTokenizer
 
 #: Generation arguments understood by every backend (others pass through to ``transformers`` generate).
@@ -76,51 +77,43 @@ class _Settings:
 
 def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settings:
     """Defaults from generation_config.json (or a ``generation_config`` argument), overridden by explicit
-    arguments; validated."""
+    arguments: the sampling settings are checked by :class:`~belle_vl_tools.sampling.SamplingParams`, the other
+    transformers ``GenerationConfig`` fields here."""
     kwargs = dict(kwargs)
     override = kwargs.pop("generation_config", None)
     if override is not None:
         if not isinstance(override, GenerationConfig):
             raise PromptError("generation_config must be a transformers GenerationConfig.")
         base = override
-    stop = kwargs.pop("stop", None) or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
-        raise PromptError("stop must be a string or a list of non-empty strings.")
-    seed = kwargs.pop("seed", None)
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise PromptError(f"seed must be an integer, not {seed!r}.")
-    grammar = grammar_from(kwargs.pop("response_format", None))
     for key in ("stream", "streaming", "n"):
         kwargs.pop(key, None)
+    params, extra = SamplingParams.from_kwargs(kwargs)
+    unsupported = params.engine_only()
+    if unsupported:
+        raise SamplingError(
+            f"{unsupported[0]} is honoured by the batching engine (belle_vl_tools.engine.BatchEngine), not by "
+            "BelleVL.chat / stream / generate_batch: leave it out, or answer through the engine.",
+            unsupported[0],
+        )
+    grammar = grammar_from(params.response_format)
 
     config = GenerationConfig.from_dict(base.to_dict())
-    temperature = kwargs.pop("temperature", None)
-    if temperature is not None:
-        if not isinstance(temperature, int | float) or temperature < 0:
-            raise PromptError(f"temperature must be a number >= 0, not {temperature!r}.")
-        if temperature == 0:
-            kwargs.setdefault("do_sample", False)
+    if params.temperature is not None:
+        if params.temperature == 0:
+            extra.setdefault("do_sample", False)
         else:
-            config.temperature = float(temperature)
-            kwargs.setdefault("do_sample", True)
-    max_tokens = kwargs.pop("max_tokens", None)
-    if max_tokens is not None:
-        kwargs.setdefault("max_new_tokens", max_tokens)
-    checks = {
-        "max_new_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "top_p": lambda v: isinstance(v, int | float) and 0 < v <= 1,
-        "top_k": lambda v: isinstance(v, int) and v >= 0,
-        "repetition_penalty": lambda v: isinstance(v, int | float) and v > 0,
-        "do_sample": lambda v: isinstance(v, bool),
-    }
-    for key, value in kwargs.items():
+            config.temperature = float(params.temperature)
+            extra.setdefault("do_sample", True)
+    for key in ("max_new_tokens", "top_p", "top_k", "repetition_penalty"):
+        value = getattr(params, key)
+        if value is not None:
+            setattr(config, key, value)
+    for key, value in extra.items():
         if value is None:
             continue
-        if key in checks and not checks[key](value):
+        if key == "do_sample" and not isinstance(value, bool):
             raise PromptError(f"Invalid generation argument {key}={value!r}.")
-        if key not in checks and not hasattr(config, key):
+        if not hasattr(config, key):
             raise PromptError(
                 f"Unknown generation argument {key!r}: use {', '.join(GENERATION_ARGS)} "
                 "or another transformers GenerationConfig field."
@@ -132,7 +125,7 @@ def _resolve_settings(base: GenerationConfig, kwargs: dict[str, Any]) -> _Settin
         config.top_k = None
     config.use_cache = True
     config.return_dict_in_generate = True
-    return _Settings(config=config, stop=list(stop), seed=seed, grammar=grammar)
+    return _Settings(config=config, stop=list(params.stop), seed=params.seed, grammar=grammar)
 
 
 @contextlib.contextmanager

@@ -402,6 +402,8 @@ def test_bad_inputs_are_refused_before_queueing(engine, runtime):
         engine.complete_sync([{"role": "user", "content": "hi"}], greedy(logit_bias={10**7: 1}))
     with pytest.raises(PromptError, match="top_logprobs"):
         SamplingParams(top_logprobs=2)  # without logprobs=True
+    with pytest.raises(PromptError, match="response_format"):  # a grammar goes in as a row processor, not dropped
+        engine.complete_sync([{"role": "user", "content": "hi"}], greedy(response_format={"type": "json_object"}))
     with pytest.raises(PromptError):
         run(engine.complete([], GREEDY))
 

@@ -98,12 +98,13 @@ def test_pipeline_finds_the_model_after_import_belle_vl_tools(tiny_dir):
 # ---------------------------------------------------------------------------------------------------------------
 
 LAYERS: list[set[str]] = [
-    # 0: no model code: errors, the total deadline, the message model, pictures, prompts, boxes, the task registry,
-    # config
+    # 0: no model code: errors, the total deadline, the message model, the sampling settings, pictures, prompts,
+    # boxes, the task registry, config
     {
         "errors",
         "deadline",
         "messages",
+        "sampling",
         "images",
         "images.policy",
         "images.sources",

@@ -154,6 +154,25 @@ def test_generation_arguments_are_validated(runtime):
             runtime.chat(messages, **bad)
 
 
+def test_sampling_settings_are_checked_by_the_shared_model(runtime):
+    from belle_vl_tools.errors import SamplingError
+    from belle_vl_tools.sampling import SamplingParams
+
+    messages = [{"role": "user", "content": "hi"}]
+    for bad in ({"top_p": 2.0}, {"seed": 2**80}, {"max_tokens": 0}, {"temperature": float("inf")}):
+        with pytest.raises(SamplingError) as from_runtime:
+            runtime.chat(messages, **bad)
+        with pytest.raises(SamplingError) as from_model:
+            SamplingParams.from_kwargs(bad)
+        assert str(from_runtime.value) == str(from_model.value)  # one rule, one message
+        assert from_runtime.value.param == from_model.value.param
+    # what only the batching engine honours is refused by name, not dropped
+    for name, value in (("presence_penalty", 0.5), ("logit_bias", {5: 1.0}), ("logprobs", True)):
+        with pytest.raises(SamplingError, match=f"{name} is honoured by the batching engine") as caught:
+            runtime.chat(messages, max_new_tokens=2, **{name: value})
+        assert caught.value.param == name
+
+
 def test_sampling_with_seed_is_reproducible(runtime):
     messages = [{"role": "user", "content": "Say something random."}]
     a = runtime.chat(messages, temperature=1.0, top_p=1.0, seed=7, max_new_tokens=10).text

@@ -770,6 +770,36 @@ def test_the_backend_scheduler_refuses_what_only_the_engine_can_do():
             assert error_of(response)["param"] == next(iter(extra)) and "Scripted" in error_of(response)["message"]
         reply = client.post("/v1/chat/completions", json={**body, "n": 2}).json()
         assert [c["message"]["content"] for c in reply["choices"]] == ["ok", "ok"]
+        tool = {"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}
+        response = client.post("/v1/chat/completions", json={**body, "tools": [tool], "tool_choice": "required"})
+        assert response.status_code == 400 and error_of(response)["param"] == "tool_choice"
+        assert "grammar-constrained decoding" in error_of(response)["message"]
+
+
+def test_the_backend_gets_the_settings_and_the_request_own_response_format():
+    from fastapi.testclient import TestClient
+
+    backend = Scripted('{"a": 1}')
+    with TestClient(create_app(backend)) as client:
+        body = {
+            "model": "scripted",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 7,
+            "temperature": 0.5,
+            "seed": 3,
+            "stop": "END",
+            "response_format": {"type": "json_object"},
+        }
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == '{"a": 1}'
+    generation = backend.calls[-1][1]
+    assert generation == {
+        "max_new_tokens": 7,
+        "temperature": 0.5,
+        "seed": 3,
+        "stop": ["END"],
+        "response_format": {"type": "json_object"},
+    }
 
 
 # --- the media pool -----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .errors import APIError, api_error
 from .generation import make_generator
 from .media import DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_SERVER_PIXELS, MediaPool
 from .metrics import Metrics
-from .routes import ServerConfig, ServerState, build_router
+from .routes import ServerConfig, ServerState, init_app_state, router
 
 logger = logging.getLogger("belle_vl_tools.server")
 
@@ -185,7 +185,8 @@ def create_app(
         return api_error(exc).response()
 
     app.add_middleware(_KeyAndMetrics, api_key=config.api_key, metrics=metrics)
-    app.include_router(build_router(state))
+    init_app_state(app.state, state)
+    app.include_router(router)
     return app
 
 

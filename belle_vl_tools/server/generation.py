@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any, Protocol
 
 from ..backend import Backend, ChatResult, Message, StreamChunk, Usage
+from ..sampling import SamplingParams
 from .errors import bad_request
-from .protocol import Sampling
 from .scheduler import BatchScheduler, Job, batch_key
 
 __all__ = [
@@ -86,25 +86,29 @@ class Generator(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def complete(self, messages: Sequence[Message], sampling: Sampling, is_gone: IsGone) -> Output: ...
+    async def complete(self, messages: Sequence[Message], sampling: SamplingParams, is_gone: IsGone) -> Output: ...
 
-    def stream(self, messages: Sequence[Message], sampling: Sampling) -> AsyncIterator[Delta]: ...
+    def stream(self, messages: Sequence[Message], sampling: SamplingParams) -> AsyncIterator[Delta]: ...
 
 
-def check_features(generator: Generator, sampling: Sampling) -> None:
+def check_features(generator: Generator, sampling: SamplingParams) -> None:
     """A 400 naming the first parameter the generator cannot honour."""
     backend = getattr(generator, "name", "backend")
-    for name in sampling.needs():
+    for name in sampling.engine_only():
         if name not in generator.features:
+            if name == "processors":
+                raise bad_request(
+                    "Logits processors need the local runtime's batching engine.", None, "unsupported_parameter"
+                )
             raise bad_request(
                 f"{name} is not supported by this server's backend ({backend}): it needs the local "
                 "runtime's batching engine.",
                 name,
                 "unsupported_parameter",
             )
-    if sampling.processors and "processors" not in generator.features:
-        raise bad_request("Logits processors need the local runtime's batching engine.", None, "unsupported_parameter")
-    if sampling.grammar is not None and "grammar" not in generator.features and sampling.response_format is None:
+    # a Grammar (not a response_format mapping) is a tool call's: only a backend that builds grammars can take it
+    grammar = sampling.response_format
+    if grammar is not None and not isinstance(grammar, Mapping) and "grammar" not in generator.features:
         raise bad_request(
             f"A forced tool call needs grammar-constrained decoding, which this server's backend ({backend}) "
             "cannot do: use tool_choice 'auto'.",
@@ -147,13 +151,10 @@ class BackendGenerator:
         # the local runtime applies a grammar itself (response_format=Grammar)
         self.features = frozenset({"grammar"}) if _is_local_runtime(backend) else frozenset()
 
-    def _kwargs(self, sampling: Sampling) -> dict[str, Any]:
-        kwargs = sampling.backend_kwargs()
-        if sampling.grammar is not None:
-            # the runtime takes the grammar; another backend gets the request's own response_format (a remote
-            # server constrains it there); check_features refused what neither can do
-            kwargs["response_format"] = sampling.grammar if "grammar" in self.features else sampling.response_format
-        return kwargs
+    def _kwargs(self, sampling: SamplingParams) -> dict[str, Any]:
+        # a response_format goes as it is: the runtime builds its grammar, a remote server constrains it there;
+        # check_features refused what the backend cannot do
+        return sampling.as_kwargs()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -173,7 +174,7 @@ class BackendGenerator:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.scheduler.close)
 
-    async def complete(self, messages: Sequence[Message], sampling: Sampling, is_gone: IsGone) -> Output:
+    async def complete(self, messages: Sequence[Message], sampling: SamplingParams, is_gone: IsGone) -> Output:
         loop = asyncio.get_running_loop()
         generation = self._kwargs(sampling)
         job = Job(messages, generation, loop, key=batch_key(generation), future=loop.create_future())
@@ -185,7 +186,7 @@ class BackendGenerator:
                 self.scheduler.cancel(job)
         return Output(result.text, result.finish_reason, result.usage)
 
-    async def stream(self, messages: Sequence[Message], sampling: Sampling) -> AsyncIterator[Delta]:
+    async def stream(self, messages: Sequence[Message], sampling: SamplingParams) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         job = Job(messages, self._kwargs(sampling), loop, stream=True, events=asyncio.Queue())
         self.scheduler.submit(job)
@@ -240,7 +241,9 @@ def _token_logprob(entry: Any) -> TokenLogprob:
 class EngineGenerator:
     """The local runtime through the iteration-level batching engine."""
 
-    features = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "processors", "grammar"})
+    features = frozenset(
+        {"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "processors", "grammar"}
+    )
 
     def __init__(self, runtime: Any, *, max_batch_size: int, max_queue: int, on_batch: Callable[[int], None]) -> None:
         from ..engine import BatchEngine
@@ -286,39 +289,26 @@ class EngineGenerator:
         self._closed = True
         await asyncio.to_thread(self.engine.close)
 
-    async def _params(self, sampling: Sampling) -> Any:
-        from ..engine import SamplingParams
-
+    async def _params(self, sampling: SamplingParams) -> SamplingParams:
+        """The settings for the engine: a response_format becomes a compiled grammar's row processor."""
         processors = list(sampling.processors)
-        if sampling.grammar is not None:
-            from ..constrained import RowProcessor, compile_grammar_async
+        if sampling.response_format is not None:
+            from ..constrained import RowProcessor, compile_grammar_async, grammar_from
 
-            limit = sampling.max_new_tokens or self.runtime.generation_config.max_new_tokens or 512
-            vocab = self.runtime.model.config.vocab_size
-            tokenizer = self.runtime.tokenizer
-            # compiled on a thread of its own under its time budget: neither this event loop nor the engine's
-            # decoding loop waits on it (the processor then only builds a matcher)
-            compiled = await compile_grammar_async(sampling.grammar, tokenizer, vocab)
-            processors.append(
-                RowProcessor(sampling.grammar, tokenizer, vocab_size=vocab, max_new_tokens=limit, compiled=compiled)
-            )
+            grammar = grammar_from(sampling.response_format)
+            if grammar is not None:
+                limit = sampling.max_new_tokens or self.runtime.generation_config.max_new_tokens or 512
+                vocab = self.runtime.model.config.vocab_size
+                tokenizer = self.runtime.tokenizer
+                # compiled on a thread of its own under its time budget: neither this event loop nor the engine's
+                # decoding loop waits on it (the processor then only builds a matcher)
+                compiled = await compile_grammar_async(grammar, tokenizer, vocab)
+                processors.append(
+                    RowProcessor(grammar, tokenizer, vocab_size=vocab, max_new_tokens=limit, compiled=compiled)
+                )
         try:
-            return SamplingParams(
-                max_new_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                seed=sampling.seed,
-                presence_penalty=sampling.presence_penalty,
-                frequency_penalty=sampling.frequency_penalty,
-                repetition_penalty=sampling.repetition_penalty,
-                logit_bias=dict(sampling.logit_bias),
-                stop=list(sampling.stop),
-                logprobs=sampling.logprobs,
-                top_logprobs=sampling.top_logprobs,
-                processors=processors,
-            )
-        except ValueError as exc:  # PromptError naming the field
+            return dataclasses.replace(sampling, response_format=None, processors=processors)
+        except ValueError as exc:  # SamplingError naming the field
             raise bad_request(" ".join(str(exc).split())) from None
 
     def _admit(self) -> None:
@@ -328,7 +318,7 @@ class EngineGenerator:
             raise QueueFullError(self.max_queue)
         self._counts["requests"] += 1
 
-    async def complete(self, messages: Sequence[Message], sampling: Sampling, is_gone: IsGone) -> Output:
+    async def complete(self, messages: Sequence[Message], sampling: SamplingParams, is_gone: IsGone) -> Output:
         params = await _until_done_or_gone(self._params(sampling), is_gone)
         self._admit()
         try:
@@ -344,7 +334,7 @@ class EngineGenerator:
             logprobs=[_token_logprob(e) for e in result.logprobs] if result.logprobs is not None else None,
         )
 
-    async def stream(self, messages: Sequence[Message], sampling: Sampling) -> AsyncIterator[Delta]:
+    async def stream(self, messages: Sequence[Message], sampling: SamplingParams) -> AsyncIterator[Delta]:
         params = await self._params(sampling)
         self._admit()
         events = self.engine.stream(messages, params)

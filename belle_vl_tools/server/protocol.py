@@ -31,8 +31,9 @@ from openai.types.chat import completion_create_params as chat_params
 from openai.types.chat.completion_create_params import ResponseFormat
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ..errors import PromptError
+from ..errors import PromptError, SamplingError
 from ..messages import ImagePart, Part, parse_part
+from ..sampling import SamplingParams
 from .errors import APIError, bad_request
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatRequest",
     "CompletionRequest",
-    "Sampling",
     "parse_chat_request",
     "parse_completion_request",
     "parse_json",
@@ -131,63 +131,8 @@ def _validation_error(exc: ValidationError, prefix: str = "") -> APIError:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Internal form
+# Internal form (the generation settings are the core's SamplingParams)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Sampling:
-    """The generation settings of one request, in the server's terms (see ``generation.py``)."""
-
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
-    stop: list[str] = dataclasses.field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    processors: list[Any] = dataclasses.field(default_factory=list)
-    #: The grammar the answer is generated under (:class:`belle_vl_tools.constrained.Grammar`), from the tool-call
-    #: session: a forced tool call, or a response format.
-    grammar: Any = None
-    #: The request's own ``response_format`` when the grammar is just that (a backend may take it as it is).
-    response_format: dict[str, Any] | None = None
-
-    def needs(self) -> list[str]:
-        """The parameters only the batching engine can honour, with the value asked for."""
-        out = []
-        if self.presence_penalty:
-            out.append("presence_penalty")
-        if self.frequency_penalty:
-            out.append("frequency_penalty")
-        if self.logit_bias:
-            out.append("logit_bias")
-        if self.logprobs:
-            out.append("logprobs")
-        return out
-
-    def backend_kwargs(self) -> dict[str, Any]:
-        """The settings as :class:`~belle_vl_tools.backend.Backend` keyword arguments."""
-        out: dict[str, Any] = {}
-        for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.stop:
-            out["stop"] = list(self.stop)
-        return out
-
-    def for_choice(self, index: int) -> Sampling:
-        """The settings of choice ``index`` of ``n``: choices of a seeded sampled request get seeds seed, seed+1, ..."""
-        if index == 0 or self.seed is None:
-            return dataclasses.replace(self, processors=list(self.processors))
-        seed = (self.seed + index) % 2**63
-        return dataclasses.replace(self, seed=seed, processors=list(self.processors))
 
 
 @dataclasses.dataclass
@@ -196,7 +141,7 @@ class ChatRequest:
 
     model: str
     messages: list[dict[str, Any]]
-    sampling: Sampling
+    sampling: SamplingParams
     n: int
     stream: bool
     include_usage: bool
@@ -483,22 +428,31 @@ def _max_tokens(value: int | None, name: str, limit: int, default: int | None) -
     return value
 
 
-def _sampling(req: _SamplingFields, max_new_tokens: int | None, vocab_size: int | None) -> Sampling:
+def _sampling(
+    req: _SamplingFields, max_new_tokens: int | None, vocab_size: int | None, *, logprobs: bool, top_logprobs: int
+) -> SamplingParams:
+    """The request's generation settings in the core's model (checked there too: a 400 naming the parameter)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if isinstance(req.stop, str) and not req.stop:
         raise bad_request("stop must be a non-empty string or a list of non-empty strings.", "stop")
-    return Sampling(
-        max_new_tokens=max_new_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
-        seed=req.seed,
-        repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=_logit_bias(req.logit_bias, vocab_size),
-        stop=stop,
-    )
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
+            seed=req.seed,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=_logit_bias(req.logit_bias, vocab_size),
+            stop=stop,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+    except SamplingError as exc:
+        param = "max_tokens" if exc.param == "max_new_tokens" else exc.param
+        raise bad_request(" ".join(str(exc).split()), param) from None
 
 
 def parse_chat_request(
@@ -524,11 +478,9 @@ def parse_chat_request(
     max_new = _max_tokens(req.max_completion_tokens, "max_completion_tokens", max_tokens_limit, None)
     if max_new is None:
         max_new = _max_tokens(req.max_tokens, "max_tokens", max_tokens_limit, default_max_tokens)
-    sampling = _sampling(req, max_new, vocab_size)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true.", "top_logprobs")
-    sampling.logprobs = bool(req.logprobs)
-    sampling.top_logprobs = req.top_logprobs or 0
+    sampling = _sampling(req, max_new, vocab_size, logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
 
     tools: list[Any] = []
     uses_tool_history = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
@@ -582,7 +534,7 @@ class TextRequest:
 
     model: str
     prompts: list[str]
-    sampling: Sampling
+    sampling: SamplingParams
     n: int
     stream: bool
     include_usage: bool
@@ -606,10 +558,13 @@ def parse_completion_request(
         raise bad_request(f"best_of must equal n ({n}): this server does not rank candidates.", "best_of")
     if len(prompts) * n > MAX_N:
         raise bad_request(f"prompts x n is {len(prompts) * n}; this server answers at most {MAX_N}.", "n")
-    sampling = _sampling(req, _max_tokens(req.max_tokens, "max_tokens", max_tokens_limit, 16), vocab_size)
-    if req.logprobs is not None:
-        sampling.logprobs = True
-        sampling.top_logprobs = req.logprobs
+    sampling = _sampling(
+        req,
+        _max_tokens(req.max_tokens, "max_tokens", max_tokens_limit, 16),
+        vocab_size,
+        logprobs=req.logprobs is not None,
+        top_logprobs=req.logprobs or 0,
+    )
     options = req.stream_options or {}
     if options and not req.stream:
         raise bad_request("stream_options is only allowed with stream: true.", "stream_options")

@@ -1,5 +1,9 @@
 """The HTTP routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``.
 
+The routes sit at module level on :data:`router`; each looks up its serving object (:class:`OpenAIServingChat`,
+:class:`OpenAIServingCompletion`, :class:`OpenAIServingModels`, put on ``app.state`` by :func:`init_app_state`) and
+calls the method that holds the route's body, so one router serves any number of apps.
+
 Every answer and stream chunk is an object of the ``openai`` package (``ChatCompletion``, ``ChatCompletionChunk``,
 ``Completion``, ``Model``) dumped to JSON; streams go out as server-sent events through sse-starlette.
 """
@@ -35,14 +39,30 @@ from sse_starlette.sse import EventSourceResponse
 from ..backend import Usage
 from ..images import ImagePolicy
 from ..messages import ImagePart, MessageInput
+from ..sampling import SamplingParams
 from .errors import APIError, QueueFullError, api_error
 from .generation import Delta, Generator, Output, TokenLogprob, check_features
 from .media import MediaPool, PixelTicket
 from .metrics import Metrics
-from .protocol import ChatRequest, Sampling, TextRequest, parse_chat_request, parse_completion_request, parse_json
+from .protocol import (
+    ChatRequest,
+    TextRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json,
+)
 from .structured import ChoiceContent, plan
 
-__all__ = ["ServerConfig", "ServerState", "build_router"]
+__all__ = [
+    "OpenAIServing",
+    "OpenAIServingChat",
+    "OpenAIServingCompletion",
+    "OpenAIServingModels",
+    "ServerConfig",
+    "ServerState",
+    "init_app_state",
+    "router",
+]
 
 
 @dataclasses.dataclass
@@ -256,71 +276,42 @@ async def _first_then_rest(events: AsyncIterator[Any]) -> tuple[Any, AsyncIterat
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Routes
+# Serving classes: the bodies of the routes, over the state one app shares
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_router(state: ServerState) -> APIRouter:
-    """The routes of one app over ``state``."""
-    router = APIRouter()
-    config = state.config
-    generator = state.generator
-    metrics = state.metrics
+class OpenAIServing:
+    """What every serving class holds: the app's :class:`ServerState` and the helpers its routes share."""
 
-    def model_card() -> Model:
-        return Model(id=config.model_name, object="model", created=state.created, owned_by="belle-vl-tools")
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+        self.generator = state.generator
+        self.metrics = state.metrics
+        self.media = state.media
 
-    @router.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": config.model_name,
-            "waiting": generator.waiting,
-            "running": generator.running,
-            "media": state.media.stats(),
-        }
+    def model_card(self) -> Model:
+        """The one model this server serves, as an ``openai`` :class:`Model`."""
+        return Model(id=self.config.model_name, object="model", created=self.state.created, owned_by="belle-vl-tools")
 
-    @router.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @router.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card().model_dump(mode="json")]}
-
-    @router.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id not in config.aliases:
-            raise APIError(404, f"The model {model_id!r} does not exist on this server.", code="model_not_found")
-        return model_card().model_dump(mode="json")
-
-    async def load_pictures(request: Request, chat: ChatRequest, ticket: PixelTicket) -> None:
-        """Every picture of the request, held against the pixel budgets on ``ticket`` before any is decoded."""
-        client = request.client.host if request.client else "unknown"
-        limit = getattr(generator, "max_queue", None)
-        if limit is not None and generator.waiting >= limit:  # a full queue refuses before decoding anything
-            raise QueueFullError(limit)
-        sources = [(url, f"messages[{index}].content") for index, _, url in chat.image_sources]
-        try:
-            pictures = await state.media.load_all(sources, config.image_policy, client, ticket)
-        except APIError:
-            raise
-        except Exception as exc:
-            raise api_error(exc, "messages") from None
-        for (index, part_index, _), picture in zip(chat.image_sources, pictures, strict=True):
-            chat.messages[index]["content"][part_index] = ImagePart(picture)
-
-    def count_tokens(outputs: Sequence[Output]) -> None:
+    def count_tokens(self, outputs: Sequence[Output]) -> None:
+        """Add the answers' tokens to the Prometheus counters."""
         usage = _sum_usage(outputs)
-        metrics.prompt_tokens.inc(usage.prompt_tokens)
-        metrics.completion_tokens.inc(usage.completion_tokens)
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.metrics.completion_tokens.inc(usage.completion_tokens)
 
-    async def complete_all(
-        request: Request, messages: Sequence[MessageInput], samplings: list[Sampling]
+    async def read_json(self, request: Request) -> Any:
+        """The request's body as JSON, within the size limit."""
+        return parse_json(await read_body(request, self.config.max_request_bytes))
+
+    async def complete_jobs(
+        self, request: Request, jobs: Sequence[tuple[Sequence[MessageInput], SamplingParams]]
     ) -> list[Output]:
+        """Whole answers of ``(messages, settings)`` jobs, generated together; all are cancelled if one fails or
+        the client goes away."""
         tasks = [
-            asyncio.ensure_future(generator.complete(messages, sampling, request.is_disconnected))
-            for sampling in samplings
+            asyncio.ensure_future(self.generator.complete(messages, sampling, request.is_disconnected))
+            for messages, sampling in jobs
         ]
         try:
             return list(await asyncio.gather(*tasks))
@@ -328,96 +319,9 @@ def build_router(state: ServerState) -> APIRouter:
             for task in tasks:
                 task.cancel()
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        ticket = state.media.ticket()  # the request's pictures' pixels, held until its answer is sent
-        try:
-            response = await answer_chat(request, ticket)
-        except BaseException:
-            ticket.release()
-            raise
-        return _released_after(response, ticket.release)
-
-    async def answer_chat(request: Request, ticket: PixelTicket) -> Response:
-        arrived = time.monotonic()
-        body = parse_json(await read_body(request, config.max_request_bytes))
-        chat = parse_chat_request(
-            body,
-            model_name=config.model_name,
-            aliases=config.aliases,
-            max_tokens_limit=config.max_tokens_limit,
-            default_max_tokens=config.default_max_tokens,
-            max_images=config.max_images_per_request,
-            vocab_size=config.vocab_size,
-        )
-        if chat.image_sources:
-            await load_pictures(request, chat, ticket)
-        try:
-            planned = plan(chat)
-        except Exception as exc:
-            raise api_error(exc, "messages") from None
-        check_features(generator, planned.sampling)
-        samplings = [planned.sampling.for_choice(i) for i in range(chat.n)]
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        top = chat.sampling.top_logprobs
-
-        if chat.stream and not planned.whole_answer_first:
-            return await stream_chat(chat, planned.messages, samplings, request_id, arrived)
-
-        try:
-            outputs = await complete_all(request, planned.messages, samplings)
-        except asyncio.CancelledError:
-            return Response(status_code=499)
-        except Exception as exc:
-            raise api_error(exc) from None
-        count_tokens(outputs)
-        answers = [planned.parse(o.text, o.finish_reason) for o in outputs]
-        if not chat.stream:
-            completion = ChatCompletion(
-                id=request_id,
-                object="chat.completion",
-                created=int(time.time()),
-                model=config.model_name,
-                choices=[
-                    cc.Choice(
-                        index=i,
-                        message=ChatCompletionMessage(
-                            role="assistant", content=answer.content, tool_calls=_tool_calls(answer)
-                        ),
-                        logprobs=_chat_logprobs(output.logprobs, top),
-                        finish_reason=answer.finish_reason,  # type: ignore[arg-type]
-                    )
-                    for i, (answer, output) in enumerate(zip(answers, outputs, strict=True))
-                ],
-                usage=_sum_usage(outputs),
-                system_fingerprint=None,
-            )
-            return JSONResponse(completion.model_dump(mode="json", exclude_unset=True))
-
-        maker = _ChunkMaker(request_id, config.model_name, chat.include_usage)
-
-        async def replay() -> AsyncIterator[dict[str, str]]:
-            for i, (answer, output) in enumerate(zip(answers, outputs, strict=True)):
-                yield maker.delta(i, role=True, content="")
-                if answer.content:
-                    yield maker.delta(i, content=answer.content, logprobs=_chat_logprobs(output.logprobs, top))
-                if answer.tool_calls:
-                    yield maker.delta(i, tool_calls=answer.tool_calls)
-                yield maker.delta(i, finish_reason=answer.finish_reason)
-            if chat.include_usage:
-                yield maker.chunk([], _sum_usage(outputs))
-            yield DONE
-
-        return EventSourceResponse(replay(), headers={"Cache-Control": "no-cache"})
-
-    async def stream_chat(
-        chat: ChatRequest,
-        messages: Sequence[MessageInput],
-        samplings: list[Sampling],
-        request_id: str,
-        arrived: float,
-    ) -> Response:
-        streams = [generator.stream(messages, sampling) for sampling in samplings]
+    async def first_events(self, streams: Sequence[AsyncIterator[Delta]], arrived: float) -> AsyncIterator[Any]:
+        """The merged streams, once their first delta has come (an error before it is an ordinary error response);
+        the time to it goes to the first-token histogram."""
         merged = _merged(streams)
         try:
             _, events = await _first_then_rest(merged)
@@ -426,49 +330,204 @@ def build_router(state: ServerState) -> APIRouter:
         except Exception as exc:
             await merged.aclose()
             raise api_error(exc) from None
-        metrics.first_token.observe(time.monotonic() - arrived)
-        maker = _ChunkMaker(request_id, config.model_name, chat.include_usage)
-        top = chat.sampling.top_logprobs
+        self.metrics.first_token.observe(time.monotonic() - arrived)
+        return events
 
-        async def relay() -> AsyncIterator[dict[str, str]]:
-            usage: dict[int, Usage] = {}
-            try:
-                for i in range(len(samplings)):
-                    yield maker.delta(i, role=True, content="")
-                async for index, delta in events:
-                    logprobs = _chat_logprobs(delta.logprobs, top) if delta.logprobs else None
-                    if delta.text or logprobs is not None:
-                        yield maker.delta(index, content=delta.text, logprobs=logprobs)
-                    if delta.finish_reason is not None:
-                        usage[index] = delta.usage or Usage()
-                        yield maker.delta(index, finish_reason=delta.finish_reason)
-            except Exception as exc:
-                yield _error_event(api_error(exc))
-                yield DONE
-                return
-            finally:
-                with contextlib.suppress(BaseException):
-                    await events.aclose()  # type: ignore[attr-defined]
-            outputs = [Output("", "stop", u) for u in usage.values()]
-            count_tokens(outputs)
-            if chat.include_usage:
-                yield maker.chunk([], _sum_usage(outputs))
-            yield DONE
 
-        return EventSourceResponse(relay(), headers={"Cache-Control": "no-cache"})
+class OpenAIServingModels(OpenAIServing):
+    """``/v1/models``, ``/health`` and ``/metrics``: what the server serves and how it is doing."""
 
-    @router.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.config.model_name,
+            "waiting": self.generator.waiting,
+            "running": self.generator.running,
+            "media": self.media.stats(),
+        }
+
+    def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card().model_dump(mode="json")]}
+
+    def show_model(self, model_id: str) -> dict[str, Any]:
+        if model_id not in self.config.aliases:
+            raise APIError(404, f"The model {model_id!r} does not exist on this server.", code="model_not_found")
+        return self.model_card().model_dump(mode="json")
+
+
+class OpenAIServingChat(OpenAIServing):
+    """``POST /v1/chat/completions``."""
+
+    async def create_chat_completion(self, request: Request) -> Response:
+        """The answer to one chat request; its pictures' pixels are held until the answer has been sent."""
+        ticket = self.media.ticket()
+        try:
+            response = await self._answer(request, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        return _released_after(response, ticket.release)
+
+    async def _load_pictures(self, request: Request, chat: ChatRequest, ticket: PixelTicket) -> None:
+        """Every picture of the request, held against the pixel budgets on ``ticket`` before any is decoded."""
+        client = request.client.host if request.client else "unknown"
+        limit = getattr(self.generator, "max_queue", None)
+        if limit is not None and self.generator.waiting >= limit:  # a full queue refuses before decoding anything
+            raise QueueFullError(limit)
+        sources = [(url, f"messages[{index}].content") for index, _, url in chat.image_sources]
+        try:
+            pictures = await self.media.load_all(sources, self.config.image_policy, client, ticket)
+        except APIError:
+            raise
+        except Exception as exc:
+            raise api_error(exc, "messages") from None
+        for (index, part_index, _), picture in zip(chat.image_sources, pictures, strict=True):
+            chat.messages[index]["content"][part_index] = ImagePart(picture)
+
+    async def _answer(self, request: Request, ticket: PixelTicket) -> Response:
         arrived = time.monotonic()
-        body = parse_json(await read_body(request, config.max_request_bytes))
+        config = self.config
+        chat = parse_chat_request(
+            await self.read_json(request),
+            model_name=config.model_name,
+            aliases=config.aliases,
+            max_tokens_limit=config.max_tokens_limit,
+            default_max_tokens=config.default_max_tokens,
+            max_images=config.max_images_per_request,
+            vocab_size=config.vocab_size,
+        )
+        if chat.image_sources:
+            await self._load_pictures(request, chat, ticket)
+        try:
+            planned = plan(chat)
+        except Exception as exc:
+            raise api_error(exc, "messages") from None
+        check_features(self.generator, planned.sampling)
+        samplings = [planned.sampling.for_choice(i) for i in range(chat.n)]
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+        if chat.stream and not planned.whole_answer_first:
+            return await self._stream(chat, planned.messages, samplings, request_id, arrived)
+
+        try:
+            outputs = await self.complete_jobs(request, [(planned.messages, sampling) for sampling in samplings])
+        except asyncio.CancelledError:
+            return Response(status_code=499)
+        except Exception as exc:
+            raise api_error(exc) from None
+        self.count_tokens(outputs)
+        answers = [planned.parse(o.text, o.finish_reason) for o in outputs]
+        if not chat.stream:
+            return JSONResponse(self._completion(chat, request_id, answers, outputs))
+        return EventSourceResponse(
+            self._replay(chat, request_id, answers, outputs), headers={"Cache-Control": "no-cache"}
+        )
+
+    def _completion(
+        self, chat: ChatRequest, request_id: str, answers: Sequence[ChoiceContent], outputs: Sequence[Output]
+    ) -> dict[str, Any]:
+        """The ``ChatCompletion`` of whole answers, as JSON."""
+        top = chat.sampling.top_logprobs
+        completion = ChatCompletion(
+            id=request_id,
+            object="chat.completion",
+            created=int(time.time()),
+            model=self.config.model_name,
+            choices=[
+                cc.Choice(
+                    index=i,
+                    message=ChatCompletionMessage(
+                        role="assistant", content=answer.content, tool_calls=_tool_calls(answer)
+                    ),
+                    logprobs=_chat_logprobs(output.logprobs, top),
+                    finish_reason=answer.finish_reason,  # type: ignore[arg-type]
+                )
+                for i, (answer, output) in enumerate(zip(answers, outputs, strict=True))
+            ],
+            usage=_sum_usage(outputs),
+            system_fingerprint=None,
+        )
+        return completion.model_dump(mode="json", exclude_unset=True)
+
+    async def _replay(
+        self, chat: ChatRequest, request_id: str, answers: Sequence[ChoiceContent], outputs: Sequence[Output]
+    ) -> AsyncIterator[dict[str, str]]:
+        """Whole answers (parsed for tool calls or JSON) sent as a stream of a few chunks each."""
+        maker = _ChunkMaker(request_id, self.config.model_name, chat.include_usage)
+        top = chat.sampling.top_logprobs
+        for i, (answer, output) in enumerate(zip(answers, outputs, strict=True)):
+            yield maker.delta(i, role=True, content="")
+            if answer.content:
+                yield maker.delta(i, content=answer.content, logprobs=_chat_logprobs(output.logprobs, top))
+            if answer.tool_calls:
+                yield maker.delta(i, tool_calls=answer.tool_calls)
+            yield maker.delta(i, finish_reason=answer.finish_reason)
+        if chat.include_usage:
+            yield maker.chunk([], _sum_usage(outputs))
+        yield DONE
+
+    async def _stream(
+        self,
+        chat: ChatRequest,
+        messages: Sequence[MessageInput],
+        samplings: list[SamplingParams],
+        request_id: str,
+        arrived: float,
+    ) -> Response:
+        events = await self.first_events([self.generator.stream(messages, sampling) for sampling in samplings], arrived)
+        return EventSourceResponse(
+            self._relay(chat, events, len(samplings), request_id), headers={"Cache-Control": "no-cache"}
+        )
+
+    async def _relay(
+        self, chat: ChatRequest, events: AsyncIterator[Any], choices: int, request_id: str
+    ) -> AsyncIterator[dict[str, str]]:
+        """The chunks of ``choices`` streamed answers as their deltas come; an error ends the stream with an error
+        event."""
+        maker = _ChunkMaker(request_id, self.config.model_name, chat.include_usage)
+        top = chat.sampling.top_logprobs
+        usage: dict[int, Usage] = {}
+        try:
+            for i in range(choices):
+                yield maker.delta(i, role=True, content="")
+            async for index, delta in events:
+                logprobs = _chat_logprobs(delta.logprobs, top) if delta.logprobs else None
+                if delta.text or logprobs is not None:
+                    yield maker.delta(index, content=delta.text, logprobs=logprobs)
+                if delta.finish_reason is not None:
+                    usage[index] = delta.usage or Usage()
+                    yield maker.delta(index, finish_reason=delta.finish_reason)
+        except Exception as exc:
+            yield _error_event(api_error(exc))
+            yield DONE
+            return
+        finally:
+            with contextlib.suppress(BaseException):
+                await events.aclose()  # type: ignore[attr-defined]
+        outputs = [Output("", "stop", u) for u in usage.values()]
+        self.count_tokens(outputs)
+        if chat.include_usage:
+            yield maker.chunk([], _sum_usage(outputs))
+        yield DONE
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """``POST /v1/completions``: each prompt asked as one user turn."""
+
+    async def create_completion(self, request: Request) -> Response:
+        arrived = time.monotonic()
+        config = self.config
         text_request = parse_completion_request(
-            body,
+            await self.read_json(request),
             model_name=config.model_name,
             aliases=config.aliases,
             max_tokens_limit=config.max_tokens_limit,
             vocab_size=config.vocab_size,
         )
-        check_features(generator, text_request.sampling)
+        check_features(self.generator, text_request.sampling)
         jobs = [
             ([{"role": "user", "content": prompt}], text_request.sampling.for_choice(j))
             for prompt in text_request.prompts
@@ -476,21 +535,19 @@ def build_router(state: ServerState) -> APIRouter:
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if text_request.stream:
-            return await stream_text(text_request, jobs, request_id, arrived)
-        tasks = [
-            asyncio.ensure_future(generator.complete(messages, sampling, request.is_disconnected))
-            for messages, sampling in jobs
-        ]
+            events = await self.first_events(
+                [self.generator.stream(messages, sampling) for messages, sampling in jobs], arrived
+            )
+            return EventSourceResponse(
+                self._relay(text_request, events, request_id), headers={"Cache-Control": "no-cache"}
+            )
         try:
-            outputs = list(await asyncio.gather(*tasks))
+            outputs = await self.complete_jobs(request, jobs)
         except asyncio.CancelledError:
             return Response(status_code=499)
         except Exception as exc:
             raise api_error(exc) from None
-        finally:
-            for task in tasks:
-                task.cancel()
-        count_tokens(outputs)
+        self.count_tokens(outputs)
         completion = Completion(
             id=request_id,
             object="text_completion",
@@ -512,18 +569,10 @@ def build_router(state: ServerState) -> APIRouter:
         )
         return JSONResponse(completion.model_dump(mode="json", exclude_unset=True))
 
-    async def stream_text(
-        text_request: TextRequest, jobs: list[tuple[list[dict[str, Any]], Sampling]], request_id: str, arrived: float
-    ) -> Response:
-        merged = _merged([generator.stream(messages, sampling) for messages, sampling in jobs])
-        try:
-            _, events = await _first_then_rest(merged)
-        except StopAsyncIteration:
-            events = _merged([])
-        except Exception as exc:
-            await merged.aclose()
-            raise api_error(exc) from None
-        metrics.first_token.observe(time.monotonic() - arrived)
+    async def _relay(
+        self, text_request: TextRequest, events: AsyncIterator[Any], request_id: str
+    ) -> AsyncIterator[dict[str, str]]:
+        """The ``Completion`` chunks of streamed answers as their deltas come."""
         created = int(time.time())
 
         def chunk(choices: list[CompletionChoice], usage: CompletionUsage | None = None) -> dict[str, str]:
@@ -531,49 +580,103 @@ def build_router(state: ServerState) -> APIRouter:
                 "id": request_id,
                 "object": "text_completion",
                 "created": created,
-                "model": config.model_name,
+                "model": self.config.model_name,
                 "choices": choices,
             }
             if text_request.include_usage:
                 fields["usage"] = usage
             return {"data": _dump(Completion(**fields))}
 
-        async def relay() -> AsyncIterator[dict[str, str]]:
-            usage: dict[int, Usage] = {}
-            try:
-                async for index, delta in events:
-                    if delta.text or delta.finish_reason is not None or delta.logprobs:
-                        yield chunk(
-                            [
-                                CompletionChoice.model_construct(  # finish_reason is null until the last chunk
-                                    index=index,
-                                    text=delta.text,
-                                    logprobs=_text_logprobs(delta.logprobs, text_request.logprobs)
-                                    if delta.logprobs
-                                    else None,
-                                    finish_reason=delta.finish_reason,
-                                )
-                            ]
-                        )
-                    if delta.finish_reason is not None:
-                        usage[index] = delta.usage or Usage()
-            except Exception as exc:
-                yield _error_event(api_error(exc))
-                yield DONE
-                return
-            finally:
-                with contextlib.suppress(BaseException):
-                    await events.aclose()  # type: ignore[attr-defined]
-            outputs = [Output("", "stop", u) for u in usage.values()]
-            count_tokens(outputs)
-            if text_request.include_usage:
-                prompt = sum(u.prompt_tokens for i, u in usage.items() if i % text_request.n == 0)
-                yield chunk([], _usage(prompt, sum(u.completion_tokens for u in usage.values())))
+        usage: dict[int, Usage] = {}
+        try:
+            async for index, delta in events:
+                if delta.text or delta.finish_reason is not None or delta.logprobs:
+                    yield chunk(
+                        [
+                            CompletionChoice.model_construct(  # finish_reason is null until the last chunk
+                                index=index,
+                                text=delta.text,
+                                logprobs=_text_logprobs(delta.logprobs, text_request.logprobs)
+                                if delta.logprobs
+                                else None,
+                                finish_reason=delta.finish_reason,
+                            )
+                        ]
+                    )
+                if delta.finish_reason is not None:
+                    usage[index] = delta.usage or Usage()
+        except Exception as exc:
+            yield _error_event(api_error(exc))
             yield DONE
+            return
+        finally:
+            with contextlib.suppress(BaseException):
+                await events.aclose()  # type: ignore[attr-defined]
+        outputs = [Output("", "stop", u) for u in usage.values()]
+        self.count_tokens(outputs)
+        if text_request.include_usage:
+            prompt = sum(u.prompt_tokens for i, u in usage.items() if i % text_request.n == 0)
+            yield chunk([], _usage(prompt, sum(u.completion_tokens for u in usage.values())))
+        yield DONE
 
-        return EventSourceResponse(relay(), headers={"Cache-Control": "no-cache"})
 
-    return router
+def init_app_state(app_state: Any, state: ServerState) -> None:
+    """Put the serving objects over ``state`` on an app's ``app.state``, where the routes of :data:`router` find
+    them."""
+    app_state.server_state = state
+    app_state.openai_serving_models = OpenAIServingModels(state)
+    app_state.openai_serving_chat = OpenAIServingChat(state)
+    app_state.openai_serving_completion = OpenAIServingCompletion(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routes: each finds its serving object on the app that received the request
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The routes of every app; :func:`init_app_state` gives an app the objects they call.
+router = APIRouter()
+
+
+def models(request: Request) -> OpenAIServingModels:
+    return request.app.state.openai_serving_models
+
+
+def chat(request: Request) -> OpenAIServingChat:
+    return request.app.state.openai_serving_chat
+
+
+def completion(request: Request) -> OpenAIServingCompletion:
+    return request.app.state.openai_serving_completion
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    return models(request).health()
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    return models(request).prometheus()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return models(request).list_models()
+
+
+@router.get("/v1/models/{model_id:path}")
+async def show_model(request: Request, model_id: str) -> dict[str, Any]:
+    return models(request).show_model(model_id)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    return await chat(request).create_chat_completion(request)
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    return await completion(request).create_completion(request)
 
 
 class _ReleasingStream(EventSourceResponse):

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..messages import DEFAULT_SYSTEM, Message, TextPart
-from .protocol import ChatRequest, Sampling
+from ..sampling import SamplingParams
+from .protocol import ChatRequest
 
 __all__ = ["ChoiceContent", "Plan", "extract_json", "plan"]
 
@@ -36,7 +37,7 @@ class Plan:
     """
 
     messages: list[Message]
-    sampling: Sampling
+    sampling: SamplingParams
     whole_answer_first: bool
     parse: Callable[[str, str], ChoiceContent]
 
@@ -87,11 +88,13 @@ def _plan_with_session(request: ChatRequest) -> Plan:
         messages = _with_json_instruction(request, messages)
     prepared = session.prepare(messages, {"stop": list(request.sampling.stop)})
     grammar = prepared.generation.get("response_format")
+    # a grammar that is just the request's response_format goes on as that (what a remote backend can take, the
+    # same grammar for the local ones); one for tool calls goes on as the Grammar, which needs a local backend
+    response_format = request.response_format if grammar is not None and not session.may_call else grammar
     sampling = dataclasses.replace(
         request.sampling,
         stop=list(prepared.generation.get("stop") or []),
-        grammar=grammar,
-        response_format=request.response_format if grammar is not None and not session.may_call else None,
+        response_format=response_format,
         processors=list(request.sampling.processors),
     )
 
