@@ -45,12 +45,15 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_llm(reference: dict[str, Any]) -> Any:
-    """One offline engine on the tiny random checkpoint, in fp32."""
+    """One offline engine on the tiny random checkpoint, in fp32, with LoRA enabled (requests without an adapter
+    run the base model; the demo server runs without LoRA)."""
     from vllm import LLM
 
     llm = LLM(
         model=reference["tiny"]["path"],
         dtype="float32",
+        enable_lora=True,
+        max_lora_rank=reference["tiny_lora"]["rank"],
         kv_cache_memory_bytes=KV_CACHE_BYTES,
         max_num_seqs=8,
         enforce_eager=True,
