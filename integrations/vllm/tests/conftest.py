@@ -45,12 +45,17 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_llm(reference: dict[str, Any]) -> Any:
-    """One offline engine on the tiny random checkpoint, in fp32."""
+    """One offline engine on the tiny random checkpoint, in fp32, with LoRA enabled (requests without an adapter
+    run the base model; the demo server runs without LoRA). Two adapter slots for the one adapter: on CPU, vLLM
+    0.32's LoRA ops read a request without an adapter (slot index -1) from the last slot, which must stay empty."""
     from vllm import LLM
 
     llm = LLM(
         model=reference["tiny"]["path"],
         dtype="float32",
+        enable_lora=True,
+        max_lora_rank=reference["tiny_lora"]["rank"],
+        max_loras=2,
         kv_cache_memory_bytes=KV_CACHE_BYTES,
         max_num_seqs=8,
         enforce_eager=True,

@@ -83,6 +83,61 @@ def test_tiny_checkpoint_matches_the_runtime(case: str, tiny_outputs: dict[str, 
     assert _max_logprob_gap(out.prompt_token_ids, out.prompt_logprobs, ref["prompt_logprobs"]) < TOLERANCE
 
 
+# --- LoRA adapters on the tiny checkpoint (the same engine) -------------------------------------------------------
+
+LORA_CASES = ["text_only", "one_picture"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_outputs(tiny_llm: Any, reference: dict[str, Any]) -> dict[str, Any]:
+    """The LORA_CASES through the random adapter and, in the same batch, the first one without it."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    lora = reference["tiny_lora"]
+    adapter = LoRARequest("tiny-lora", 1, lora["path"])
+    params = SamplingParams(temperature=0, max_tokens=lora["cases"][LORA_CASES[0]]["max_tokens"], prompt_logprobs=0)
+    conversations = [lora["cases"][name]["messages"] for name in LORA_CASES] + [
+        lora["cases"][LORA_CASES[0]]["messages"]
+    ]
+    outputs = tiny_llm.chat(conversations, params, lora_request=[adapter, adapter, None], use_tqdm=False)
+    return {**dict(zip(LORA_CASES, outputs[:-1], strict=True)), "base": outputs[-1]}
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_adapter_matches_the_runtime_with_it(case: str, tiny_lora_outputs: dict, reference: dict) -> None:
+    ref = reference["tiny_lora"]["cases"][case]
+    out = tiny_lora_outputs[case]
+    assert out.prompt_token_ids == ref["prompt_ids"]
+    answer = _strip_stop(list(out.outputs[0].token_ids), _stops(151643))
+    assert answer == ref["answer_ids"]
+    assert answer != reference["tiny"]["cases"][case]["answer_ids"], "the adapter did not change the answer"
+    assert _max_logprob_gap(out.prompt_token_ids, out.prompt_logprobs, ref["prompt_logprobs"]) < TOLERANCE
+
+
+def test_request_without_the_adapter_in_the_same_batch_gets_the_base(tiny_lora_outputs: dict, reference: dict) -> None:
+    out = tiny_lora_outputs["base"]
+    assert (
+        _strip_stop(list(out.outputs[0].token_ids), _stops(151643))
+        == reference["tiny"]["cases"]["text_only"]["answer_ids"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("vision", "adapts the vision tower.*--train-vision"),
+        ("embeddings", r"modules_to_save.*\['wte', 'lm_head'\]"),
+    ],
+)
+def test_adapters_vllm_cannot_apply_are_refused(kind: str, message: str, tiny_llm: Any, reference: dict) -> None:
+    from vllm.lora.request import LoRARequest
+
+    adapter = LoRARequest(f"tiny-{kind}", 2, reference["lora_refused"][kind])
+    with pytest.raises(Exception, match=message):
+        tiny_llm.llm_engine.add_lora(adapter)
+
+
 def test_prompt_beyond_the_trained_window_is_refused(tiny_llm: Any) -> None:
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError

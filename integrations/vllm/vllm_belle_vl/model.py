@@ -15,6 +15,12 @@ config.json) and :class:`QWenVLForCausalLM` refuses a larger ``max_model_len``.
 Pictures: each ``image_url`` / image part becomes ``<img>``, ``visual.n_queries`` (256) ``<imgpad>`` positions and
 ``</img>``, written where the picture stands by the checkpoint's chat template (``Picture N: <img></img>\\n``, N
 counting per message) and tokenized by belle-vl-tools' tokenizer, exactly as ``BelleVL.chat`` lays it out.
+
+LoRA (``--enable-lora``): PEFT adapters over the language model's linear layers, named as the published checkpoint
+and ``belle-vl finetune`` name them (``c_attn``, ``attn.c_proj``, ``mlp.c_proj``, ``w1``, ``w2``). ``c_attn`` is one
+adapter over the fused [Q; K; V]; the ``w2`` (gate) and ``w1`` adapters are the two slices of ``gate_up_proj``. The
+vision tower is plain torch here, so an adapter with LoRA weights in ``transformer.visual`` (``--train-vision``) is
+refused, as vLLM itself refuses whole trained modules (``modules_to_save``: ``--train-embeddings``).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
-from vllm.model_executor.models.utils import _merge_multimodal_embeddings
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal
+from vllm.model_executor.models.module_mapping import MultiModelKeys
+from vllm.model_executor.models.utils import WeightsMapper, _merge_multimodal_embeddings
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
@@ -242,6 +249,34 @@ class QWenVLMultiModalProcessor(BaseMultiModalProcessor[QWenVLProcessingInfo]):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------------------------------------------
+
+#: where the language model's blocks (the only layers vLLM's LoRA wraps here) and the vision tower live
+LANGUAGE_MODEL_PREFIX = "transformer.h"
+VISION_TOWER_PREFIX = "transformer.visual"
+
+
+class _LanguageModelAdapters(WeightsMapper):
+    """Published names unchanged; a LoRA tensor of the vision tower is refused.
+
+    vLLM hands every tensor name of an adapter through the model's ``hf_to_vllm_mapper`` while it loads one (and
+    checks only the last part of each name, e.g. ``c_proj``, against the model's LoRA layers). The vision tower
+    (``transformer.visual``, plain torch here) has no LoRA layers, so its adapters would otherwise load and never
+    apply (its ``mlp.c_proj`` shares the language model's name).
+    """
+
+    def map_name(self, key: str) -> str | None:
+        if key.startswith(VISION_TOWER_PREFIX + ".") and ".lora_" in key:
+            raise ValueError(
+                f"This LoRA adapter adapts the vision tower ({key}): the vLLM plugin applies adapters to the language "
+                "model only. Train it without --train-vision (`belle-vl finetune`), or serve it with `belle-vl serve "
+                "--adapter`, which merges it whole."
+            )
+        return super().map_name(key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The causal LM
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -249,8 +284,13 @@ class QWenVLMultiModalProcessor(BaseMultiModalProcessor[QWenVLProcessingInfo]):
 @MULTIMODAL_REGISTRY.register_processor(
     QWenVLMultiModalProcessor, info=QWenVLProcessingInfo, dummy_inputs=QWenVLDummyInputsBuilder
 )
-class QWenVLForCausalLM(nn.Module, SupportsMultiModal):
+class QWenVLForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA):
     """Belle-VL / Qwen-VL-Chat (and text-only Qwen-Chat) for vLLM."""
+
+    #: vLLM layer -> the adapter modules it holds, in slice order: ``c_attn`` is one adapter (as in the checkpoint
+    #: and PEFT); ``gate_up_proj`` is [w2 (the gate); w1], as :attr:`_MERGED` loads it
+    packed_modules_mapping = {"c_attn": ["c_attn"], "gate_up_proj": ["w2", "w1"]}
+    hf_to_vllm_mapper = _LanguageModelAdapters()
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -274,6 +314,11 @@ class QWenVLForCausalLM(nn.Module, SupportsMultiModal):
         self.transformer = QWenModel(vllm_config, prefix="transformer")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
         self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    @classmethod
+    def get_mm_mapping(cls) -> MultiModelKeys:
+        """LoRA applies to the language model's blocks only, never to the vision tower and its resampler."""
+        return MultiModelKeys.from_string_field(language_model=LANGUAGE_MODEL_PREFIX, tower_model=VISION_TOWER_PREFIX)
 
     # --- pictures -----------------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
