@@ -109,11 +109,6 @@ def _ifd(entries: list[tuple[int, int, int]], next_ifd: int) -> bytes:
 _ONE_GRAY_PIXEL = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1), (278, 3, 1)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a JPEG with a multi-picture (MPO) index opens as format MPO, and the scan count is checked only for "
-    "format JPEG: the scan bomb the loader refuses as a JPEG decodes for minutes as an MPO",
-)
 def test_a_jpeg_scan_bomb_inside_an_mpo_file_is_refused():
     from belle_vl_tools.errors import ImageTooLargeError
 
@@ -130,11 +125,6 @@ def test_a_jpeg_scan_bomb_inside_an_mpo_file_is_refused():
         load_image(bomb, ImagePolicy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pillow joins a GIF comment's sub-blocks one by one, in time quadratic in their number: 1 MiB of "
-    "1-byte sub-blocks takes about 10 s of CPU, 2 MiB over a minute, and the 20 MiB the byte limit admits hours",
-)
 def test_a_gif_comment_of_many_tiny_sub_blocks_is_refused():
     from belle_vl_tools.errors import ImageError
 
@@ -192,11 +182,6 @@ def test_a_tiff_with_far_more_strips_than_lines_is_refused():
         load_image(data, ImagePolicy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pillow keeps every JPEG APP marker in a list: 5 million empty markers (20 MB) before an 8x8 picture "
-    "take 5 to 8 s of CPU and about 650 MiB of memory",
-)
 def test_a_jpeg_of_a_million_markers_is_refused():
     from belle_vl_tools.errors import ImageError
 

@@ -166,6 +166,67 @@ def _tiff_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
         offset = int.from_bytes(data[end : end + next_size], order)
 
 
+#: Most APPn/COM markers a JPEG may have before its first scan: Pillow keeps every one in a list (millions of empty
+#: ones fit in the byte limit and take seconds and hundreds of MiB); encoders write a handful.
+JPEG_MAX_MARKERS = 4096
+#: Most sub-blocks one GIF extension may have: Pillow joins a comment's sub-blocks in quadratic time (a comment of
+#: 1-byte sub-blocks within the byte limit would take hours); real extensions (XMP included) have a few hundred.
+GIF_MAX_EXTENSION_SUB_BLOCKS = 4096
+
+
+def _jpeg_parse_problem(data: bytes) -> str | None:
+    """Say what is wrong with a JPEG's marker segments before the first scan, or None (headers only)."""
+    offset, markers = 2, 0
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        code = data[offset + 1]
+        if code == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if code == 0xDA or code == 0xD9:  # start of scan or end of image: the header is over
+            return None
+        if 0xE0 <= code <= 0xEF or code == 0xFE:
+            markers += 1
+            if markers > JPEG_MAX_MARKERS:
+                return (
+                    f"a JPEG with more than {JPEG_MAX_MARKERS:,} metadata (APP/COM) markers, far more than an "
+                    "encoder writes (a handful)"
+                )
+        offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
+    return None
+
+
+def _gif_parse_problem(data: bytes) -> str | None:
+    """Say what is wrong with a GIF's extension blocks before the first frame, or None (headers only)."""
+    if len(data) < 13:
+        return None
+    flags = data[10]
+    offset = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    while offset + 1 < len(data) and data[offset] == 0x21:  # extensions before the first image descriptor
+        offset += 2
+        blocks = 0
+        while offset < len(data):
+            size = data[offset]
+            offset += 1 + size
+            if size == 0:
+                break
+            blocks += 1
+            if blocks > GIF_MAX_EXTENSION_SUB_BLOCKS:
+                return (
+                    f"a GIF with an extension (comment or metadata) split into more than "
+                    f"{GIF_MAX_EXTENSION_SUB_BLOCKS:,} sub-blocks, far more than an encoder writes"
+                )
+    return None
+
+
+def _parse_problem(data: bytes) -> str | None:
+    """What makes a file's headers too costly for Pillow to parse, found before Pillow opens it; None if nothing."""
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_parse_problem(data)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return _gif_parse_problem(data)
+    return None
+
+
 class _TooManyFrames(Exception):
     def __init__(self, what: str, count: int) -> None:
         super().__init__(f"{count} {what}")
