@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, ImageError, ImageTooLargeError, UnsupportedImageError
-from .formats import _FRAME_WALKERS, _MAX_CONTAINER_ENTRIES, _parse_problem, _sniff_hint, _TooManyFrames
+from .formats import _FRAME_WALKERS, _MAX_CONTAINER_ENTRIES, _BadContainer, _parse_problem, _sniff_hint, _TooManyFrames
 from .policy import ImagePolicy
 from .sources import _cap, _magic_name, _short, describe_source
 
@@ -145,6 +145,11 @@ def _check_container(data: bytes, fmt: str | None, limit: int, policy: ImagePoli
                     f"{_limit_text(policy, limit)}. Only the first picture is used, but a file hiding a huge one "
                     "is refused before anything is decoded: re-export the picture on its own."
                 )
+    except _BadContainer as exc:
+        raise ImageTooLargeError(
+            f"{_cap(label)} is {exc}; reading it would take far more time and memory than its size warrants, so it "
+            "was refused before being decoded. Re-save the image (e.g. as PNG)."
+        ) from None
     except _TooManyFrames as exc:
         raise ImageTooLargeError(
             f"{_cap(label)} holds more than {_MAX_CONTAINER_ENTRIES:,} {exc.what}; only the first picture is used. "

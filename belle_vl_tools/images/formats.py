@@ -144,7 +144,7 @@ def _tiff_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
     count_size, entry_size, next_size = (8, 20, 8) if big else (2, 12, 4)
     types = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8: the value sits in the entry
     seen: set[int] = set()
-    page = 0
+    page = walked = 0
     while offset and offset not in seen and offset + count_size <= len(data):
         seen.add(offset)
         page += 1
@@ -155,15 +155,43 @@ def _tiff_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
         end = start + entries * entry_size
         if end + next_size > len(data) or entries > 100_000:
             return
-        size = {256: 0, 257: 0}
+        walked += end + next_size - offset
+        if walked > len(data):  # directories that do not overlap fit in the file, so these share bytes
+            raise _BadContainer("a TIFF whose directories (IFDs) overlap one another, which no encoder writes")
+        size = {256: 0, 257: 0, 277: 1, 278: 0, 322: 0, 323: 0}
+        counts = {273: 0, 324: 0}  # strip and tile offsets
         for at in range(start, end, entry_size):
             tag = int.from_bytes(data[at : at + 2], order)
+            if tag in counts:
+                counts[tag] = int.from_bytes(data[at + 4 : at + (12 if big else 8)], order)
             width = types.get(int.from_bytes(data[at + 2 : at + 4], order))
             if tag in size and width is not None:
                 value_at = at + (12 if big else 8)
                 size[tag] = int.from_bytes(data[value_at : value_at + width], order)
+        _check_tiff_pieces(page, size, counts)
         yield f"page {page}", size[256], size[257]
         offset = int.from_bytes(data[end : end + next_size], order)
+
+
+def _check_tiff_pieces(page: int, size: dict[int, int], counts: dict[int, int]) -> None:
+    """Refuse a TIFF page with more strips or tiles than its size needs: Pillow makes one tile per offset."""
+    width, height, samples = size[256], size[257], max(1, size[277])
+    if counts[273] > max(1, height) * samples:
+        raise _BadContainer(
+            f"a TIFF whose page {page} is {width}x{height} pixels in {counts[273]:,} strips, more strips than "
+            "it has rows"
+        )
+    tile_w, tile_h = size[322], size[323]
+    grid = -(-width // tile_w) * -(-height // tile_h) * samples if tile_w and tile_h else max(1, width * height)
+    if counts[324] > max(1, grid):
+        raise _BadContainer(
+            f"a TIFF whose page {page} is {width}x{height} pixels in {counts[324]:,} tiles, more tiles than its "
+            "tiling grid holds"
+        )
+
+
+class _BadContainer(Exception):
+    """A container whose headers are built to cost far more to read than their bytes: the message says how."""
 
 
 #: Most APPn/COM markers a JPEG may have before its first scan: Pillow keeps every one in a list (millions of empty
@@ -224,6 +252,14 @@ def _parse_problem(data: bytes) -> str | None:
         return _jpeg_parse_problem(data)
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return _gif_parse_problem(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        try:
+            for _ in _tiff_frames(data):
+                pass
+        except _BadContainer as exc:
+            return str(exc)
+        except _TooManyFrames:
+            return None  # refused, with its own message, once Pillow has identified the file
     return None
 
 
