@@ -114,6 +114,7 @@ def _ico_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
     count = _u16le(data, 4)
     if count > _MAX_CONTAINER_ENTRIES:
         raise _TooManyFrames("icons", count)
+    pngs: dict[int, list[tuple[int, int]]] = {}  # each embedded PNG walked once, however many entries name it
     for index in range(count):
         entry = 6 + 16 * index
         if entry + 16 > len(data):
@@ -121,7 +122,9 @@ def _ico_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
         offset = _u32le(data, entry + 12)
         head = data[offset : offset + 24]
         if head[:8] == b"\x89PNG\r\n\x1a\n":
-            yield from ((f"icon {index + 1} (an embedded PNG)", w, h) for _, w, h in _png_frames(data, offset))
+            if offset not in pngs:
+                pngs[offset] = [(w, h) for _, w, h in _png_frames(data, offset)]
+            yield from ((f"icon {index + 1} (an embedded PNG)", w, h) for w, h in pngs[offset])
         elif len(head) >= 12:
             width = abs(int.from_bytes(head[4:8], "little", signed=True))
             height = abs(int.from_bytes(head[8:12], "little", signed=True))
