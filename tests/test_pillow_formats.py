@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import io
 import struct
+import zlib
 
 import PIL
 import pytest
@@ -179,3 +180,20 @@ def test_a_jpeg_of_a_million_markers_is_refused():
     slow = jpeg[:2] + b"\xff\xe5\x00\x02" * 250_000 + jpeg[2:]
     with pytest.raises(ImageError):
         load_image(slow, ImagePolicy())
+
+
+def test_an_ico_whose_entries_all_name_one_huge_png_is_refused():
+    """Each embedded PNG is walked once, however many icon entries name it, and its size is still checked."""
+    from belle_vl_tools.errors import ImageTooLargeError
+
+    small = io.BytesIO()
+    Image.new("RGB", (16, 16), RED).save(small, format="PNG")
+    png = bytearray(small.getvalue())
+    struct.pack_into(">II", png, 16, 10_000, 10_000)  # the IHDR's size: 100 MP, over the 40 MP limit
+    struct.pack_into(">I", png, 29, zlib.crc32(png[12:29]))
+    entries = 64
+    start = 6 + 16 * entries
+    head = struct.pack("<HHH", 0, 1, entries)
+    head += b"".join(struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), start) for _ in range(entries))
+    with pytest.raises(ImageTooLargeError, match="10000x10000"):
+        load_image(head + bytes(png), ImagePolicy())
