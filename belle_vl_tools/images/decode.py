@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, ImageError, ImageTooLargeError, UnsupportedImageError
-from .formats import _FRAME_WALKERS, _MAX_CONTAINER_ENTRIES, _sniff_hint, _TooManyFrames
+from .formats import _FRAME_WALKERS, _MAX_CONTAINER_ENTRIES, _BadContainer, _parse_problem, _sniff_hint, _TooManyFrames
 from .policy import ImagePolicy
 from .sources import _cap, _magic_name, _short, describe_source
 
@@ -145,6 +145,11 @@ def _check_container(data: bytes, fmt: str | None, limit: int, policy: ImagePoli
                     f"{_limit_text(policy, limit)}. Only the first picture is used, but a file hiding a huge one "
                     "is refused before anything is decoded: re-export the picture on its own."
                 )
+    except _BadContainer as exc:
+        raise ImageTooLargeError(
+            f"{_cap(label)} is {exc}; reading it would take far more time and memory than its size warrants, so it "
+            "was refused before being decoded. Re-save the image (e.g. as PNG)."
+        ) from None
     except _TooManyFrames as exc:
         raise ImageTooLargeError(
             f"{_cap(label)} holds more than {_MAX_CONTAINER_ENTRIES:,} {exc.what}; only the first picture is used. "
@@ -165,7 +170,7 @@ def _check_decode_cost(data: bytes, fmt: str | None, size: tuple[int, int], labe
 
     Scans are counted by their start-of-scan markers (FF DA), which the entropy-coded data cannot contain (its
     FF bytes are stuffed with 00), so the count is exact for the image and at most an embedded thumbnail's more."""
-    if fmt != "JPEG":
+    if fmt not in ("JPEG", "MPO"):  # an MPO is a JPEG with a multi-picture index: its first picture is a JPEG
         return
     scans = data.count(b"\xff\xda")
     extra = max(0, scans - JPEG_FREE_SCANS) * size[0] * size[1]
@@ -227,6 +232,12 @@ def _decode_bytes(data: bytes, policy: ImagePolicy, label: str, *, private: bool
     if not data:
         raise ImageDecodeError(f"{_cap(label)} is empty (0 bytes): there is no image in it.")
     _check_bytes(len(data), policy, label)
+    problem = _parse_problem(data)
+    if problem is not None:
+        raise ImageTooLargeError(
+            f"{_cap(label)} is {problem}; reading its headers alone would take seconds and much memory, so it was "
+            "refused before being opened. Re-save the image (e.g. as PNG) without the extra metadata."
+        )
     limit = _effective_pixel_limit(policy)
     try:
         with _pixel_limit(limit), Image.open(io.BytesIO(data), formats=_open_formats(policy)) as image:

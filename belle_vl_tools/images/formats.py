@@ -114,6 +114,7 @@ def _ico_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
     count = _u16le(data, 4)
     if count > _MAX_CONTAINER_ENTRIES:
         raise _TooManyFrames("icons", count)
+    pngs: dict[int, list[tuple[int, int]]] = {}  # each embedded PNG walked once, however many entries name it
     for index in range(count):
         entry = 6 + 16 * index
         if entry + 16 > len(data):
@@ -121,7 +122,9 @@ def _ico_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
         offset = _u32le(data, entry + 12)
         head = data[offset : offset + 24]
         if head[:8] == b"\x89PNG\r\n\x1a\n":
-            yield from ((f"icon {index + 1} (an embedded PNG)", w, h) for _, w, h in _png_frames(data, offset))
+            if offset not in pngs:
+                pngs[offset] = [(w, h) for _, w, h in _png_frames(data, offset)]
+            yield from ((f"icon {index + 1} (an embedded PNG)", w, h) for w, h in pngs[offset])
         elif len(head) >= 12:
             width = abs(int.from_bytes(head[4:8], "little", signed=True))
             height = abs(int.from_bytes(head[8:12], "little", signed=True))
@@ -144,7 +147,7 @@ def _tiff_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
     count_size, entry_size, next_size = (8, 20, 8) if big else (2, 12, 4)
     types = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8: the value sits in the entry
     seen: set[int] = set()
-    page = 0
+    page = walked = 0
     while offset and offset not in seen and offset + count_size <= len(data):
         seen.add(offset)
         page += 1
@@ -155,15 +158,112 @@ def _tiff_frames(data: bytes) -> Iterator[tuple[str, int, int]]:
         end = start + entries * entry_size
         if end + next_size > len(data) or entries > 100_000:
             return
-        size = {256: 0, 257: 0}
+        walked += end + next_size - offset
+        if walked > len(data):  # directories that do not overlap fit in the file, so these share bytes
+            raise _BadContainer("a TIFF whose directories (IFDs) overlap one another, which no encoder writes")
+        size = {256: 0, 257: 0, 277: 1, 278: 0, 322: 0, 323: 0}
+        counts = {273: 0, 324: 0}  # strip and tile offsets
         for at in range(start, end, entry_size):
             tag = int.from_bytes(data[at : at + 2], order)
+            if tag in counts:
+                counts[tag] = int.from_bytes(data[at + 4 : at + (12 if big else 8)], order)
             width = types.get(int.from_bytes(data[at + 2 : at + 4], order))
             if tag in size and width is not None:
                 value_at = at + (12 if big else 8)
                 size[tag] = int.from_bytes(data[value_at : value_at + width], order)
+        _check_tiff_pieces(page, size, counts)
         yield f"page {page}", size[256], size[257]
         offset = int.from_bytes(data[end : end + next_size], order)
+
+
+def _check_tiff_pieces(page: int, size: dict[int, int], counts: dict[int, int]) -> None:
+    """Refuse a TIFF page with more strips or tiles than its size needs: Pillow makes one tile per offset."""
+    width, height, samples = size[256], size[257], max(1, size[277])
+    if counts[273] > max(1, height) * samples:
+        raise _BadContainer(
+            f"a TIFF whose page {page} is {width}x{height} pixels in {counts[273]:,} strips, more strips than "
+            "it has rows"
+        )
+    tile_w, tile_h = size[322], size[323]
+    grid = -(-width // tile_w) * -(-height // tile_h) * samples if tile_w and tile_h else max(1, width * height)
+    if counts[324] > max(1, grid):
+        raise _BadContainer(
+            f"a TIFF whose page {page} is {width}x{height} pixels in {counts[324]:,} tiles, more tiles than its "
+            "tiling grid holds"
+        )
+
+
+class _BadContainer(Exception):
+    """A container whose headers are built to cost far more to read than their bytes: the message says how."""
+
+
+#: Most APPn/COM markers a JPEG may have before its first scan: Pillow keeps every one in a list (millions of empty
+#: ones fit in the byte limit and take seconds and hundreds of MiB); encoders write a handful.
+JPEG_MAX_MARKERS = 4096
+#: Most sub-blocks one GIF extension may have: Pillow joins a comment's sub-blocks in quadratic time (a comment of
+#: 1-byte sub-blocks within the byte limit would take hours); real extensions (XMP included) have a few hundred.
+GIF_MAX_EXTENSION_SUB_BLOCKS = 4096
+
+
+def _jpeg_parse_problem(data: bytes) -> str | None:
+    """Say what is wrong with a JPEG's marker segments before the first scan, or None (headers only)."""
+    offset, markers = 2, 0
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        code = data[offset + 1]
+        if code == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if code == 0xDA or code == 0xD9:  # start of scan or end of image: the header is over
+            return None
+        if 0xE0 <= code <= 0xEF or code == 0xFE:
+            markers += 1
+            if markers > JPEG_MAX_MARKERS:
+                return (
+                    f"a JPEG with more than {JPEG_MAX_MARKERS:,} metadata (APP/COM) markers, far more than an "
+                    "encoder writes (a handful)"
+                )
+        offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
+    return None
+
+
+def _gif_parse_problem(data: bytes) -> str | None:
+    """Say what is wrong with a GIF's extension blocks before the first frame, or None (headers only)."""
+    if len(data) < 13:
+        return None
+    flags = data[10]
+    offset = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    while offset + 1 < len(data) and data[offset] == 0x21:  # extensions before the first image descriptor
+        offset += 2
+        blocks = 0
+        while offset < len(data):
+            size = data[offset]
+            offset += 1 + size
+            if size == 0:
+                break
+            blocks += 1
+            if blocks > GIF_MAX_EXTENSION_SUB_BLOCKS:
+                return (
+                    f"a GIF with an extension (comment or metadata) split into more than "
+                    f"{GIF_MAX_EXTENSION_SUB_BLOCKS:,} sub-blocks, far more than an encoder writes"
+                )
+    return None
+
+
+def _parse_problem(data: bytes) -> str | None:
+    """What makes a file's headers too costly for Pillow to parse, found before Pillow opens it; None if nothing."""
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_parse_problem(data)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return _gif_parse_problem(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        try:
+            for _ in _tiff_frames(data):
+                pass
+        except _BadContainer as exc:
+            return str(exc)
+        except _TooManyFrames:
+            return None  # refused, with its own message, once Pillow has identified the file
+    return None
 
 
 class _TooManyFrames(Exception):
