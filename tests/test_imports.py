@@ -286,3 +286,22 @@ def test_python_dash_m_runs_package_modules_through_the_hook():
     )
     out = _run(code)
     assert "Usage" in out and "exit 0" in out
+
+
+def test_the_architecture_docs_draw_the_same_layers():
+    """docs/architecture.md's arrow names every module on the layer this test file puts it on."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    drawn: dict[int, str] = {}
+    layer = None
+    for line in doc.split("```")[1].splitlines():
+        if "-> layer " in line:
+            layer = int(line.split("-> layer ")[1].split()[0])
+            drawn[layer] = ""
+        if layer is not None:
+            drawn[layer] += line
+    assert sorted(drawn) == list(range(len(LAYERS)))
+    for index, modules in enumerate(LAYERS):
+        words = drawn[index].replace(",", " ").replace("(", " ").replace(")", " ").split()
+        names = set(words) | {word.split("/")[0] for word in words}  # backends/remote draws backends too
+        for module in modules:
+            assert module in names or module.split(".")[0] in names, (module, index)
