@@ -129,7 +129,7 @@ def _where(index: int | None, part: int | None = None) -> str:
     return f" ({where})" if where else ""
 
 
-def _image_part(raw: Mapping[str, Any], where: str) -> ImagePart:
+def _image_part(raw: Mapping[str, Any], where: str, placeholders: bool = False) -> ImagePart:
     kind = raw.get("type")
     if kind == "image_url":
         url = raw.get("image_url")
@@ -143,14 +143,19 @@ def _image_part(raw: Mapping[str, Any], where: str) -> ImagePart:
             return ImagePart(raw[key])
     if raw.get("base64") is not None:
         return ImagePart({"base64": raw["base64"], "mime_type": raw.get("mime_type")})
+    if placeholders and kind == "image":
+        return ImagePart(None)  # transformers' {"type": "image"}: the picture's place, the picture given apart
     raise PromptError(
         f"Image part{where} has no picture: give it an 'image' (a path, URL, data URL, bytes, PIL image or array), "
         "'url', 'path' or 'base64' key."
     )
 
 
-def parse_part(raw: Any, where: str = "") -> Part:
-    """One content part: a string, a text or image part (transformers or OpenAI form), or a part object."""
+def parse_part(raw: Any, where: str = "", *, placeholders: bool = False) -> Part:
+    """One content part: a string, a text or image part (transformers or OpenAI form), or a part object.
+
+    With ``placeholders``, an image part without a picture (transformers' ``{"type": "image"}``, as chat templates
+    take it when the pictures are given apart) is an ``ImagePart(None)``: a place, not a picture."""
     if isinstance(raw, TextPart | ImagePart):
         return raw
     if isinstance(raw, str):
@@ -166,24 +171,24 @@ def parse_part(raw: Any, where: str = "") -> Part:
             raise PromptError(f"Text part{where} {_short(raw)} needs a string 'text'.")
         return TextPart(raw["text"])
     if kind in ("image", "image_url"):
-        return _image_part(raw, where)
+        return _image_part(raw, where, placeholders)
     raise PromptError(
         f"Unsupported content part type {kind!r}{where}: use 'text', 'image' or 'image_url' parts "
         "(an image part holds a path, bytes, a data URL, a PIL image or a URL)."
     )
 
 
-def parse_content(content: Any, where: str = "") -> tuple[Part, ...]:
+def parse_content(content: Any, where: str = "", *, placeholders: bool = False) -> tuple[Part, ...]:
     """A message's content (a string, None, a part or a list of parts) as parts, in order."""
     if content is None:
         return ()
     if isinstance(content, str):
         return (TextPart(content),)
     if isinstance(content, Mapping | TextPart | ImagePart):
-        return (parse_part(content, where),)
+        return (parse_part(content, where, placeholders=placeholders),)
     if not isinstance(content, list | tuple):
         raise PromptError(f"Message content{where} must be a string or a list of parts, not {type(content).__name__}.")
-    return tuple(parse_part(part, _where_part(where, i)) for i, part in enumerate(content))
+    return tuple(parse_part(part, _where_part(where, i), placeholders=placeholders) for i, part in enumerate(content))
 
 
 def _where_part(where: str, i: int) -> str:
@@ -217,7 +222,7 @@ def parse_tool_call(raw: Any, where: str = "") -> ToolCall:
     )
 
 
-def parse_message(raw: Any, index: int | None = None) -> Message:
+def parse_message(raw: Any, index: int | None = None, *, placeholders: bool = False) -> Message:
     """One message from a :class:`Message` or a mapping with ``role`` and ``content``."""
     if isinstance(raw, Message):
         return raw
@@ -230,7 +235,7 @@ def parse_message(raw: Any, index: int | None = None) -> Message:
         raise PromptError(f"Unknown role {raw.get('role')!r}{where}: use one of {', '.join(ROLES)}.")
     if "content" not in raw and not raw.get("tool_calls"):
         raise PromptError(f"Message{where} has no 'content'.")
-    parts = parse_content(raw.get("content"), where)
+    parts = parse_content(raw.get("content"), where, placeholders=placeholders)
     calls = raw.get("tool_calls") or ()
     if calls and role != "assistant":
         raise PromptError(f"Only assistant messages carry 'tool_calls'{where}.")
@@ -244,15 +249,15 @@ def parse_message(raw: Any, index: int | None = None) -> Message:
     return Message(role, parts, tool_calls, tool_call_id, name if isinstance(name, str) else None)
 
 
-def parse_messages(raw: Any) -> list[Message]:
+def parse_messages(raw: Any, *, placeholders: bool = False) -> list[Message]:
     """Every message of a conversation; a single string is one user message."""
     if isinstance(raw, str):
         return [Message.user(raw)]
     if isinstance(raw, Message | Mapping):
-        return [parse_message(raw)]
+        return [parse_message(raw, placeholders=placeholders)]
     if not isinstance(raw, Sequence):
         raise PromptError(f"Messages must be a list of dicts with 'role' and 'content', not {type(raw).__name__}.")
-    return [parse_message(message, i) for i, message in enumerate(raw)]
+    return [parse_message(message, i, placeholders=placeholders) for i, message in enumerate(raw)]
 
 
 def part_dict(part: Part) -> dict[str, Any]:

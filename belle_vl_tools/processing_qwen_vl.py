@@ -362,6 +362,11 @@ class QWenVLProcessor(ProcessorMixin):
                 )
             if msg.role == "system" and i > 0:
                 raise PromptError(f"Message {i} is a system message: only the first message may be one.")
+            if any(source is None for source in msg.images):
+                raise PromptError(
+                    f"Message {i} has an image part with no picture ({{'type': 'image'}} alone): give it an 'image' "
+                    "(a path, URL, data URL, bytes, PIL image or array), 'url', 'path' or 'base64' key."
+                )
             if msg.images and msg.role != "user":
                 what = "The system message" if msg.role == "system" else f"A {msg.role} message"
                 raise PromptError(f"{what} cannot hold images: put them in a user message.")

@@ -472,7 +472,7 @@ def chat_template_inputs(
         specs = [ToolSpec.from_openai(schema) for schema in schemas]
         messages = render_tool_messages(conversation, specs, "auto" if specs else None)
     else:
-        messages = parse_messages(conversation)
+        messages = parse_messages(conversation, placeholders=True)  # a template only needs where pictures stand
     if documents:
         if "documents" not in variables:
             raise PromptError(

@@ -530,3 +530,14 @@ def test_pickle_round_trip(tok: QWenTokenizer) -> None:
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode(SAMPLES[1]) == tok.encode(SAMPLES[1])
     assert clone.img_pad_id == tok.img_pad_id
+
+
+def test_an_image_placeholder_part_marks_the_pictures_place_in_the_template(tok):
+    """transformers' ``{"type": "image"}`` (the picture given apart, as vLLM and processors pass it) is a place."""
+    placeholder = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    with_picture = [
+        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "What is it?"}]}
+    ]
+    text = tok.apply_chat_template(placeholder, tokenize=False, add_generation_prompt=True)
+    assert "Picture 1: <img></img>\nWhat is it?" in text
+    assert text == tok.apply_chat_template(with_picture, tokenize=False, add_generation_prompt=True)
