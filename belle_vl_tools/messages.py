@@ -301,12 +301,14 @@ def template_messages(messages: Iterable[Message], text: Callable[[str], str] | 
                 {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
                 for call in message.tool_calls
             ]
-        if message.tool_call_id is not None:
-            entry["tool_call_id"] = message.tool_call_id
-        if message.name is not None:
-            entry["name"] = message.name
-        out.append(entry)
+        out.append(entry | _reply_keys(message))
     return out
+
+
+def _reply_keys(message: Message) -> dict[str, str]:
+    """A tool message's ``tool_call_id`` and a message's ``name``, where they are set."""
+    keys = {"tool_call_id": message.tool_call_id, "name": message.name}
+    return {key: value for key, value in keys.items() if value is not None}
 
 
 def to_openai(message: Message, image: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
@@ -342,11 +344,7 @@ def to_content_lists(messages: Iterable[Message]) -> list[dict[str, Any]]:
                 }
                 for call in message.tool_calls
             ]
-        if message.tool_call_id is not None:
-            entry["tool_call_id"] = message.tool_call_id
-        if message.name is not None:
-            entry["name"] = message.name
-        out.append(entry)
+        out.append(entry | _reply_keys(message))
     return out
 
 
